@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.forward_batch_info import ForwardMode, ModelWorkerBatch
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -109,8 +109,9 @@ class Req:
         self.return_logprob = return_logprob
         self.logprob_start_len = logprob_start_len
         self.top_logprobs_num = top_logprobs_num
-        self.input_token_logprobs: Optional[list[tuple[float, int]]] = None
-        self.input_top_logprobs: Optional[list[Optional[list[tuple[float, int]]]]] = None
+        self.input_token_logprobs: list[tuple[Optional[float], int]] = []
+        self.input_top_logprobs: list[Optional[list[tuple[float, int]]]] = []
+        self.input_logprobs_done = False
         self.output_token_logprobs: list[tuple[float, int]] = []
         self.output_top_logprobs: list[list[tuple[float, int]]] = []
 
@@ -124,6 +125,9 @@ class Req:
 
     def finished(self) -> bool:
         return self.finished_reason is not None
+
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
 
     def init_next_round_input(self) -> None:
         """Set `fill_ids` to every token that needs KV before the next token can be sampled."""
@@ -145,3 +149,164 @@ class Req:
             f"Req(rid={self.rid!r}, input_len={len(self.origin_input_ids)}, "
             f"output_len={len(self.output_ids)})"
         )
+
+
+class ScheduleBatch:
+    """Requests that run one forward together, and the KV bookkeeping to run them.
+
+    Owns turning requests into a ModelWorkerBatch: request rows, KV slots for the new tokens
+    (evicting from the prefix cache when the allocator runs short), req_to_token writes, and the
+    prompt-logprob index lists. Decode batches persist across steps; extend batches are one-shot.
+    """
+
+    def __init__(self, reqs: list[Req], req_to_token_pool: Any, allocator: Any, tree_cache: Any, vocab_size: int, device: str) -> None:
+        self.reqs = reqs
+        self.req_to_token_pool = req_to_token_pool
+        self.allocator = allocator
+        self.tree_cache = tree_cache
+        self.vocab_size = vocab_size
+        self.device = device
+        self.forward_mode = ForwardMode.DECODE
+        self.extend_logprob_counts: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+    def is_empty(self) -> bool:
+        return not self.reqs
+
+    # ---- memory helpers ------------------------------------------------------------------------
+    def _ensure_available(self, num_tokens: int) -> None:
+        """Evict unlocked prefix-cache entries until `num_tokens` slots are free (if possible)."""
+        short = num_tokens - self.allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+
+    def _last_loc(self, req: Req, length: int) -> int:
+        if length <= 0:
+            return -1
+        return int(self.req_to_token_pool.req_to_token[req.req_pool_idx, length - 1])
+
+    # ---- extend --------------------------------------------------------------------------------
+    def prepare_for_extend(self) -> ModelWorkerBatch:
+        self.forward_mode = ForwardMode.EXTEND
+        rows = self.req_to_token_pool.req_to_token
+        new_rows = [r for r in self.reqs if r.req_pool_idx is None]
+        if new_rows:
+            idxs = self.req_to_token_pool.alloc(len(new_rows))
+            if idxs is None:
+                raise RuntimeError("out of request rows; admission must respect max_running_requests")
+            for req, idx in zip(new_rows, idxs):
+                req.req_pool_idx = idx
+        prefix_lens = [len(r.prefix_indices) for r in self.reqs]
+        ext_lens = [r.extend_input_len for r in self.reqs]
+        seq_lens = [p + e for p, e in zip(prefix_lens, ext_lens)]
+        last_locs = [self._last_loc(r, p) for r, p in zip(self.reqs, prefix_lens)]
+        page = getattr(self.allocator, "page_size", 1)
+        self._ensure_available(sum(ext_lens) + (page - 1) * len(self.reqs))
+        out_loc = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs, sum(ext_lens))
+        if out_loc is None:
+            raise RuntimeError("KV cache exhausted during prefill; admission must reserve enough tokens")
+        input_ids: list[int] = []
+        start = 0
+        for req, p, e in zip(self.reqs, prefix_lens, ext_lens):
+            row = req.req_pool_idx
+            if p:
+                rows[row, :p] = req.prefix_indices.to(rows.device)
+            rows[row, p : p + e] = out_loc[start : start + e]
+            input_ids += req.fill_ids[p : p + e]
+            start += e
+
+        idx, targets, tops = self._prompt_logprob_positions(prefix_lens, ext_lens)
+        return ModelWorkerBatch(
+            forward_mode=ForwardMode.EXTEND,
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            req_pool_indices=torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64),
+            seq_lens=seq_lens,
+            out_cache_loc=out_loc,
+            extend_prefix_lens=prefix_lens,
+            extend_seq_lens=ext_lens,
+            sampling_info=self._sampling_info(),
+            return_logprob=any(r.return_logprob for r in self.reqs),
+            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in self.reqs],
+            input_logprob_indices=idx,
+            input_logprob_targets=targets,
+            input_logprob_top_nums=tops,
+        )
+
+    def _prompt_logprob_positions(self, prefix_lens: list[int], ext_lens: list[int]):
+        """Flat positions whose logits score the next prompt token, for requests that ask."""
+        idx: list[int] = []
+        targets: list[int] = []
+        tops: list[int] = []
+        self.extend_logprob_counts = []
+        start = 0
+        for req, p, e in zip(self.reqs, prefix_lens, ext_lens):
+            count = 0
+            if req.wants_prompt_logprobs():
+                prompt = req.origin_input_ids
+                lo = max(p, req.logprob_start_len - 1, 0)
+                hi = min(p + e, len(prompt) - 1)
+                for j in range(lo, hi):
+                    idx.append(start + j - p)
+                    targets.append(prompt[j + 1])
+                    tops.append(req.top_logprobs_num)
+                count = max(hi - lo, 0)
+            self.extend_logprob_counts.append(count)
+            start += e
+        if not idx:
+            return None, None, None
+        return idx, targets, tops
+
+    # ---- decode --------------------------------------------------------------------------------
+    def decode_slots_needed(self) -> int:
+        page = getattr(self.allocator, "page_size", 1)
+        return len(self.reqs) * page
+
+    def prepare_for_decode(self) -> ModelWorkerBatch:
+        self.forward_mode = ForwardMode.DECODE
+        seq_lens = [r.seqlen for r in self.reqs]
+        last_locs = [self._last_loc(r, s - 1) for r, s in zip(self.reqs, seq_lens)]
+        self._ensure_available(self.decode_slots_needed())
+        out_loc = self.allocator.alloc_decode(seq_lens, last_locs)
+        if out_loc is None:
+            raise RuntimeError("KV cache exhausted during decode; the scheduler must retract first")
+        rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64)
+        pos = torch.tensor(seq_lens, dtype=torch.int64) - 1
+        self.req_to_token_pool.req_to_token[rows.to(self.req_to_token_pool.req_to_token.device), pos.to(self.req_to_token_pool.req_to_token.device)] = out_loc
+        return ModelWorkerBatch(
+            forward_mode=ForwardMode.DECODE,
+            input_ids=torch.tensor([r.output_ids[-1] for r in self.reqs], dtype=torch.int64),
+            req_pool_indices=rows,
+            seq_lens=seq_lens,
+            out_cache_loc=out_loc,
+            extend_prefix_lens=[s - 1 for s in seq_lens],
+            extend_seq_lens=[1] * len(self.reqs),
+            sampling_info=self._sampling_info(),
+            return_logprob=any(r.return_logprob for r in self.reqs),
+            top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in self.reqs],
+        )
+
+    def _sampling_info(self) -> "SamplingBatchInfo":
+        from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
+
+        return SamplingBatchInfo.from_reqs(self.reqs, self.vocab_size, self.device)
+
+    # ---- membership ----------------------------------------------------------------------------
+    def filter_batch(self, keep: Optional[list[Req]] = None) -> None:
+        self.reqs = [r for r in (keep if keep is not None else self.reqs) if not r.finished()]
+
+    def merge(self, reqs: list[Req]) -> None:
+        self.reqs.extend(reqs)
+
+    def release_req(self, req: Req) -> None:
+        """Free a request's own KV slots and row without caching them (retraction, abort)."""
+        seq_len = len(req.fill_ids) if req.is_chunked else req.seqlen - (1 if req.output_ids else 0)
+        seq_len = max(seq_len, len(req.prefix_indices))
+        rows = self.req_to_token_pool.req_to_token
+        own = rows[req.req_pool_idx, len(req.prefix_indices) : seq_len]
+        if own.numel():
+            self.allocator.free(own.clone())
+        self.req_to_token_pool.free(req.req_pool_idx)
+        if req.last_node is not None:
+            self.tree_cache.dec_lock_ref(req.last_node)

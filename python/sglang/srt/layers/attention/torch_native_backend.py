@@ -1,0 +1,152 @@
+"""torch_native attention backend: batched attention over the paged KV pool in plain torch.
+
+Owns the reference attention path for CPU and GPU. Each forward builds, once for all layers, a
+padded [batch, max_query, max_kv] view of the batch: which KV slot holds each key position, which
+flat token each padded query is, and an additive causal/padding mask. Every layer then gathers its
+K/V through those slots and runs one batched softmax attention that also yields each head's
+log-sum-exp. Grouped-query heads are folded into the query axis so K/V are never repeated. There is
+no Python loop over requests; extend and decode share the path (decode is a 1-token extend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend, AttnOutput
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+
+@dataclass
+class TorchNativeMetadata:
+    batch_size: int
+    max_q: int
+    max_kv: int
+    kv_slots: torch.Tensor  # [B, max_kv] KV slot of each key position (padding -> slot 0)
+    q_index: torch.Tensor  # [B, max_q] flat token index of each padded query (padding -> 0)
+    out_index: torch.Tensor  # [num_tokens] row of each real token in the padded [B*max_q] layout
+    q_pos: torch.Tensor  # [B, max_q] absolute position of each padded query
+    key_valid: torch.Tensor  # [B, max_kv] key position < seq_len
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+def sdpa_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v and logsumexp of the masked scaled scores (float32).
+
+    q: [B, H, Lq, D], k/v: [B, H, Lk, D], mask: additive, broadcastable to [B, H, Lq, Lk].
+    """
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+        )
+        return out, lse
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+class TorchNativeAttnBackend(AttentionBackend):
+    def __init__(self, model_runner: Any) -> None:
+        self.device = torch.device(model_runner.device)
+        self.dtype: torch.dtype = model_runner.dtype
+        self.req_to_token: torch.Tensor = model_runner.req_to_token_pool.req_to_token
+        self.forward_metadata: Optional[TorchNativeMetadata] = None
+
+    def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
+        fb = forward_batch
+        bs = fb.batch_size
+        max_q = max(fb.extend_seq_lens_cpu)
+        max_kv = max(fb.seq_lens_cpu)
+        num_tokens = fb.input_ids.shape[0]
+        dev = fb.seq_lens.device
+
+        i = torch.arange(max_q, device=dev)
+        q_valid = i[None, :] < fb.extend_seq_lens[:, None]
+        q_index = torch.where(q_valid, fb.extend_start_loc[:, None] + i[None, :], 0)
+        q_pos = fb.extend_prefix_lens[:, None] + i[None, :]
+        batch_of_token = torch.repeat_interleave(
+            torch.arange(bs, device=dev), fb.extend_seq_lens, output_size=num_tokens
+        )
+        offset_in_req = fb.positions - fb.extend_prefix_lens[batch_of_token]
+        out_index = batch_of_token * max_q + offset_in_req
+
+        j = torch.arange(max_kv, device=dev)
+        key_valid = j[None, :] < fb.seq_lens[:, None]
+        slots = self.req_to_token[fb.req_pool_indices, :max_kv]
+        kv_slots = torch.where(key_valid, slots, 0)
+        self.forward_metadata = TorchNativeMetadata(
+            batch_size=bs,
+            max_q=max_q,
+            max_kv=max_kv,
+            kv_slots=kv_slots,
+            q_index=q_index,
+            out_index=out_index,
+            q_pos=q_pos,
+            key_valid=key_valid,
+        )
+
+    def _mask(self, md: TorchNativeMetadata, group: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [B, 1, group*max_q, max_kv], cached per (group, window) for the forward."""
+        key = (group, window)
+        mask = md.masks.get(key)
+        if mask is not None:
+            return mask.to(dtype)
+        j = torch.arange(md.max_kv, device=md.q_pos.device)
+        allowed = (j[None, None, :] <= md.q_pos[:, :, None]) & md.key_valid[:, None, :]
+        if window > 0:
+            allowed &= (md.q_pos[:, :, None] - j[None, None, :]) < window
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        additive.masked_fill_(~allowed, float("-inf"))
+        # Fold query heads of one KV head into the query axis: row r = g * max_q + i.
+        bs = md.batch_size
+        mask = additive[:, None, None].expand(bs, 1, group, md.max_q, md.max_kv)
+        mask = mask.reshape(bs, 1, group * md.max_q, md.max_kv)
+        md.masks[key] = mask
+        return mask
+
+    def _attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: "RadixAttention",
+        forward_batch: "ForwardBatch",
+        save_kv_cache: bool,
+        return_lse: bool,
+    ) -> AttnOutput:
+        md = self.forward_metadata
+        assert md is not None, "init_forward_metadata must run before attention"
+        pool = forward_batch.token_to_kv_pool
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        group = hq // hkv
+        if save_kv_cache:
+            pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d))
+        bs, max_q, max_kv = md.batch_size, md.max_q, md.max_kv
+
+        keys = pool.get_key_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)
+        values = pool.get_value_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)
+        qp = q.view(-1, hq, d)[md.q_index]  # [B, max_q, Hq, D]
+        qp = qp.view(bs, max_q, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(bs, hkv, group * max_q, d)
+        mask = self._mask(md, group, layer.sliding_window_size, q.dtype)
+        out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling)
+
+        out = out.view(bs, hkv, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(bs * max_q, hq * d)
+        out = out[md.out_index]
+        if not return_lse:
+            return out
+        lse = lse.view(bs, hkv, group, max_q).permute(0, 3, 1, 2).reshape(bs * max_q, hq)
+        return out, lse[md.out_index]
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, return_lse=False):
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, return_lse)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, return_lse=False):
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, return_lse)

@@ -1,0 +1,65 @@
+"""Logits: pick the hidden states that need them, apply the LM head, gather across TP ranks.
+
+Owns which positions produce logits: the last token of each request (to sample the next token)
+and, for requests asking for prompt logprobs, the positions listed in the forward batch, whose
+log-probabilities of the following prompt token (and top-n alternatives) it computes here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sglang.srt.distributed.parallel_state import tensor_model_parallel_all_gather
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+
+@dataclass
+class LogitsProcessorOutput:
+    next_token_logits: torch.Tensor  # [bs, vocab] float32
+    input_token_logprobs: Optional[torch.Tensor] = None  # [M] float32
+    input_top_logprobs_val: Optional[torch.Tensor] = None  # [M, k]
+    input_top_logprobs_idx: Optional[torch.Tensor] = None  # [M, k]
+
+
+class LogitsProcessor(nn.Module):
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def get_logits(self, hidden: torch.Tensor, lm_head: "VocabParallelEmbedding") -> torch.Tensor:
+        logits = F.linear(hidden, lm_head.weight)
+        logits = tensor_model_parallel_all_gather(logits)
+        return logits[:, : self.vocab_size].float()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        lm_head: "VocabParallelEmbedding",
+        forward_batch: "ForwardBatch",
+    ) -> LogitsProcessorOutput:
+        if forward_batch.forward_mode.is_extend():
+            last = forward_batch.extend_start_loc + forward_batch.extend_seq_lens - 1
+            last_hidden = hidden_states[last]
+        else:
+            last_hidden = hidden_states
+        out = LogitsProcessorOutput(next_token_logits=self.get_logits(last_hidden, lm_head))
+
+        idx = forward_batch.input_logprob_indices
+        if idx is not None and idx.numel() > 0:
+            logprobs = torch.log_softmax(self.get_logits(hidden_states[idx], lm_head), dim=-1)
+            targets = forward_batch.input_logprob_targets
+            out.input_token_logprobs = logprobs.gather(1, targets[:, None]).squeeze(1)
+            k = max(forward_batch.input_logprob_top_nums or [0])
+            if k > 0:
+                val, ids = logprobs.topk(k, dim=-1)
+                out.input_top_logprobs_val, out.input_top_logprobs_idx = val, ids
+        return out

@@ -1,0 +1,164 @@
+"""ModelRunner: one TP rank's model, KV memory, attention backend and sampler.
+
+Owns start-up of the execution side (load weights, size and allocate the KV pool from
+`--max-total-tokens` or `--mem-fraction-static`, pick the attention backend) and the two per-step
+calls the scheduler's worker makes: `forward(ModelWorkerBatch)` and `sample(...)`. It imports
+nothing from the serving stack, so `bench_one_batch` and GPU tests run on bare machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.layers.attention import create_attention_backend
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.layers.sampler import Sampler, SamplerOutput
+from sglang.srt.mem_cache.allocator import create_allocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ModelWorkerBatch
+from sglang.srt.model_loader import get_model
+
+logger = logging.getLogger(__name__)
+
+_KV_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def available_device_memory(device: str) -> int:
+    """Bytes free for weights + KV: free GPU memory, or available RAM on CPU."""
+    if device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info()
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class ModelRunner:
+    def __init__(self, model_config: ModelConfig, server_args: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+        self.model_config = model_config
+        self.server_args = server_args
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.device = server_args.device
+        self.dtype: torch.dtype = model_config.dtype
+        self.page_size = server_args.page_size
+        if server_args.random_seed is not None:
+            torch.manual_seed(server_args.random_seed)
+
+        memory_before = available_device_memory(self.device)
+        start = time.perf_counter()
+        self.model = get_model(
+            model_config=model_config,
+            load_config=LoadConfig(load_format=server_args.load_format),
+            device=self.device,
+        )
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "Load weight end. elapsed=%.2f s, type=%s, dtype=%s, weights=%.2f GB",
+            time.perf_counter() - start,
+            type(self.model).__name__,
+            self.dtype,
+            self.weight_bytes / 2**30,
+        )
+        self.init_memory_pool(memory_before)
+        self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        self.sampler = Sampler()
+
+    # ---- memory -------------------------------------------------------------------------------
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        kv = _KV_DTYPES.get(self.server_args.kv_cache_dtype or "auto")
+        return kv or self.dtype
+
+    def profile_max_num_token(self, memory_before: int) -> int:
+        mc = self.model_config
+        cell = MHATokenToKVPool.cell_size_bytes(
+            mc.get_num_kv_heads(self.tp_size), mc.head_dim, mc.num_hidden_layers, self.kv_dtype
+        )
+        fraction = self.server_args.mem_fraction_static
+        if fraction is None:
+            fraction = 0.88 if self.device.startswith("cuda") else 0.25
+        budget = memory_before * fraction - self.weight_bytes
+        if budget < cell * 64:
+            raise RuntimeError(
+                f"not enough memory for the KV cache: {memory_before / 2**30:.1f} GB available, "
+                f"weights take {self.weight_bytes / 2**30:.2f} GB, mem_fraction_static={fraction}; "
+                "raise --mem-fraction-static or set --max-total-tokens"
+            )
+        return int(budget // cell)
+
+    def init_memory_pool(self, memory_before: int) -> None:
+        args, mc = self.server_args, self.model_config
+        if args.max_total_tokens is not None:
+            max_tokens = int(args.max_total_tokens)
+        else:
+            max_tokens = self.profile_max_num_token(memory_before)
+        max_tokens = max_tokens // self.page_size * self.page_size
+        if max_tokens < self.page_size * 2:
+            raise ValueError(f"--max-total-tokens {max_tokens} is too small for page size {self.page_size}")
+        self.max_total_num_tokens = max_tokens
+        default_reqs = 1024 if self.device.startswith("cuda") else 256
+        self.max_running_requests = int(args.max_running_requests or min(default_reqs, max_tokens))
+        self.context_len = mc.context_len
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 4, self.device)
+        self.token_to_kv_pool = MHATokenToKVPool(
+            max_tokens,
+            self.page_size,
+            self.kv_dtype,
+            mc.get_num_kv_heads(self.tp_size),
+            mc.head_dim,
+            mc.num_hidden_layers,
+            self.device,
+        )
+        self.token_to_kv_pool_allocator = create_allocator(max_tokens, self.page_size, self.device)
+        logger.info(
+            "Memory pool end. max_total_num_tokens=%d, max_running_requests=%d, kv=%.2f GB",
+            max_tokens,
+            self.max_running_requests,
+            self.token_to_kv_pool.get_kv_size_bytes() / 2**30,
+        )
+
+    # ---- one step -----------------------------------------------------------------------------
+    def forward(self, batch: ModelWorkerBatch) -> tuple[LogitsProcessorOutput, ForwardBatch]:
+        fb = ForwardBatch.init_new(
+            batch,
+            device=torch.device(self.device),
+            req_to_token_pool=self.req_to_token_pool,
+            token_to_kv_pool=self.token_to_kv_pool,
+            attn_backend=self.attn_backend,
+        )
+        with torch.inference_mode():
+            out = self.model(fb.input_ids, fb.positions, fb)
+        return out, fb
+
+    def sample(
+        self, logits_output: LogitsProcessorOutput, forward_batch: ForwardBatch
+    ) -> SamplerOutput:
+        with torch.inference_mode():
+            return self.sampler(
+                logits_output.next_token_logits,
+                forward_batch.sampling_info,
+                return_logprob=forward_batch.return_logprob,
+                top_logprobs_nums=forward_batch.top_logprobs_nums,
+            )
+
+    def synchronize(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+def build_model_runner(server_args: Any, model_config: Optional[ModelConfig] = None) -> ModelRunner:
+    if model_config is None:
+        model_config = ModelConfig(
+            server_args.model_path,
+            dtype=server_args.dtype,
+            context_length=server_args.context_length,
+            trust_remote_code=server_args.trust_remote_code,
+            load_format=server_args.load_format,
+        )
+    return ModelRunner(model_config, server_args)

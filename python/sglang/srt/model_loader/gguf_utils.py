@@ -1,0 +1,283 @@
+"""GGUF files: metadata -> transformers config, tensors -> (HF name, float32 tensor) pairs.
+
+Used by hf_transformers_utils.get_config (config) and the weight iterators (weights). The `gguf`
+package is imported only here and only when a GGUF file is actually opened, so machines without it
+can still serve HF folders. Every tensor is dequantized to float32; the model casts it to its dtype.
+
+llama.cpp's converter reorders the rows of attn_q/attn_k of llama-family models (per head, it
+interleaves the two rotary halves); `unpermute_rotary` restores HuggingFace's layout so the same
+model code serves HF folders and GGUF files.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sglang.srt.model_loader.resolve import ModelLoadError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GGUFArch:
+    """How one GGUF `general.architecture` maps onto transformers."""
+
+    config_class: str
+    hf_architecture: str
+    # llama.cpp permutes q/k rows only for the llama family (Llama, Mistral, SmolLM2 ...).
+    rotary_permuted: bool
+    accepts_head_dim: bool
+
+
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch(
+        "LlamaConfig", "LlamaForCausalLM", rotary_permuted=True, accepts_head_dim=True
+    ),
+    "qwen2": GGUFArch(
+        "Qwen2Config", "Qwen2ForCausalLM", rotary_permuted=False, accepts_head_dim=False
+    ),
+    "qwen3": GGUFArch(
+        "Qwen3Config", "Qwen3ForCausalLM", rotary_permuted=False, accepts_head_dim=True
+    ),
+}
+
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+_LAYER_TENSORS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+# Tensors that carry nothing the HF layout stores as a weight (llama3 rope factors are derived from
+# the config on the HF side).
+_SKIPPED_TENSORS = {"rope_freqs.weight"}
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """HF parameter name for a GGUF tensor name, or None when the name is not known."""
+    match = _BLOCK_RE.match(name)
+    if match:
+        layer, part, kind = match.groups()
+        hf_part = _LAYER_TENSORS.get(part)
+        return None if hf_part is None else f"model.layers.{layer}.{hf_part}.{kind}"
+    match = _GLOBAL_RE.match(name)
+    if match and match.group(1) in _GLOBAL_TENSORS:
+        return f"{_GLOBAL_TENSORS[match.group(1)]}.{match.group(2)}"
+    return None
+
+
+def unpermute_rotary(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's q/k row permutation.
+
+    The converter viewed each head's rows as (2 halves, head_dim/2) and swapped those axes, turning
+    HF's "rotate half" layout into llama.cpp's interleaved-pairs layout. Swapping them back on the
+    (head_dim/2, 2) view restores HF rows. Works for weights (2-D) and biases (1-D).
+    """
+    rows = tensor.shape[0]
+    rest = tuple(tensor.shape[1:])
+    if rows % (2 * num_heads):
+        raise ModelLoadError(f"cannot un-permute a tensor of {rows} rows over {num_heads} heads")
+    grouped = tensor.reshape(num_heads, rows // num_heads // 2, 2, *rest)
+    return grouped.transpose(1, 2).reshape(rows, *rest).contiguous()
+
+
+def _file_key(path: str) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_reader(key: tuple[str, int, int]) -> Any:
+    # Parsing the tokenizer arrays dominates open time; config, tokenizer checks and weights all
+    # read the same file, so one parse is shared (the cache key changes when the file does).
+    import gguf
+
+    path = key[0]
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # gguf reports truncation as ValueError/IndexError from numpy
+        raise ModelLoadError(f"Cannot read GGUF file {path}: corrupt or truncated ({exc})") from exc
+
+
+def open_gguf(path: str) -> Any:
+    """A cached gguf.GGUFReader for `path`; ModelLoadError names the file when it cannot be read."""
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"GGUF file {path} does not exist")
+    return _cached_reader(_file_key(path))
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Scalar and small metadata fields; the big tokenizer arrays are left to the tokenizer."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in (
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.scores",
+        ):
+            meta[key + ".count"] = len(field.data)
+            continue
+        try:
+            meta[key] = field.contents()
+        except Exception:  # an exotic field type we do not need must not stop loading
+            logger.debug("Skipping unreadable GGUF field %s", key)
+    return meta
+
+
+def _uniform(value: Any, what: str, path: str) -> int:
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise ModelLoadError(f"{path}: per-layer {what} {value} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def gguf_config(path: str) -> PretrainedConfig:
+    """Build the transformers config of a GGUF model from its metadata."""
+    import transformers
+
+    reader = open_gguf(path)
+    meta = read_metadata(reader)
+    arch_name = meta.get("general.architecture")
+    arch = GGUF_ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise ModelLoadError(
+            f"{path}: GGUF architecture {arch_name!r} is not supported "
+            f"(supported: {', '.join(GGUF_ARCHITECTURES)})"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch_name}.{key}", default)
+
+    tensor_names = {t.name for t in reader.tensors}
+    hidden = int(get("embedding_length"))
+    heads = _uniform(get("attention.head_count"), "head count", path)
+    kv_heads = _uniform(get("attention.head_count_kv", heads), "KV head count", path)
+    head_dim = int(get("attention.key_length") or hidden // heads)
+    vocab = get("vocab_size") or meta.get("tokenizer.ggml.tokens.count")
+    if vocab is None:
+        vocab = int(reader.tensors[0].shape[-1]) if reader.tensors else 0
+
+    rope: dict[str, Any] = {
+        "rope_type": "default",
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+    }
+    if get("rope.scaling.type") == "linear" and get("rope.scaling.factor"):
+        rope = {**rope, "rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+
+    eos_ids = [
+        int(meta[key])
+        for key in (
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        )
+        if key in meta
+    ]
+    eos_ids = list(dict.fromkeys(eos_ids))
+    kwargs: dict[str, Any] = dict(
+        architectures=[arch.hf_architecture],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch.accepts_head_dim:
+        kwargs["head_dim"] = head_dim
+    if arch_name == "llama":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    config = getattr(transformers, arch.config_class)(**kwargs)
+    config.name_or_path = path
+    return config
+
+
+def _block_of(name: str) -> int | None:
+    match = _BLOCK_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, float32 tensor) for every weight in the file, in HF layout."""
+    from gguf.quants import dequantize
+
+    config = gguf_config(path)
+    reader = open_gguf(path)
+    arch_name = reader.fields["general.architecture"].contents()
+    permuted = GGUF_ARCHITECTURES[arch_name].rotary_permuted
+
+    # One progress tick per transformer block (plus one for embeddings/norm/head), not per tensor.
+    groups: dict[int | None, list[Any]] = {}
+    for tensor in reader.tensors:
+        groups.setdefault(_block_of(tensor.name), []).append(tensor)
+    bar = tqdm(groups.values(), desc="Loading GGUF tensor groups", unit="group", total=len(groups))
+    for group in bar:
+        for tensor in group:
+            if tensor.name in _SKIPPED_TENSORS:
+                logger.warning("%s: ignoring GGUF tensor %s", path, tensor.name)
+                continue
+            hf_name = gguf_to_hf_name(tensor.name)
+            if hf_name is None:
+                raise ModelLoadError(
+                    f"{path}: unknown GGUF tensor {tensor.name!r} for architecture {arch_name}"
+                )
+            # GGUF lists dimensions fastest-first; torch wants them slowest-first.
+            shape = [int(d) for d in reversed(tensor.shape.tolist())]
+            try:
+                array = dequantize(tensor.data, tensor.tensor_type)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{path}: cannot dequantize tensor {tensor.name}: {exc}"
+                ) from exc
+            if array.dtype != np.float32:
+                array = array.astype(np.float32)
+            elif not array.flags.writeable:
+                # F32 tensors come back as views of the read-only memory map.
+                array = array.copy()
+            weight = torch.from_numpy(array).reshape(shape)
+            if permuted and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
+                n_heads = (
+                    config.num_attention_heads
+                    if ".q_proj." in hf_name
+                    else config.num_key_value_heads
+                )
+                weight = unpermute_rotary(weight, n_heads)
+            yield hf_name, weight

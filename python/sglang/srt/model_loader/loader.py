@@ -1,0 +1,71 @@
+"""Build a model and fill its weights: `get_model` is the one entry point the model runner calls.
+
+The model class comes from the model registry by architecture name; the model is constructed
+directly on the target device in the target dtype (no CPU copy of the full model), then fed the
+(HF name, tensor) stream from weight_utils through its own `load_weights`, which owns name mapping,
+q/k/v stacking, TP sharding and casting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.model_loader.weight_utils import fill_dummy_weights, iterate_weights
+
+if TYPE_CHECKING:
+    from sglang.srt.configs.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make `dtype` torch's default, so layers create their parameters in it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def get_model(
+    *, model_config: ModelConfig, load_config: LoadConfig, device: str | torch.device
+) -> nn.Module:
+    """Construct the model for `model_config` on `device` and load (or fake) its weights."""
+    # Imported here: the registry imports every model module, which the config-only callers of this
+    # package (ModelConfig, tokenizer setup) do not need.
+    from sglang.srt.models.registry import get_model_class
+
+    model_class = get_model_class(model_config.architectures)
+    start = time.perf_counter()
+    # Weight files are located before the model is built, so a missing or incomplete checkpoint
+    # fails before any device memory is spent.
+    weights = None
+    if load_config.load_format != "dummy":
+        weights = iterate_weights(model_config.model_path, load_config.load_format)
+    with torch.device(device), default_dtype(model_config.dtype):
+        model = model_class(config=model_config.hf_config)
+
+    if weights is None:
+        fill_dummy_weights(model, seed=load_config.dummy_seed)
+    else:
+        model.load_weights(weights)
+    model.eval()
+    logger.info(
+        "Loaded %s (%s, %s) on %s in %.1f s",
+        model_class.__name__,
+        load_config.load_format,
+        str(model_config.dtype).removeprefix("torch."),
+        device,
+        time.perf_counter() - start,
+    )
+    return model

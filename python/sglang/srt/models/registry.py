@@ -1,0 +1,30 @@
+"""Model registry: HF `architectures` names -> model classes, imported lazily by module."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# architecture name -> module under sglang.srt.models
+_MODELS: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+def supported_architectures() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_model_class(architectures: list[str]) -> type[nn.Module]:
+    for arch in architectures or []:
+        module = _MODELS.get(arch)
+        if module is not None:
+            return getattr(importlib.import_module(f"sglang.srt.models.{module}"), arch)
+    raise ValueError(
+        f"Model architectures {list(architectures or [])} are not supported. "
+        f"Supported architectures: {', '.join(supported_architectures())}"
+    )

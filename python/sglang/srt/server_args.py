@@ -1,0 +1,605 @@
+"""Server configuration: every launch flag, its default, and how "auto" settings resolve.
+
+`ServerArgs` is the one dataclass every process receives (HTTP server, tokenizer manager,
+schedulers, detokenizer, `Engine`, `Runtime`). Its field names are the snake_case forms of the
+upstream SGLang flags, so `Engine(**kwargs)` and `--flag` spell the same setting. `__post_init__`
+turns "auto" (None) values into concrete ones and rejects inconsistent combinations with a
+`ValueError`, so downstream code never re-derives defaults.
+
+`prepare_server_args(argv)` is the command-line path: argparse with prefix abbreviations, the
+upstream aliases, `--config file.yaml` (file values sit under the command line) and exit status 2
+for anything argparse or validation rejects. `PortArgs` names the ipc endpoints that connect the
+processes of one server.
+
+This module stays light on purpose: it imports no serving stack, and torch only when the device
+has to be detected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Optional
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ["auto", "safetensors", "pt", "gguf", "dummy"]
+DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
+SCHEDULE_POLICIES = ["fcfs", "lpm", "random", "dfs-weight", "lof"]
+ATTENTION_BACKENDS = ["torch_native", "triton", "flashinfer"]
+SAMPLING_BACKENDS = ["pytorch", "flashinfer"]
+LOAD_BALANCE_METHODS = ["round_robin", "total_requests", "total_tokens"]
+DEVICES = ["cuda", "cpu"]
+TOKENIZER_MODES = ["auto", "slow"]
+GRAMMAR_BACKENDS = ["xgrammar", "outlines", "llguidance", "none"]
+CAPTURE_LAYER_KEYWORDS = ("last", "all", "auto")
+
+# Field -> allowed values; argparse enforces them on the command line, `check_server_args` on
+# values given directly (Engine kwargs) or resolved from "auto".
+_CHOICES: dict[str, list[str]] = {
+    "tokenizer_mode": TOKENIZER_MODES,
+    "load_format": LOAD_FORMATS,
+    "dtype": DTYPES,
+    "schedule_policy": SCHEDULE_POLICIES,
+    "load_balance_method": LOAD_BALANCE_METHODS,
+    "device": DEVICES,
+    "attention_backend": ATTENTION_BACKENDS,
+    "prefill_attention_backend": ATTENTION_BACKENDS,
+    "decode_attention_backend": ATTENTION_BACKENDS,
+    "sampling_backend": SAMPLING_BACKENDS,
+    "grammar_backend": GRAMMAR_BACKENDS,
+}
+
+_ATTENTION_BACKEND_FIELDS = (
+    "attention_backend",
+    "prefill_attention_backend",
+    "decode_attention_backend",
+)
+# Count-like settings for which zero or less makes no sense.
+_POSITIVE_FIELDS = (
+    "tp_size dp_size pp_size nnodes gpu_id_step page_size stream_interval decode_log_interval "
+    "max_prefill_tokens cuda_graph_max_bs torch_compile_max_bs triton_attention_num_kv_splits "
+    "attention_tokens_top_k"
+).split()
+_OPTIONAL_POSITIVE_FIELDS = ("context_length", "max_running_requests", "max_total_tokens")
+
+# Chunk size when --chunked-prefill-size is not given: GPUs amortise launches over big chunks,
+# CPUs want short chunks so decode steps of running requests are not starved.
+DEFAULT_CHUNKED_PREFILL = {"cuda": 8192, "cpu": 2048}
+DEFAULT_CUDA_GRAPH_MAX_BS = 160
+
+
+def parse_attention_capture_layers(spec: str) -> str | tuple[int, ...]:
+    """Parse `--attention-capture-layers`: a keyword (last|all|auto) or sorted unique layer ids.
+
+    Raises ValueError on anything else. The capture package maps keywords to layer ids once it
+    knows the model depth.
+    """
+    text = str(spec).strip().lower()
+    if text in CAPTURE_LAYER_KEYWORDS:
+        return text
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(
+            "attention_capture_layers must be last, all, auto or comma-separated layer "
+            f"indices (e.g. 0,14,29), got {spec!r}"
+        ) from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"attention_capture_layers: layer indices must be >= 0, got {spec!r}")
+    return tuple(sorted(set(ids)))
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str
+    tokenizer_path: Optional[str] = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    load_format: str = "auto"
+    trust_remote_code: bool = False
+    context_length: Optional[int] = None
+    dtype: str = "auto"
+    quantization: Optional[str] = None
+    kv_cache_dtype: str = "auto"
+    served_model_name: Optional[str] = None
+    chat_template: Optional[str] = None
+
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    skip_server_warmup: bool = False
+
+    # Memory and scheduling
+    mem_fraction_static: Optional[float] = None
+    max_running_requests: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    chunked_prefill_size: Optional[int] = None
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0
+    page_size: int = 1
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    allow_auto_truncate: bool = False
+
+    # Parallelism and placement
+    tp_size: int = 1
+    dp_size: int = 1
+    pp_size: int = 1
+    load_balance_method: str = "round_robin"
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
+    nccl_port: Optional[int] = None
+    device: Optional[str] = None
+    base_gpu_id: int = 0
+    gpu_id_step: int = 1
+
+    # Runtime behaviour
+    random_seed: Optional[int] = None
+    watchdog_timeout: float = 300.0
+    stream_interval: int = 1
+    stream_output: bool = False
+
+    # Logging and observability
+    log_level: str = "info"
+    log_level_http: Optional[str] = None
+    log_requests: bool = False
+    decode_log_interval: int = 40
+    enable_metrics: bool = False
+    enable_cache_report: bool = False
+    enable_return_hidden_states: bool = False
+
+    # Kernels and backends
+    attention_backend: Optional[str] = None
+    prefill_attention_backend: Optional[str] = None
+    decode_attention_backend: Optional[str] = None
+    sampling_backend: Optional[str] = None
+    grammar_backend: str = "xgrammar"
+    disable_cuda_graph: bool = False
+    disable_cuda_graph_padding: bool = False
+    cuda_graph_max_bs: Optional[int] = None
+    cuda_graph_bs: Optional[list[int]] = None
+    enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
+    triton_attention_num_kv_splits: int = 8
+    # NOTE: legacy 0.2.x switches; accepted with a warning, they only steer backend choice.
+    disable_flashinfer: bool = False
+    disable_flashinfer_sampling: bool = False
+
+    # Attention tokens (this fork's feature, COMPAT section 9)
+    return_attention_tokens: bool = False
+    attention_tokens_top_k: int = 10
+    attention_capture_layers: str = "last"
+
+    def __post_init__(self) -> None:
+        self._resolve_defaults()
+        self.check_server_args()
+
+    # ----------------------------------------------------------------- auto resolution
+
+    def _resolve_defaults(self) -> None:
+        if self.device is None:
+            self.device = _detect_device()
+        _check_choice("device", self.device, DEVICES)  # the defaults below are keyed by device
+        on_cuda = self.device == "cuda"
+
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+
+        # Legacy flags only remove flashinfer; an explicit non-flashinfer choice stays.
+        if self.disable_flashinfer:
+            logger.warning(
+                "--disable-flashinfer is deprecated; use --attention-backend triton "
+                "(or torch_native on CPU). Falling back to a non-flashinfer attention backend."
+            )
+            fallback = "triton" if on_cuda else "torch_native"
+            for name in _ATTENTION_BACKEND_FIELDS:
+                if getattr(self, name) == "flashinfer":
+                    setattr(self, name, fallback)
+        if self.disable_flashinfer_sampling:
+            logger.warning(
+                "--disable-flashinfer-sampling is deprecated; use --sampling-backend pytorch."
+            )
+            if self.sampling_backend == "flashinfer":
+                self.sampling_backend = "pytorch"
+
+        if self.attention_backend is None:
+            self.attention_backend = "triton" if on_cuda else "torch_native"
+        if self.prefill_attention_backend is None:
+            self.prefill_attention_backend = self.attention_backend
+        if self.decode_attention_backend is None:
+            self.decode_attention_backend = self.attention_backend
+        if self.sampling_backend is None:
+            self.sampling_backend = "pytorch"
+
+        if self.chunked_prefill_size is None:
+            self.chunked_prefill_size = DEFAULT_CHUNKED_PREFILL[self.device]
+        elif self.chunked_prefill_size <= 0:
+            # Any non-positive size means "no chunking"; one spelling keeps checks simple.
+            self.chunked_prefill_size = -1
+
+        if not on_cuda:
+            self.disable_cuda_graph = True
+        if self.cuda_graph_bs is not None:
+            self.cuda_graph_bs = sorted({int(bs) for bs in self.cuda_graph_bs})
+            if self.cuda_graph_max_bs is None and self.cuda_graph_bs:
+                self.cuda_graph_max_bs = self.cuda_graph_bs[-1]
+        if self.cuda_graph_max_bs is None:
+            self.cuda_graph_max_bs = DEFAULT_CUDA_GRAPH_MAX_BS
+
+        # On CPU there is no device memory to take a fraction of: the KV pool is sized from
+        # --max-total-tokens or the model runner's host budget, so the field stays None there.
+        if self.mem_fraction_static is None and on_cuda:
+            self.mem_fraction_static = _default_mem_fraction(self.tp_size)
+
+        if self.random_seed is None:
+            self.random_seed = random.randint(0, (1 << 30) - 1)
+
+        parsed = parse_attention_capture_layers(self.attention_capture_layers)
+        self.attention_capture_layers = (
+            parsed if isinstance(parsed, str) else ",".join(str(i) for i in parsed)
+        )
+
+    # ----------------------------------------------------------------- validation
+
+    def check_server_args(self) -> None:
+        """Raise ValueError naming the flag when a setting is out of range or inconsistent."""
+        for name, choices in _CHOICES.items():
+            _check_choice(name, getattr(self, name), choices)
+        if self.device == "cpu":
+            for name in _ATTENTION_BACKEND_FIELDS:
+                if getattr(self, name) != "torch_native":
+                    raise ValueError(
+                        f"{name}={getattr(self, name)!r} needs a GPU; on --device cpu use "
+                        "torch_native"
+                    )
+            if self.sampling_backend == "flashinfer":
+                raise ValueError("sampling_backend='flashinfer' needs a GPU; use pytorch on CPU")
+
+        _check_port("port", self.port)
+        if self.nccl_port is not None:
+            _check_port("nccl_port", self.nccl_port)
+
+        for name in _POSITIVE_FIELDS:
+            _check_at_least(name, getattr(self, name), 1)
+        for name in _OPTIONAL_POSITIVE_FIELDS:
+            if getattr(self, name) is not None:
+                _check_at_least(name, getattr(self, name), 1)
+        _check_at_least("base_gpu_id", self.base_gpu_id, 0)
+        if self.schedule_conservativeness < 0:
+            raise ValueError(
+                f"schedule_conservativeness must be >= 0, got {self.schedule_conservativeness}"
+            )
+        if self.watchdog_timeout <= 0:
+            raise ValueError(f"watchdog_timeout must be > 0 seconds, got {self.watchdog_timeout}")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1), got {self.mem_fraction_static}"
+            )
+        if self.cuda_graph_bs is not None and any(bs < 1 for bs in self.cuda_graph_bs):
+            raise ValueError(f"cuda_graph_bs entries must be >= 1, got {self.cuda_graph_bs}")
+
+        if self.tp_size % self.nnodes != 0:
+            raise ValueError(
+                f"tp_size ({self.tp_size}) must be divisible by nnodes ({self.nnodes}): "
+                "tensor parallelism is split evenly across nodes"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(
+                f"node_rank must be in [0, nnodes={self.nnodes}), got {self.node_rank}"
+            )
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError("nnodes > 1 needs --dist-init-addr host:port for the rendezvous")
+        if self.dist_init_addr is not None:
+            host, sep, port = self.dist_init_addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f"dist_init_addr must look like host:port, got {self.dist_init_addr!r}"
+                )
+
+    # ----------------------------------------------------------------- helpers
+
+    def url(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # IPv6 literals need brackets inside a URL
+        return f"http://{host}:{self.port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serializable copy of every field (used by /get_server_info)."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        _add_cli_args(parser)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+
+
+def _detect_device() -> str:
+    import torch  # lazy: most callers pass --device or never need detection
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _default_mem_fraction(tp_size: int) -> float:
+    # Larger TP groups need more room outside the pool for communication buffers.
+    for min_tp, fraction in ((16, 0.79), (8, 0.81), (4, 0.85), (2, 0.87)):
+        if tp_size >= min_tp:
+            return fraction
+    return 0.88
+
+
+def _check_choice(name: str, value: Any, choices: list[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_port(name: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{name} must be in [1, 65535], got {port}")
+
+
+# --------------------------------------------------------------------- command line
+
+
+# NOTE: flags are generated from the dataclass fields (name -> --kebab-name, annotation -> type),
+# so a field and its flag cannot drift apart; these tables add only what annotations cannot say.
+_ALIASES: dict[str, tuple[str, ...]] = {
+    "model_path": ("--model",),
+    "tp_size": ("--tp", "--tensor-parallel-size"),
+    "dp_size": ("--dp", "--data-parallel-size"),
+    "pp_size": ("--pp", "--pipeline-parallel-size"),
+    "dist_init_addr": ("--nccl-init-addr",),
+    "stream_output": ("--incremental-streaming-output",),
+}
+
+# First field of each --help section.
+_GROUPS: dict[str, str] = {
+    "model_path": "model and tokenizer",
+    "host": "HTTP server",
+    "mem_fraction_static": "memory and scheduling",
+    "tp_size": "parallelism and placement",
+    "random_seed": "runtime",
+    "log_level": "logging and observability",
+    "attention_backend": "kernels and backends",
+    "return_attention_tokens": "attention tokens",
+}
+
+_HELP: dict[str, str] = {
+    "model_path": "Model to serve: a local HuggingFace folder, a GGUF file or a known model id.",
+    "tokenizer_path": "Tokenizer location (default: the model path).",
+    "tokenizer_mode": "'auto' prefers the fast tokenizer, 'slow' forces the Python one.",
+    "skip_tokenizer_init": "Load no tokenizer: requests carry input_ids, outputs are token ids.",
+    "load_format": "Weight format; 'dummy' builds random weights from config.json alone.",
+    "trust_remote_code": "Accepted for compatibility.",
+    "context_length": "Maximum context length (default: from the model config).",
+    "dtype": "Weight and activation dtype.",
+    "quantization": "Quantization method of the weights.",
+    "kv_cache_dtype": "KV cache dtype ('auto' = the model dtype).",
+    "served_model_name": "Model name the OpenAI API reports (default: the model path).",
+    "chat_template": "Chat template name or file (default: the tokenizer's own).",
+    "host": "Address the HTTP server binds.",
+    "port": "Port of the HTTP server.",
+    "api_key": "Require 'Authorization: Bearer KEY' on every route except /health*.",
+    "skip_server_warmup": "Skip the warm-up generation at startup.",
+    "mem_fraction_static": "Share of device memory for weights plus KV pool (default: by TP size).",
+    "max_running_requests": "Cap on concurrently running requests (default: from the KV pool).",
+    "max_total_tokens": "KV pool size in tokens (default: from free memory).",
+    "chunked_prefill_size": "Longest prefill chunk, -1 = no chunking (default 8192 GPU, 2048 CPU).",
+    "max_prefill_tokens": "Token budget of one prefill batch.",
+    "schedule_policy": "Order in which waiting requests are admitted.",
+    "schedule_conservativeness": "Higher values keep more KV room for running requests.",
+    "page_size": "Tokens per KV cache page.",
+    "disable_radix_cache": "Turn off prefix caching.",
+    "disable_overlap_schedule": "Schedule and run the forward pass one after the other.",
+    "allow_auto_truncate": "Truncate over-long prompts instead of rejecting them.",
+    "tp_size": "Tensor parallel size across all nodes.",
+    "dp_size": "Data parallel size (independent model replicas).",
+    "pp_size": "Pipeline parallel size.",
+    "load_balance_method": "How requests are spread over data parallel replicas.",
+    "nnodes": "Number of nodes.",
+    "node_rank": "Rank of this node.",
+    "dist_init_addr": "host:port where all nodes rendezvous.",
+    "nccl_port": "Port of the collective backend on one node (default: a free one).",
+    "device": "Device (default: cuda when available, else cpu).",
+    "base_gpu_id": "First GPU index to use.",
+    "gpu_id_step": "Stride between the GPU indices of consecutive ranks.",
+    "random_seed": "Seed (default: random).",
+    "watchdog_timeout": "Seconds a forward step may hang before the server is killed.",
+    "stream_interval": "Decode steps between streamed chunks.",
+    "stream_output": "Native streaming sends text deltas instead of the whole text so far.",
+    "log_level": "Log level of all processes.",
+    "log_level_http": "Log level of the HTTP server (default: --log-level).",
+    "log_requests": "Log every request and its output.",
+    "decode_log_interval": "Decode steps between 'Decode batch.' log lines.",
+    "enable_metrics": "Serve Prometheus metrics on /metrics.",
+    "enable_cache_report": "Report cached prompt tokens in OpenAI usage.",
+    "enable_return_hidden_states": "Allow requests to ask for hidden states.",
+    "attention_backend": "Attention kernels (default: triton on GPU, torch_native on CPU).",
+    "prefill_attention_backend": "Attention kernels for prefill (default: --attention-backend).",
+    "decode_attention_backend": "Attention kernels for decode (default: --attention-backend).",
+    "sampling_backend": "Sampling kernels (default: pytorch).",
+    "grammar_backend": "Constrained decoding backend.",
+    "disable_cuda_graph": "Run decode without CUDA graphs.",
+    "disable_cuda_graph_padding": "Use CUDA graphs only for exactly captured batch sizes.",
+    "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: 160).",
+    "cuda_graph_bs": "Explicit list of batch sizes to capture.",
+    "enable_torch_compile": "Compile the model with torch.compile.",
+    "torch_compile_max_bs": "Largest batch size compiled with torch.compile.",
+    "triton_attention_num_kv_splits": "KV splits of the Triton decode attention kernel.",
+    "disable_flashinfer": "Deprecated: pick a non-flashinfer attention backend instead.",
+    "disable_flashinfer_sampling": "Deprecated: same as --sampling-backend pytorch.",
+    "return_attention_tokens": "Enable attention-token reports; without it such requests get 400.",
+    "attention_tokens_top_k": "Largest top-k a request may ask for.",
+    "attention_capture_layers": "Layers captured: last, all, auto (~4 spread over depth) or i,j,k.",
+}
+
+# Annotation (a string, under postponed evaluation) -> argparse keywords.
+_TYPE_KWARGS: dict[str, dict[str, Any]] = {
+    "bool": {"action": "store_true"},
+    "int": {"type": int},
+    "Optional[int]": {"type": int},
+    "float": {"type": float},
+    "Optional[float]": {"type": float},
+    "str": {},
+    "Optional[str]": {},
+    "Optional[list[int]]": {"type": int, "nargs": "+"},
+}
+
+
+def _add_cli_args(parser: argparse.ArgumentParser) -> None:
+    group: Any = parser
+    for f in dataclasses.fields(ServerArgs):
+        if f.name in _GROUPS:
+            group = parser.add_argument_group(_GROUPS[f.name])
+        kwargs = dict(_TYPE_KWARGS[str(f.type)])
+        if kwargs.get("action") != "store_true":
+            # model_path has no dataclass default; it is checked after --config is merged.
+            default = f.default if f.default is not dataclasses.MISSING else None
+            kwargs["default"] = default
+        if f.name in _CHOICES:
+            kwargs["choices"] = _CHOICES[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(
+            flag, *_ALIASES.get(f.name, ()), dest=f.name, help=_HELP[f.name], **kwargs
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang.launch_server",
+        usage="%(prog)s --model-path PATH [options]",
+        description="Serve a language model over HTTP (SGLang-compatible flags).",
+        allow_abbrev=True,
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of flag values (kebab- or snake_case keys); flags on the command line win.",
+    )
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def _config_to_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """Turn a YAML mapping into command-line tokens, so argparse checks types and choices."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        parser.error(f"cannot read config file {path}: {e}")
+    except yaml.YAMLError as e:
+        parser.error(f"config file {path} is not valid YAML: {e}")
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        parser.error(f"config file {path} must hold a mapping of flag names to values")
+
+    # NOTE: exact names only (flags or their aliases); prefix matching would make typos silent.
+    actions = parser._option_string_actions
+    tokens: list[str] = []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        action = actions.get(flag)
+        if action is None or action.dest in ("help", "config"):
+            parser.error(f"config file {path}: unknown key {key!r}")
+        if value is None:
+            continue
+        if action.nargs == 0:  # on/off switch
+            if not isinstance(value, bool):
+                parser.error(f"config file {path}: {key!r} takes true or false, got {value!r}")
+            if value:
+                tokens.append(flag)
+        elif action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            tokens.append(flag)
+            tokens.extend(str(v) for v in items)
+        else:
+            if isinstance(value, (list, dict)):
+                parser.error(f"config file {path}: {key!r} takes a single value, got {value!r}")
+            # The '=' form keeps values that start with '-' (e.g. -1) from reading as flags.
+            tokens.append(f"{flag}={value}")
+    return tokens
+
+
+def prepare_server_args(argv: Optional[list[str]] = None) -> ServerArgs:
+    """Parse launch flags (plus an optional --config file) into a validated ServerArgs.
+
+    Anything rejected, by argparse or by ServerArgs validation, exits with status 2.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        # File values go first so that any flag repeated on the command line overrides them.
+        file_argv = _config_to_argv(parser, args.config)
+        args = parser.parse_args(file_argv + list(argv if argv is not None else sys.argv[1:]))
+    if args.model_path is None:
+        parser.error("the following arguments are required: --model-path/--model")
+    try:
+        return ServerArgs.from_cli_args(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+# --------------------------------------------------------------------- process endpoints
+
+
+@dataclass
+class PortArgs:
+    """ipc endpoints connecting one server's processes, plus the single-node collective port."""
+
+    tokenizer_ipc_name: str  # detokenizer -> tokenizer manager
+    scheduler_input_ipc_name: str  # tokenizer manager -> scheduler (TP rank 0)
+    detokenizer_ipc_name: str  # scheduler -> detokenizer
+    nccl_port: int
+    ipc_dir: str = ""
+
+    @staticmethod
+    def init_new(server_args: ServerArgs) -> PortArgs:
+        # A private directory per server keeps socket names unique and removable in one go.
+        ipc_dir = tempfile.mkdtemp(prefix="sglang-ipc-")
+        nccl_port = server_args.nccl_port if server_args.nccl_port is not None else _free_port()
+        return PortArgs(
+            tokenizer_ipc_name=f"ipc://{os.path.join(ipc_dir, 'tokenizer')}",
+            scheduler_input_ipc_name=f"ipc://{os.path.join(ipc_dir, 'scheduler_input')}",
+            detokenizer_ipc_name=f"ipc://{os.path.join(ipc_dir, 'detokenizer')}",
+            nccl_port=nccl_port,
+            ipc_dir=ipc_dir,
+        )
+
+    def cleanup(self) -> None:
+        """Remove the socket directory; call once every process has closed its sockets."""
+        if self.ipc_dir:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,186 @@
+"""Test runners: our engine in-process and HuggingFace transformers as the reference.
+
+`SRTRunner` drives the real ModelRunner + Scheduler (no processes, no HTTP) on token ids;
+`HFRunner` runs transformers in eager mode and returns the same quantities; `make_tiny_model`
+builds and saves a small random-weight HF checkpoint for an architecture. Tests compare them.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+
+@dataclass
+class GenOutput:
+    output_ids: list[int]
+    output_logprobs: list[float] = field(default_factory=list)
+    input_logprobs: list[Optional[float]] = field(default_factory=list)
+    cached_tokens: int = 0
+    finish_reason: Optional[dict] = None
+
+
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        cls="LlamaConfig",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        tie_word_embeddings=False,
+    ),
+    "llama_tied": dict(cls="LlamaConfig", tie_word_embeddings=True),
+    "mistral": dict(cls="MistralConfig", sliding_window=4096, tie_word_embeddings=False),
+    "qwen2": dict(cls="Qwen2Config", tie_word_embeddings=False),
+    "qwen3": dict(cls="Qwen3Config", tie_word_embeddings=False, head_dim=32),
+}
+
+
+def make_tiny_model(arch: str, folder: Optional[str] = None, seed: int = 0) -> str:
+    """Build a random-weight tiny model of `arch` (a TINY_CONFIGS key), save it, return the folder."""
+    import transformers
+
+    spec = dict(TINY_CONFIGS[arch])
+    config_cls = getattr(transformers, spec.pop("cls"))
+    kwargs = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        initializer_range=0.08,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(spec)
+    config = config_cls(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    folder = folder or tempfile.mkdtemp(prefix=f"tiny-{arch}-")
+    model.save_pretrained(folder)
+    return folder
+
+
+class HFRunner:
+    def __init__(self, model_path: str, gguf_file: Optional[str] = None, dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="eager")
+        if gguf_file:
+            kwargs["gguf_file"] = gguf_file
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).eval()
+
+    @torch.no_grad()
+    def prefill_logits(self, input_ids: list[int]) -> torch.Tensor:
+        return self.model(torch.tensor([input_ids])).logits[0, -1].float()
+
+    @torch.no_grad()
+    def prompt_logprobs(self, input_ids: list[int]) -> list[float]:
+        logits = self.model(torch.tensor([input_ids])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return [lp[i, input_ids[i + 1]].item() for i in range(len(input_ids) - 1)]
+
+    @torch.no_grad()
+    def greedy(self, input_ids: list[int], max_new_tokens: int) -> GenOutput:
+        out = self.model.generate(
+            torch.tensor([input_ids]),
+            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+        ids = out.sequences[0, len(input_ids) :].tolist()
+        lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, ids)]
+        return GenOutput(output_ids=ids, output_logprobs=lps)
+
+
+class SRTRunner:
+    def __init__(self, model_path: str, **server_kwargs: Any) -> None:
+        from sglang.srt.model_executor.model_runner import build_model_runner
+        from sglang.srt.managers.scheduler import Scheduler
+        from sglang.srt.server_args import ServerArgs
+
+        kwargs = dict(device="cpu", dtype="float32", random_seed=0, max_total_tokens=4096)
+        kwargs.update(server_kwargs)
+        self.server_args = ServerArgs(model_path=model_path, **kwargs)
+        self.model_runner = build_model_runner(self.server_args)
+        self.scheduler = Scheduler(self.server_args, self.model_runner, tokenizer=None)
+        self._counter = 0
+
+    def make_req(
+        self,
+        input_ids: list[int],
+        max_new_tokens: int = 32,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        **sampling: Any,
+    ) -> Req:
+        self._counter += 1
+        params = SamplingParams(max_new_tokens=max_new_tokens, **sampling)
+        return Req(
+            f"req-{self._counter}",
+            input_ids,
+            params,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+        )
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, **kwargs: Any) -> list[GenOutput]:
+        """Submit all prompts at once and run the scheduler until every request finished."""
+        kwargs.setdefault("temperature", 0.0)
+        kwargs.setdefault("ignore_eos", True)
+        reqs = [self.make_req(p, max_new_tokens, **kwargs) for p in prompts]
+        for req in reqs:
+            self.scheduler.add_request(req)
+        self.scheduler.run_until_idle()
+        self.scheduler.check_memory()
+        return [self.to_output(r) for r in reqs]
+
+    @staticmethod
+    def to_output(req: Req) -> GenOutput:
+        return GenOutput(
+            output_ids=list(req.output_ids),
+            output_logprobs=[lp for lp, _ in req.output_token_logprobs],
+            input_logprobs=[lp for lp, _ in req.input_token_logprobs],
+            cached_tokens=req.cached_tokens,
+            finish_reason=req.finished_reason.to_json() if req.finished_reason else None,
+        )
+
+    def prefill_logits(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Next-token logits of each prompt from one batched extend (memory released after)."""
+        sched = self.scheduler
+        reqs = [self.make_req(p, 1) for p in prompts]
+        for req in reqs:
+            req.sampling_params.normalize()
+            req.init_next_round_input()
+        batch = ScheduleBatch(
+            reqs, sched.req_to_token_pool, sched.allocator, sched.tree_cache, sched.model_config.vocab_size, "cpu"
+        )
+        logits_output, _ = self.model_runner.forward(batch.prepare_for_extend())
+        for req in reqs:
+            req.output_ids.append(0)  # so release_req frees exactly the prompt's slots
+            batch.release_req(req)
+        sched.check_memory()
+        return logits_output.next_token_logits
+
+
+def cpu_threads_hint() -> None:
+    """Keep tests from oversubscribing the small CI machine."""
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -91,6 +91,9 @@ class Sim:
         self.cache.cache_finished_req(req)
         del self.kv_len[id(req)]
 
+    def abort(self, req: FakeReq) -> None:
+        self.cache.release_req(req, self.kv_len.pop(id(req)))
+
     def run(self, req: FakeReq, decode_steps: int = 0) -> FakeReq:
         self.admit(req)
         self.extend(req)
@@ -375,6 +378,8 @@ def test_invariant_random_simulation(kind: str, page_size: int) -> None:
         for req, left in running:
             if left == 0:
                 sim.finish(req)
+            elif rng.random() < 0.1:
+                sim.abort(req)
             else:
                 sim.decode(req)
                 still.append((req, left - 1))
@@ -399,6 +404,38 @@ def test_invariant_random_simulation(kind: str, page_size: int) -> None:
     if kind == "radix":
         sim.cache.evict(10**9)
         assert sim.alloc.available_size() == sim.alloc.size
+
+
+def test_release_req_frees_own_slots_only() -> None:
+    sim = Sim("radix", 64, 4)
+    r = FakeReq(list(range(12)))
+    sim.admit(r)
+    sim.extend(r, 6)  # page 1 in the tree (locked), own tail on page 2
+    assert sim.alloc.available_size() == 56
+    sim.abort(r)
+    assert sim.alloc.release_pages.tolist() == [2]
+    assert (sim.cache.evictable_size(), sim.cache.protected_size()) == (4, 0)
+    assert sim.pool.available_size() == 8
+    sim.cache.check_invariant()
+
+    sim = Sim("radix", 32, 1)
+    sim.run(FakeReq([1, 2, 3, 4]))
+    r = FakeReq([1, 2, 3, 7, 8])
+    sim.admit(r)
+    sim.extend(r)  # prefix [1, 2, 3] shared; own slots 5, 6
+    sim.decode(r)  # own slot 7
+    sim.abort(r)
+    assert sim.alloc.release_pages.tolist() == [5, 6, 7]
+    assert sim.cache.match_prefix([1, 2, 3, 4]).device_indices.tolist() == [1, 2, 3, 4]
+    sim.cache.check_invariant()
+
+    sim = Sim("chunk", 32, 1)
+    r = FakeReq([1, 2, 3, 4, 5, 6])
+    sim.admit(r)
+    sim.extend(r, 4)  # ChunkCache: prefix_indices are the request's own slots
+    sim.abort(r)
+    assert sim.alloc.release_pages.tolist() == [1, 2, 3, 4]
+    sim.cache.check_invariant()
 
 
 # ---- ChunkCache, invariant helper, debugging ----------------------------------------------------

@@ -96,18 +96,19 @@ class HFRunner:
 
     @torch.no_grad()
     def greedy(self, input_ids: list[int], max_new_tokens: int) -> GenOutput:
-        out = self.model.generate(
-            torch.tensor([input_ids]),
-            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-        )
-        ids = out.sequences[0, len(input_ids) :].tolist()
-        lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, ids)]
+        """Greedy decoding with the HF KV cache, never stopping early (EOS is not suppressed)."""
+        ids: list[int] = []
+        lps: list[float] = []
+        past = None
+        step_input = torch.tensor([input_ids])
+        for _ in range(max_new_tokens):
+            out = self.model(step_input, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
+            token = int(torch.argmax(logprobs))
+            ids.append(token)
+            lps.append(logprobs[token].item())
+            step_input = torch.tensor([[token]])
         return GenOutput(output_ids=ids, output_logprobs=lps)
 
 

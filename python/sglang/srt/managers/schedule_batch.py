@@ -9,7 +9,7 @@ run one forward step together; it is CPU-side bookkeeping and turns itself into 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -300,13 +300,6 @@ class ScheduleBatch:
         self.reqs.extend(reqs)
 
     def release_req(self, req: Req) -> None:
-        """Free a request's own KV slots and row without caching them (retraction, abort)."""
-        seq_len = len(req.fill_ids) if req.is_chunked else req.seqlen - (1 if req.output_ids else 0)
-        seq_len = max(seq_len, len(req.prefix_indices))
-        rows = self.req_to_token_pool.req_to_token
-        own = rows[req.req_pool_idx, len(req.prefix_indices) : seq_len]
-        if own.numel():
-            self.allocator.free(own.clone())
-        self.req_to_token_pool.free(req.req_pool_idx)
-        if req.last_node is not None:
-            self.tree_cache.dec_lock_ref(req.last_node)
+        """Free a request's own KV slots, row and lock without caching them (retraction, abort)."""
+        kv_len = len(req.fill_ids) if req.is_chunked else req.seqlen - (1 if req.output_ids else 0)
+        self.tree_cache.release_req(req, kv_len)

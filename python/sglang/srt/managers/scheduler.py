@@ -10,7 +10,6 @@ The process wrapper (ZMQ in/out) wraps this class in the serving layer; nothing 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any, Callable, Optional
 
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req, ScheduleBatch

@@ -10,6 +10,7 @@ Protocol with the scheduler:
   * after each chunk of a chunked prefill: `cache_unfinished_req(req)`;
   * when the request finishes (or is retracted/aborted after its KV was written):
     `cache_finished_req(req)`, which also frees the request's ReqToTokenPool row;
+  * when a request is retracted or aborted without caching: `release_req(req, kv_len)`;
   * under memory pressure: `evict(num_tokens)` before allocating again.
 """
 
@@ -101,6 +102,33 @@ class BasePrefixCache(abc.ABC):
     @abc.abstractmethod
     def pretty_print(self) -> str:
         """Print and return a human-readable dump of the cache (debugging)."""
+
+    def cache_owned_len(self, req: CacheReq) -> int:
+        """How many leading slots of `req.prefix_indices` the cache owns (the rest: the request).
+
+        RadixCache: the page-aligned part (an unaligned tail left by `cache_unfinished_req` is the
+        request's). ChunkCache: none.
+        """
+        return 0
+
+    def release_req(self, req: CacheReq, kv_len: int) -> None:
+        """Drop a request without caching its KV (retraction, abort).
+
+        Frees the slots the request owns among its first `kv_len` positions (those with KV
+        written), its ReqToTokenPool row, and its lock. The request's fields are left as they are.
+        """
+        if req.req_pool_idx is None:
+            return
+        pool = self.req_to_token_pool
+        assert pool is not None, "release_req needs a ReqToTokenPool"
+        start = self.cache_owned_len(req)
+        end = max(kv_len, len(req.prefix_indices))
+        if end > start:
+            self.token_to_kv_pool_allocator.free(
+                pool.req_to_token[req.req_pool_idx, start:end].clone()
+            )
+        pool.free(req.req_pool_idx)
+        self.dec_lock_ref(req.last_node)
 
     def check_invariant(self, total_slots: int | None = None) -> None:
         """Assert free + evictable + protected == total slots.

@@ -205,7 +205,7 @@ class RadixCache(BasePrefixCache):
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, (parent.last_access, parent.id, parent))
         if released:
-            # One free call, in eviction order (the allocator's release list keeps that order).
+            # One free call; with page size 1 the release list records the eviction order.
             self.token_to_kv_pool_allocator.free(torch.cat(released))
         return freed
 
@@ -219,6 +219,9 @@ class RadixCache(BasePrefixCache):
         return sum(len(n.key) for n in self._nodes())
 
     # ---- request hooks ------------------------------------------------------------------------
+    def cache_owned_len(self, req: CacheReq) -> int:
+        return self._aligned(len(req.prefix_indices))
+
     def cache_finished_req(self, req: CacheReq) -> None:
         if req.req_pool_idx is None:
             return  # never got a row: nothing was written to the pool
@@ -230,7 +233,7 @@ class RadixCache(BasePrefixCache):
         new_prefix_len = self.insert(token_ids[:aligned], kv[:aligned])
         # Slots in [own_start, new_prefix_len) duplicate what the tree already had; [aligned, n)
         # is the unaligned tail the tree cannot hold. Both are whole pages owned by this request.
-        own_start = self._aligned(len(req.prefix_indices))
+        own_start = self.cache_owned_len(req)
         self.token_to_kv_pool_allocator.free(
             torch.cat([kv[own_start:new_prefix_len], kv[aligned:]])
         )
@@ -251,7 +254,7 @@ class RadixCache(BasePrefixCache):
         kv = pool.req_to_token[row, :n].clone()
         aligned = self._aligned(n)
         new_prefix_len = self.insert(token_ids[:aligned], kv[:aligned])
-        own_start = self._aligned(len(req.prefix_indices))
+        own_start = self.cache_owned_len(req)
         self.token_to_kv_pool_allocator.free(kv[own_start:new_prefix_len])
 
         new_indices, new_node = self.match_prefix(token_ids[:aligned])

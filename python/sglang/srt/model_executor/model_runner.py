@@ -160,5 +160,6 @@ def build_model_runner(server_args: Any, model_config: Optional[ModelConfig] = N
             context_length=server_args.context_length,
             trust_remote_code=server_args.trust_remote_code,
             load_format=server_args.load_format,
+            device=server_args.device,
         )
     return ModelRunner(model_config, server_args)

@@ -129,7 +129,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         group = hq // hkv
         if save_kv_cache:
             pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d))
-        bs, max_q, max_kv = md.batch_size, md.max_q, md.max_kv
+        bs, max_q = md.batch_size, md.max_q
 
         keys = pool.get_key_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)
         values = pool.get_value_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)

@@ -72,6 +72,7 @@ class PrefillAdder:
         self.page_size = page_size
         self.new_token_ratio = new_token_ratio
         reserved = sum(self._future_tokens(r) for r in running_reqs)
+        self.has_running = bool(running_reqs)
         self.rem_total_tokens = allocator.available_size() + tree_cache.evictable_size() - reserved
         self.rem_input_tokens = max_prefill_tokens
         self.rem_chunk_tokens = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
@@ -83,64 +84,61 @@ class PrefillAdder:
         left = req.sampling_params.max_new_tokens - len(req.output_ids)
         return int(min(max(left, 0), CLIP_MAX_NEW_TOKENS) * self.new_token_ratio) + self.page_size
 
-    def _take(self, req: Req, extend_len: int) -> None:
-        self.tree_cache.inc_lock_ref(req.last_node)
-        # Locked prefix tokens are no longer evictable, so they leave the budget.
-        self.rem_total_tokens -= extend_len + self._future_tokens(req)
+    def _commit(self, req: Req, extend_len: int, locked: int, future: int) -> None:
+        # Prefix tokens just locked are no longer evictable, so they leave the budget too.
+        self.rem_total_tokens -= locked + extend_len + future
         self.rem_input_tokens -= extend_len
         if self.rem_chunk_tokens is not None:
             self.rem_chunk_tokens -= extend_len
         self.can_run_list.append(req)
-
-    def add_chunked_req(self, req: Req) -> Optional[Req]:
-        """Continue a request whose prompt is being prefilled in chunks. Returns it if still unfinished."""
-        req.init_next_round_input()
-        budget = self._chunk_budget()
-        truncated = req.extend_input_len > budget
-        extend_len = min(req.extend_input_len, budget)
-        req.extend_input_len = extend_len
-        req.fill_ids = req.fill_ids[: len(req.prefix_indices) + extend_len]
-        self.can_run_list.append(req)
-        self.rem_total_tokens -= extend_len
-        self.rem_input_tokens -= extend_len
-        if self.rem_chunk_tokens is not None:
-            self.rem_chunk_tokens -= extend_len
-        return req if truncated else None
 
     def _chunk_budget(self) -> int:
         budget = min(self.rem_input_tokens, self.rem_total_tokens)
         if self.rem_chunk_tokens is not None:
             budget = min(budget, self.rem_chunk_tokens)
-        return max(budget // self.page_size * self.page_size, 0) or max(budget, 0)
+        return max(budget, 0)
+
+    def add_chunked_req(self, req: Req) -> Optional[Req]:
+        """Continue a prompt being prefilled in chunks (its prefix is already locked).
+
+        Returns the request if part of its prompt is still left after this batch."""
+        req.init_next_round_input()
+        budget = self._chunk_budget()
+        if budget <= 0:
+            return req  # no room this round; running requests decode and free memory first
+        extend_len = min(req.extend_input_len, budget)
+        truncated = req.extend_input_len > extend_len
+        req.extend_input_len = extend_len
+        req.fill_ids = req.fill_ids[: len(req.prefix_indices) + extend_len]
+        self._commit(req, extend_len, 0, 0 if truncated else self._future_tokens(req))
+        return req if truncated else None
 
     def add_one_req(self, req: Req) -> bool:
         """Try to admit `req` (prefix already matched). False means stop admitting."""
         if len(self.can_run_list) >= self.max_new_reqs:
             return False
+        locked = -self.tree_cache.inc_lock_ref(req.last_node)
+        avail = self.rem_total_tokens - locked
         extend_len = req.extend_input_len
-        if extend_len + self._future_tokens(req) > self.rem_total_tokens:
-            if not self.can_run_list and self.rem_chunk_tokens is not None and extend_len > self.rem_total_tokens:
-                return self._admit_chunk(req)
+        future = self._future_tokens(req)
+        # Alone, a request is admitted if its prompt fits; retraction covers its decode later.
+        needed = extend_len + (self.page_size if self.alone() else future)
+        too_big_for_batch = extend_len > self.rem_input_tokens and bool(self.can_run_list)
+        if needed > avail or too_big_for_batch:
+            self.tree_cache.dec_lock_ref(req.last_node)
             return False
-        fits_chunk = self.rem_chunk_tokens is None or extend_len <= self.rem_chunk_tokens
-        if extend_len > self.rem_input_tokens and self.can_run_list:
+        if self.rem_chunk_tokens is not None and extend_len > self.rem_chunk_tokens:
+            budget = min(self.rem_chunk_tokens, self.rem_input_tokens)
+            if budget <= 0:
+                self.tree_cache.dec_lock_ref(req.last_node)
+                return False
+            req.extend_input_len = budget
+            req.fill_ids = req.fill_ids[: len(req.prefix_indices) + budget]
+            self._commit(req, budget, locked, 0)
+            self.new_chunked_req = req
             return False
-        if fits_chunk:
-            self._take(req, extend_len)
-            return True
-        return self._admit_chunk(req)
+        self._commit(req, extend_len, locked, future)
+        return True
 
-    def _admit_chunk(self, req: Req) -> bool:
-        budget = self._chunk_budget()
-        if budget <= 0:
-            return False
-        self.tree_cache.inc_lock_ref(req.last_node)
-        req.extend_input_len = budget
-        req.fill_ids = req.fill_ids[: len(req.prefix_indices) + budget]
-        self.rem_total_tokens -= budget
-        self.rem_input_tokens -= budget
-        if self.rem_chunk_tokens is not None:
-            self.rem_chunk_tokens -= budget
-        self.can_run_list.append(req)
-        self.new_chunked_req = req
-        return False
+    def alone(self) -> bool:
+        return not self.can_run_list and not self.has_running

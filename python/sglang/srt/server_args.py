@@ -9,7 +9,7 @@ turns "auto" (None) values into concrete ones and rejects inconsistent combinati
 `prepare_server_args(argv)` is the command-line path: argparse with prefix abbreviations, the
 upstream aliases, `--config file.yaml` (file values sit under the command line) and exit status 2
 for anything argparse or validation rejects. `PortArgs` names the ipc endpoints that connect the
-processes of one server.
+processes of one server (defined in `port_args.py`).
 
 This module stays light on purpose: it imports no serving stack, and torch only when the device
 has to be detected.
@@ -20,12 +20,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import os
 import random
-import shutil
-import socket
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -567,39 +563,5 @@ def prepare_server_args(argv: Optional[list[str]] = None) -> ServerArgs:
         parser.error(str(e))
 
 
-# --------------------------------------------------------------------- process endpoints
-
-
-@dataclass
-class PortArgs:
-    """ipc endpoints connecting one server's processes, plus the single-node collective port."""
-
-    tokenizer_ipc_name: str  # detokenizer -> tokenizer manager
-    scheduler_input_ipc_name: str  # tokenizer manager -> scheduler (TP rank 0)
-    detokenizer_ipc_name: str  # scheduler -> detokenizer
-    nccl_port: int
-    ipc_dir: str = ""
-
-    @staticmethod
-    def init_new(server_args: ServerArgs) -> PortArgs:
-        # A private directory per server keeps socket names unique and removable in one go.
-        ipc_dir = tempfile.mkdtemp(prefix="sglang-ipc-")
-        nccl_port = server_args.nccl_port if server_args.nccl_port is not None else _free_port()
-        return PortArgs(
-            tokenizer_ipc_name=f"ipc://{os.path.join(ipc_dir, 'tokenizer')}",
-            scheduler_input_ipc_name=f"ipc://{os.path.join(ipc_dir, 'scheduler_input')}",
-            detokenizer_ipc_name=f"ipc://{os.path.join(ipc_dir, 'detokenizer')}",
-            nccl_port=nccl_port,
-            ipc_dir=ipc_dir,
-        )
-
-    def cleanup(self) -> None:
-        """Remove the socket directory; call once every process has closed its sockets."""
-        if self.ipc_dir:
-            shutil.rmtree(self.ipc_dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# NOTE: PortArgs lives in port_args.py; re-exported here under its upstream import path.
+from sglang.srt.port_args import PortArgs  # noqa: E402,F401

@@ -58,7 +58,7 @@ class Case:
     fb: ForwardBatch
     reqs: list[Req]
     q: list[torch.Tensor]  # per layer [num_tokens, hq * d]
-    k: list[torch.Tensor]  # per layer [num_tokens, hkv * d]: the new tokens' K as the model passes it
+    k: list[torch.Tensor]  # per layer [num_tokens, hkv * d]: new tokens' K as the model passes it
     v: list[torch.Tensor]
     hq: int
     hkv: int
@@ -108,8 +108,7 @@ def make_case(
             k_full = torch.randn(pre + ext, hkv, d, generator=gen)
             v_full = torch.randn(pre + ext, hkv, d, generator=gen)
             # Prefix: already cached in the pool.
-            kv_pool.k_buffer[layer][slots[:pre]] = k_full[:pre].to(pool_dtype)
-            kv_pool.v_buffer[layer][slots[:pre]] = v_full[:pre].to(pool_dtype)
+            kv_pool.set_kv_buffer(layer, slots[:pre], k_full[:pre], v_full[:pre])
             # New tokens: what the model hands the layer (in the activation dtype).
             k_new, v_new = k_full[pre:].to(q_dtype), v_full[pre:].to(q_dtype)
             ks[layer].append(k_new.reshape(ext, hkv * d))
@@ -163,7 +162,7 @@ def reference(case: Case, layer: int, window: int = -1) -> tuple[torch.Tensor, t
     for r in case.reqs:
         q = case.q[layer][start : start + r.extend_len].view(r.extend_len, hq, d).double()
         start += r.extend_len
-        # The backend reads the pool and casts to the query dtype; query head h uses kv head h // group.
+        # The backend reads the pool cast to the query dtype; query head h uses kv head h // group.
         k = r.k[layer].to(q_dtype).double().repeat_interleave(group, dim=1)  # [S, hq, d]
         v = r.v[layer].to(q_dtype).double().repeat_interleave(group, dim=1)
         out = torch.empty(r.extend_len, hq, d, dtype=torch.float64)
@@ -185,7 +184,9 @@ def reference(case: Case, layer: int, window: int = -1) -> tuple[torch.Tensor, t
 
 
 def make_layer(case: Case, layer_id: int = 0, window: int = -1) -> RadixAttention:
-    return RadixAttention(case.hq, case.d, case.d**-0.5, case.hkv, layer_id, sliding_window_size=window)
+    return RadixAttention(
+        case.hq, case.d, case.d**-0.5, case.hkv, layer_id, sliding_window_size=window
+    )
 
 
 def run(
@@ -204,7 +205,9 @@ def run(
     return out, lse
 
 
-def assert_matches(case: Case, out: torch.Tensor, lse: torch.Tensor, layer: int = 0, window: int = -1, **tol: Any) -> None:
+def assert_matches(
+    case: Case, out: torch.Tensor, lse: torch.Tensor, layer: int = 0, window: int = -1, **tol: Any
+) -> None:
     tol = tol or F32_TOL
     ref_out, ref_lse = reference(case, layer, window)
     num_tokens = case.fb.input_ids.shape[0]
@@ -218,11 +221,13 @@ def assert_matches(case: Case, out: torch.Tensor, lse: torch.Tensor, layer: int 
 
 def assert_pool_holds_batch(case: Case, layer: int = 0) -> None:
     """Every request's positions (prefix and new) sit at their slots; unused slots stay zero."""
-    kb, vb = case.kv_pool.get_key_buffer(layer), case.kv_pool.get_value_buffer(layer)
+    # Compared in float32 (exact for every pool dtype; float8 has no torch.equal on CPU).
+    kb = case.kv_pool.get_key_buffer(layer).float()
+    vb = case.kv_pool.get_value_buffer(layer).float()
     used = torch.zeros(kb.shape[0], dtype=torch.bool)
     for r in case.reqs:
-        assert torch.equal(kb[r.slots], r.k[layer])
-        assert torch.equal(vb[r.slots], r.v[layer])
+        assert torch.equal(kb[r.slots], r.k[layer].float())
+        assert torch.equal(vb[r.slots], r.v[layer].float())
         used[r.slots] = True
     assert not kb[~used].any() and not vb[~used].any()
 
@@ -400,6 +405,18 @@ def test_mixed_dtypes(q_dtype: torch.dtype, pool_dtype: torch.dtype, mode: Forwa
     assert_pool_holds_batch(case)
 
 
+def test_float8_pool() -> None:
+    """A float8 pool (stored as bytes) is read back through its float8 view and upcast."""
+    f8 = getattr(torch, "float8_e4m3fn", None)
+    if f8 is None:
+        pytest.skip("no float8 in this torch")
+    case = make_case(19, hq=8, hkv=2, d=32, prefix_lens=[5, 0], extend_lens=[2, 6], pool_dtype=f8)
+    out, lse = run(case)
+    assert case.kv_pool.get_key_buffer(0).dtype == f8
+    assert_matches(case, out, lse)  # the reference reads the same float8-rounded K/V
+    assert_pool_holds_batch(case)
+
+
 def test_bf16_sliding_window() -> None:
     case = make_case(
         17,
@@ -483,7 +500,9 @@ def test_radix_attention_hands_lse_to_capture() -> None:
         def wants_layer(self, layer_id: int) -> bool:
             return layer_id == 1
 
-        def record(self, layer: RadixAttention, q: torch.Tensor, lse: torch.Tensor, fb: Any) -> None:
+        def record(
+            self, layer: RadixAttention, q: torch.Tensor, lse: torch.Tensor, fb: Any
+        ) -> None:
             self.records.append((layer.layer_id, q, lse))
 
     case = make_case(41, hq=4, hkv=2, d=32, prefix_lens=[3, 0], extend_lens=[2, 4], num_layers=2)

@@ -64,12 +64,16 @@ class BenchArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("benchmark")
-        group.add_argument("--run-name", default=BenchArgs.run_name, help="Label stored in each JSON line.")
+        group.add_argument(
+            "--run-name", default=BenchArgs.run_name, help="Label stored in each JSON line."
+        )
         group.add_argument("--batch-size", type=int, nargs="+", default=list(BenchArgs.batch_size))
         group.add_argument("--input-len", type=int, nargs="+", default=list(BenchArgs.input_len))
         group.add_argument("--output-len", type=int, nargs="+", default=list(BenchArgs.output_len))
         group.add_argument(
-            "--result-filename", default=BenchArgs.result_filename, help="JSONL file to append results to."
+            "--result-filename",
+            default=BenchArgs.result_filename,
+            help="JSONL file to append results to.",
         )
         group.add_argument(
             "--correctness-test",
@@ -116,7 +120,9 @@ class RunResult(NamedTuple):
     total_latency: float
 
 
-def synthetic_input_ids(batch_size: int, input_len: int, vocab_size: int, seed: int = 0) -> list[list[int]]:
+def synthetic_input_ids(
+    batch_size: int, input_len: int, vocab_size: int, seed: int = 0
+) -> list[list[int]]:
     """Seeded random prompts; `benchmark/bench_engine_core.py` feeds the same ids to transformers."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (batch_size, input_len), generator=gen)
@@ -152,7 +158,9 @@ def fill_memory_defaults(args: argparse.Namespace, bench: BenchArgs) -> None:
     max_bs = max(bench.batch_size)
     if bench.correctness_test:
         n = len(CORRECTNESS_PROMPTS)
-        peak = max(peak, kv_tokens_needed(n, CORRECTNESS_PROMPT_BUDGET, max(bench.output_len), page))
+        peak = max(
+            peak, kv_tokens_needed(n, CORRECTNESS_PROMPT_BUDGET, max(bench.output_len), page)
+        )
         max_bs = max(max_bs, n)
     if device == "cpu" and args.max_total_tokens is None:
         args.max_total_tokens = peak + 2 * page
@@ -210,7 +218,9 @@ class BatchDriver:
         reqs = []
         for ids in prompts:
             self._counter += 1
-            params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True).normalize()
+            params = SamplingParams(
+                max_new_tokens=output_len, temperature=0.0, ignore_eos=True
+            ).normalize()
             req = Req(f"bench-{self._counter}", ids, params)
             req.init_next_round_input()
             reqs.append(req)
@@ -250,7 +260,9 @@ class BatchDriver:
         allocator = self.runner.token_to_kv_pool_allocator
         free, total = allocator.available_size(), self.runner.max_total_num_tokens
         if free != total:
-            raise RuntimeError(f"KV slots leaked by the benchmark: {total - free} of {total} still in use")
+            raise RuntimeError(
+                f"KV slots leaked by the benchmark: {total - free} of {total} still in use"
+            )
 
     def run(self, prompts: list[list[int]], output_len: int, log_every: int = 0) -> RunResult:
         batch = self.make_batch(prompts, output_len)
@@ -285,9 +297,13 @@ class BatchDriver:
 # --------------------------------------------------------------------- reporting
 
 
-def summarize(bench: BenchArgs, bs: int, input_len: int, output_len: int, res: RunResult) -> dict[str, Any]:
+def summarize(
+    bench: BenchArgs, bs: int, input_len: int, output_len: int, res: RunResult
+) -> dict[str, Any]:
     prefill_tput = bs * input_len / res.prefill_latency
-    print(f"Prefill. latency: {res.prefill_latency:6.5f} s, throughput: {prefill_tput:9.2f} token/s")
+    print(
+        f"Prefill. latency: {res.prefill_latency:6.5f} s, throughput: {prefill_tput:9.2f} token/s"
+    )
     median_latency = median_tput = 0.0
     if res.decode_latencies:
         median_latency = statistics.median(res.decode_latencies)
@@ -312,7 +328,9 @@ def summarize(bench: BenchArgs, bs: int, input_len: int, output_len: int, res: R
     }
 
 
-def _profiled_run(driver: BatchDriver, prompts: list[list[int]], output_len: int, bench: BenchArgs, trace: str) -> RunResult:
+def _profiled_run(
+    driver: BatchDriver, prompts: list[list[int]], output_len: int, bench: BenchArgs, trace: str
+) -> RunResult:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -338,7 +356,9 @@ def latency_test(driver: BatchDriver, bench: BenchArgs, seed: int) -> None:
         print(f"Run: batch size {bs}, input {input_len}, output {output_len}")
         prompts = synthetic_input_ids(bs, input_len, vocab, seed)
         if bench.profile:
-            trace = f"{bench.profile_filename_prefix}_bs{bs}_in{input_len}_out{output_len}.trace.json"
+            trace = (
+                f"{bench.profile_filename_prefix}_bs{bs}_in{input_len}_out{output_len}.trace.json"
+            )
             res = _profiled_run(driver, prompts, output_len, bench, trace)
         else:
             res = driver.run(prompts, output_len, bench.log_decode_step)
@@ -388,7 +408,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             format="[%(asctime)s] %(message)s",
         )
         if server_args.tp_size != 1 or server_args.dp_size != 1 or server_args.pp_size != 1:
-            raise BenchError("bench_one_batch runs a single rank; use --tp-size/--dp-size/--pp-size 1")
+            raise BenchError(
+                "bench_one_batch runs a single rank; use --tp-size/--dp-size/--pp-size 1"
+            )
         model_config = ModelConfig(
             server_args.model_path,
             dtype=server_args.dtype,
@@ -413,7 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         correctness_test(driver, server_args, bench)
         return 0
     if bench.profile:
-        print(f"Profiling with torch.profiler; traces go to {bench.profile_filename_prefix}_*.trace.json")
+        print(
+            f"Profiling with torch.profiler; traces go to {bench.profile_filename_prefix}_*.trace.json"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(bench.result_filename)), exist_ok=True)
     latency_test(driver, bench, server_args.random_seed)
     return 0

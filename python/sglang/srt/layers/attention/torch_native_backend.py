@@ -32,21 +32,34 @@ class TorchNativeMetadata:
     out_index: torch.Tensor  # [num_tokens] row of each real token in the padded [B*max_q] layout
     q_pos: torch.Tensor  # [B, max_q] absolute position of each padded query
     key_valid: torch.Tensor  # [B, max_kv] key position < seq_len
+    no_prefix: bool = False  # extend of fresh prompts: keys are exactly this forward's tokens
+    decode: bool = False  # one query per request, in request order
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
 def sdpa_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    scale: float,
+    causal: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + mask) v and logsumexp of the masked scaled scores (float32).
 
-    q: [B, H, Lq, D], k/v: [B, H, Lk, D], mask: additive, broadcastable to [B, H, Lq, Lk].
+    q: [B, H, Lq, D], k/v: [B, H, Lk, D], mask: additive, broadcastable to [B, H, Lq, Lk];
+    `causal` (with mask None and Lq == Lk) masks key j > query i instead.
     """
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=scale
+            q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
         return out, lse
+    if causal:
+        n = q.shape[-2]
+        mask = torch.zeros(n, n, device=q.device).masked_fill_(
+            torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf")
+        )
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
@@ -91,6 +104,8 @@ class TorchNativeAttnBackend(AttentionBackend):
             out_index=out_index,
             q_pos=q_pos,
             key_valid=key_valid,
+            no_prefix=fb.forward_mode.is_extend() and max(fb.extend_prefix_lens_cpu) == 0,
+            decode=max_q == 1 and num_tokens == bs,
         )
 
     def _mask(self, md: TorchNativeMetadata, group: int, window: int, dtype: torch.dtype) -> torch.Tensor:
@@ -130,20 +145,49 @@ class TorchNativeAttnBackend(AttentionBackend):
         if save_kv_cache:
             pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d))
         bs, max_q = md.batch_size, md.max_q
+        window = layer.sliding_window_size
+        if md.no_prefix and (window <= 0 or window >= max_q) and pool.dtype == q.dtype:
+            return self._attend_fresh(q, k, v, layer, return_lse)
 
-        keys = pool.get_key_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)
-        values = pool.get_value_buffer(layer.layer_id)[md.kv_slots].to(q.dtype).transpose(1, 2)
-        qp = q.view(-1, hq, d)[md.q_index]  # [B, max_q, Hq, D]
+        keys = self._gather(pool.get_key_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
+        values = self._gather(pool.get_value_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
+        # Decode has one query per request in order: the padded layout is a view.
+        qp = q.view(bs, 1, hq, d) if md.decode else q.view(-1, hq, d)[md.q_index]  # [B, max_q, Hq, D]
         qp = qp.view(bs, max_q, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(bs, hkv, group * max_q, d)
         mask = self._mask(md, group, layer.sliding_window_size, q.dtype)
         out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling)
 
         out = out.view(bs, hkv, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(bs * max_q, hq * d)
-        out = out[md.out_index]
+        lse = lse.view(bs, hkv, group, max_q).permute(0, 3, 1, 2).reshape(bs * max_q, hq)
+        if not md.decode:
+            out, lse = out[md.out_index], lse[md.out_index]
+        return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _gather(buf: torch.Tensor, md: TorchNativeMetadata) -> torch.Tensor:
+        """[B, max_kv, H, D] rows of a pool buffer; index_select copies far faster than indexing."""
+        return buf.index_select(0, md.kv_slots.reshape(-1)).view(md.batch_size, md.max_kv, *buf.shape[1:])
+
+    def _attend_fresh(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "RadixAttention", return_lse: bool
+    ) -> AttnOutput:
+        """Prompts with no cached prefix: the keys are this forward's own tokens, so plain causal
+        attention over the padded batch is exact (padding keys come after every real query). It
+        skips the pool gather and the explicit mask, which lets the kernel skip masked blocks."""
+        md = self.forward_metadata
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        bs, max_q = md.batch_size, md.max_q
+        qp = q.view(-1, hq, d)[md.q_index].transpose(1, 2)
+        kp = k.view(-1, hkv, d)[md.q_index].transpose(1, 2)
+        vp = v.view(-1, hkv, d)[md.q_index].transpose(1, 2)
+        if hq != hkv:
+            kp = kp.repeat_interleave(hq // hkv, dim=1)
+            vp = vp.repeat_interleave(hq // hkv, dim=1)
+        out, lse = sdpa_with_lse(qp, kp, vp, None, layer.scaling, causal=True)
+        out = out.transpose(1, 2).reshape(bs * max_q, hq * d)[md.out_index]
         if not return_lse:
             return out
-        lse = lse.view(bs, hkv, group, max_q).permute(0, 3, 1, 2).reshape(bs * max_q, hq)
-        return out, lse[md.out_index]
+        return out, lse.transpose(1, 2).reshape(bs * max_q, hq)[md.out_index]
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, return_lse=False):
         return self._attend(q, k, v, layer, forward_batch, save_kv_cache, return_lse)

@@ -32,7 +32,7 @@ bench: install
 
 lint: install
 	$(PIP) install ruff==0.14.0
-	$(VENV)/bin/ruff check python sgl-kernel test benchmark
+	$(VENV)/bin/ruff check python sgl-kernel test benchmark && $(VENV)/bin/ruff format --check python sgl-kernel test benchmark
 
 clean:
 	rm -rf $(VENV)

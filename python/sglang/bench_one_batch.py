@@ -411,14 +411,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise BenchError(
                 "bench_one_batch runs a single rank; use --tp-size/--dp-size/--pp-size 1"
             )
-        model_config = ModelConfig(
-            server_args.model_path,
-            dtype=server_args.dtype,
-            context_length=server_args.context_length,
-            trust_remote_code=server_args.trust_remote_code,
-            load_format=server_args.load_format,
-            device=server_args.device,
-        )
+        model_config = ModelConfig.from_server_args(server_args)
         check_fits(bench, model_config, server_args)
         model_runner = load_runner(server_args, model_config)
         check_pool(bench, model_runner)

@@ -17,9 +17,7 @@ import pytest
 from sglang.test.runners import make_tiny_model
 
 NUM = r"[0-9]+(?:\.[0-9]+)?"
-PREFILL_RE = re.compile(
-    rf"^Prefill\. latency: +{NUM} s, throughput: +{NUM} token/s$", re.M
-)
+PREFILL_RE = re.compile(rf"^Prefill\. latency: +{NUM} s, throughput: +{NUM} token/s$", re.M)
 DECODE_RE = re.compile(
     rf"^Decode\.  median latency: +{NUM} s, median throughput: +{NUM} token/s$", re.M
 )
@@ -50,9 +48,7 @@ def tiny_model(tmp_path_factory) -> str:
 def run_bench(*args: str, cwd: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="2")
     cmd = [sys.executable, "-m", "sglang.bench_one_batch", "--device", "cpu", *args]
-    return subprocess.run(
-        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_formats_and_jsonl(tiny_model, tmp_path):
@@ -72,9 +68,7 @@ def test_formats_and_jsonl(tiny_model, tmp_path):
     assert len(PREFILL_RE.findall(out)) == 2, out
     assert len(DECODE_RE.findall(out)) == 2, out
     assert len(TOTAL_RE.findall(out)) == 2, out
-    assert len(STEP_RE.findall(out)) == 2 * 3, (
-        out
-    )  # output_len - 1 decode steps per run
+    assert len(STEP_RE.findall(out)) == 2 * 3, out  # output_len - 1 decode steps per run
 
     records = [json.loads(line) for line in result.read_text().splitlines()]
     assert [r["batch_size"] for r in records] == [1, 2]

@@ -13,7 +13,13 @@ import random
 import pytest
 import torch
 
-from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint, make_tiny_model
+from sglang.test.runners import (
+    HFRunner,
+    SRTRunner,
+    assert_greedy_matches,
+    cpu_threads_hint,
+    make_tiny_model,
+)
 
 ARCHS = ["llama", "llama_tied", "mistral", "qwen2", "qwen3"]
 STEPS = 32
@@ -36,13 +42,6 @@ def arch_setup(request, tmp_path_factory):
     return request.param, folder, hf, prompts, refs
 
 
-def assert_matches(outs, refs, label):
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        assert o.output_ids == r.output_ids, f"{label}: request {i} greedy tokens differ"
-        diff = max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs))
-        assert diff < TOL, f"{label}: request {i} logprob diff {diff}"
-
-
 def test_prefill_logits(arch_setup):
     arch, folder, hf, prompts, _ = arch_setup
     srt = SRTRunner(folder)
@@ -57,7 +56,7 @@ def test_greedy_batches(arch_setup, bs):
     arch, folder, _, prompts, refs = arch_setup
     srt = SRTRunner(folder)
     outs = srt.generate(prompts[:bs], STEPS, return_logprob=True)
-    assert_matches(outs, refs[:bs], f"{arch} bs={bs}")
+    assert_greedy_matches(outs, refs[:bs], f"{arch} bs={bs}")
 
 
 def test_radix_cache_hit(arch_setup):
@@ -67,11 +66,11 @@ def test_radix_cache_hit(arch_setup):
     # The same prompts again hit the cache fully; extended prompts hit it partly.
     again = srt.generate(prompts[:2], STEPS, return_logprob=True)
     assert all(o.cached_tokens == len(p) - 1 for o, p in zip(again, prompts[:2]))
-    assert_matches(again, refs[:2], f"{arch} full hit")
+    assert_greedy_matches(again, refs[:2], f"{arch} full hit")
     longer = [p + [7, 8, 9] for p in prompts[:2]]
     outs = srt.generate(longer, STEPS, return_logprob=True)
     assert all(o.cached_tokens >= len(p) for o, p in zip(outs, prompts[:2]))
-    assert_matches(outs, [hf.greedy(p, STEPS) for p in longer], f"{arch} partial hit")
+    assert_greedy_matches(outs, [hf.greedy(p, STEPS) for p in longer], f"{arch} partial hit")
 
 
 def test_chunked_prefill(arch_setup):
@@ -81,7 +80,7 @@ def test_chunked_prefill(arch_setup):
     srt.scheduler.on_batch = lambda b: chunks.append(sum(1 for r in b.reqs if r.is_chunked))
     outs = srt.generate(prompts[:4], STEPS, return_logprob=True)
     assert any(chunks), "no prompt was split into chunks"
-    assert_matches(outs, refs[:4], f"{arch} chunked")
+    assert_greedy_matches(outs, refs[:4], f"{arch} chunked")
 
 
 def test_prompt_logprobs(arch_setup):
@@ -115,7 +114,9 @@ def test_lse_matches_reference(arch_setup):
     for r in reqs:
         r.sampling_params.normalize()
         r.init_next_round_input()
-    batch = ScheduleBatch(reqs, sched.req_to_token_pool, sched.allocator, sched.tree_cache, 512, "cpu")
+    batch = ScheduleBatch(
+        reqs, sched.req_to_token_pool, sched.allocator, sched.tree_cache, 512, "cpu"
+    )
     wb = batch.prepare_for_extend()
     wb.attention_capture = Probe()
     srt.model_runner.forward(wb)

@@ -99,10 +99,7 @@ def test_from_dict_and_normalize():
     assert sp.logit_bias == {7: 2.0}
     assert sp.is_greedy and sp.temperature == 0
     assert SamplingParams(stop=["a", "abcd"]).stop_str_max_len == 4
-    assert (
-        SamplingParams().normalize().stop == []
-        and SamplingParams().stop_str_max_len == 0
-    )
+    assert SamplingParams().normalize().stop == [] and SamplingParams().stop_str_max_len == 0
     assert SamplingParams(top_k=1).is_greedy and not SamplingParams().is_greedy
 
 
@@ -127,9 +124,7 @@ def _splitmix_ref(seed: int, step: int) -> float:
 def test_seeded_uniform_matches_unsigned_reference(device):
     seeds = [0, 1, 12345, (1 << 63) - 1, -1, -(1 << 63)]
     steps = [0, 1, 7, 1000, 3, 99]
-    got = seeded_uniform(
-        torch.tensor(seeds, device=device), torch.tensor(steps, device=device)
-    )
+    got = seeded_uniform(torch.tensor(seeds, device=device), torch.tensor(steps, device=device))
     want = [_splitmix_ref(s & ((1 << 64) - 1), t) for s, t in zip(seeds, steps)]
     assert got.tolist() == pytest.approx(want, abs=0)
 
@@ -181,9 +176,7 @@ def test_seed_is_batch_invariant(device):
         dict(seed=1, temperature=0.0),
         dict(seed=2, temperature=1.0),
         dict(seed=3, temperature=0.5, min_p=0.2),
-        dict(
-            seed=4, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4
-        ),
+        dict(seed=4, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.4),
         dict(seed=5, logit_bias={"9": 3.0}, top_p=0.5),
         dict(seed=6, top_k=3, min_new_tokens=10),
         dict(seed=7, temperature=2.0, top_k=1),
@@ -199,9 +192,7 @@ def test_different_seeds_differ():
     logits = torch.randn(1, V, generator=g)
     for seed in range(4):
         seq = [
-            run(
-                [make_req(seed=seed, output_ids=[0] * step)], logits
-            ).next_token_ids.item()
+            run([make_req(seed=seed, output_ids=[0] * step)], logits).next_token_ids.item()
             for step in range(16)
         ]
         seqs.add(tuple(seq))
@@ -218,15 +209,10 @@ def test_distribution_matches_softmax():
     logits_row = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, 0.3, -1.0, 0.8])
     probs = torch.softmax(logits_row / temp, dim=-1)
     # Across seeds at a fixed step, and across steps for one seed.
-    reqs = [
-        FakeReq(SamplingParams(temperature=temp).normalize(), [], [], s)
-        for s in range(n)
-    ]
+    reqs = [FakeReq(SamplingParams(temperature=temp).normalize(), [], [], s) for s in range(n)]
     info = SamplingBatchInfo.from_reqs(reqs, vocab, "cpu")
     ids = Sampler()(logits_row.expand(n, vocab), info).next_token_ids
-    assert (
-        _chi_square(torch.bincount(ids, minlength=vocab).float(), probs) < 30.0
-    )  # df=7
+    assert _chi_square(torch.bincount(ids, minlength=vocab).float(), probs) < 30.0  # df=7
     info.seeds.fill_(99)
     info.steps.copy_(torch.arange(n))
     ids = Sampler()(logits_row.expand(n, vocab), info).next_token_ids
@@ -291,10 +277,7 @@ def test_logit_bias_forces_token():
     logits = torch.zeros(4, V)
     logits[:, 0] = 5.0
     temps = [0, 1, 1, 2]
-    reqs = [
-        make_req(seed=i, temperature=t, logit_bias={"17": 100.0})
-        for i, t in enumerate(temps)
-    ]
+    reqs = [make_req(seed=i, temperature=t, logit_bias={"17": 100.0}) for i, t in enumerate(temps)]
     assert run(reqs, logits).next_token_ids.tolist() == [17] * 4
 
 
@@ -303,9 +286,7 @@ def test_min_new_tokens_blocks_eos_and_stop_ids():
     logits[0, EOS] = 50.0
     logits[0, 30] = 40.0
     for n_out in range(4):
-        req = make_req(
-            temperature=0, min_new_tokens=3, stop_token_ids=[30], output_ids=[8] * n_out
-        )
+        req = make_req(temperature=0, min_new_tokens=3, stop_token_ids=[30], output_ids=[8] * n_out)
         tok = run([req], logits).next_token_ids.item()
         assert tok == (EOS if n_out >= 3 else 0)  # blocked: argmax of the zero logits
     # Sampled rows are blocked too.
@@ -326,10 +307,7 @@ def test_logprobs_are_raw_log_softmax():
     assert out.next_token_logprobs.dtype == torch.float32
     chosen = ref.gather(1, out.next_token_ids[:, None])[:, 0]
     torch.testing.assert_close(out.next_token_logprobs, chosen)
-    assert (
-        out.top_logprobs_val.shape == (3, 5)
-        and out.top_logprobs_idx.dtype == torch.int64
-    )
+    assert out.top_logprobs_val.shape == (3, 5) and out.top_logprobs_idx.dtype == torch.int64
     want_val, _ = ref.topk(5, dim=-1)
     torch.testing.assert_close(out.top_logprobs_val, want_val)
     torch.testing.assert_close(ref.gather(1, out.top_logprobs_idx), want_val)

@@ -35,7 +35,9 @@ def test_retraction_keeps_tokens(folder):
     # 8 x (~20 + 40) tokens do not fit in 240 slots: optimistic admission forces retraction.
     tight = SRTRunner(folder, max_total_tokens=240, schedule_conservativeness=0.05)
     outs = tight.generate(prompts, 40)
-    assert tight.scheduler.num_retractions > 0, "the pool never ran dry; the test is not testing retraction"
+    assert tight.scheduler.num_retractions > 0, (
+        "the pool never ran dry; the test is not testing retraction"
+    )
     assert [o.output_ids for o in outs] == [o.output_ids for o in expected]
     assert all(len(o.output_ids) == 40 for o in outs)
 
@@ -45,7 +47,10 @@ def test_seeded_sampling_alone_and_in_batch(folder):
     params = dict(temperature=0.9, top_p=0.95, top_k=50, ignore_eos=True)
     srt = SRTRunner(folder, disable_radix_cache=True)
     alone = srt.generate([prompts[3]], 24, sampling_seed=1234, **params)[0]
-    reqs = [srt.make_req(p, 24, sampling_seed=1234 if i == 3 else 99 + i, **params) for i, p in enumerate(prompts)]
+    reqs = [
+        srt.make_req(p, 24, sampling_seed=1234 if i == 3 else 99 + i, **params)
+        for i, p in enumerate(prompts)
+    ]
     for r in reqs:
         srt.scheduler.add_request(r)
     srt.scheduler.run_until_idle()
@@ -105,12 +110,16 @@ def test_finish_conditions(folder):
 
 
 def test_abort_and_invariant_under_mixed_load(folder):
-    srt = SRTRunner(folder, max_total_tokens=600, chunked_prefill_size=16, schedule_conservativeness=0.3)
+    srt = SRTRunner(
+        folder, max_total_tokens=600, chunked_prefill_size=16, schedule_conservativeness=0.3
+    )
     rng = random.Random(8)
     sched = srt.scheduler
     reqs = []
     for i, p in enumerate(rand_prompts(60, seed=9, lo=3, hi=60)):
-        r = srt.make_req(p, rng.randrange(1, 30), temperature=rng.choice([0.0, 0.8]), ignore_eos=True)
+        r = srt.make_req(
+            p, rng.randrange(1, 30), temperature=rng.choice([0.0, 0.8]), ignore_eos=True
+        )
         reqs.append(r)
         sched.add_request(r)
         if i % 7 == 0:
@@ -129,7 +138,10 @@ def test_prompt_too_long_is_rejected_clearly(folder):
     srt = SRTRunner(folder, context_length=64)
     out = srt.generate([list(range(3, 80))], 4)[0]
     assert out.finish_reason["type"] == "abort"
-    assert "context length" in out.finish_reason["message"] and "77 tokens" in out.finish_reason["message"]
+    assert (
+        "context length" in out.finish_reason["message"]
+        and "77 tokens" in out.finish_reason["message"]
+    )
     out = srt.generate([list(range(3, 40))], 40)[0]
     assert "max_new_tokens" in out.finish_reason["message"]
     srt.scheduler.check_memory()
@@ -148,7 +160,9 @@ def test_unknown_architecture_and_missing_weights(tmp_path, folder):
         SRTRunner(str(bad))
     empty = tmp_path / "empty"
     empty.mkdir()
-    json.dump(json.load(open(os.path.join(folder, "config.json"))), open(empty / "config.json", "w"))
+    json.dump(
+        json.load(open(os.path.join(folder, "config.json"))), open(empty / "config.json", "w")
+    )
     with pytest.raises(ValueError, match="weight"):
         SRTRunner(str(empty))
 
@@ -157,7 +171,9 @@ def test_server_args_drive_runner(folder):
     args = ServerArgs(model_path=folder, device="cpu", max_total_tokens=128, dtype="bfloat16")
     assert args.attention_backend == "torch_native" and args.chunked_prefill_size == 2048
     srt = SRTRunner(folder, max_total_tokens=128, dtype="bfloat16")
-    assert srt.model_runner.dtype.is_floating_point and str(srt.model_runner.dtype) == "torch.bfloat16"
+    assert (
+        srt.model_runner.dtype.is_floating_point and str(srt.model_runner.dtype) == "torch.bfloat16"
+    )
     assert len(srt.generate(rand_prompts(2, seed=10), 4)[0].output_ids) == 4
 
 

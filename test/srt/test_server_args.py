@@ -103,11 +103,7 @@ def test_defaults():
     assert args.torch_compile_max_bs == 32
     assert args.triton_attention_num_kv_splits == 8
     assert args.cuda_graph_bs is None
-    assert (
-        args.quantization is None
-        and args.api_key is None
-        and args.chat_template is None
-    )
+    assert args.quantization is None and args.api_key is None and args.chat_template is None
     assert args.return_attention_tokens is False
     assert args.attention_tokens_top_k == 10
     assert args.attention_capture_layers == "last"
@@ -155,14 +151,10 @@ def test_aliases(argv, field, value):
 
 
 def test_prefix_abbreviation_and_equals_form():
-    args = parse(
-        "--model-p", "m", "--tp-s", "2", "--mem-frac", "0.5", "--schedule-pol", "lpm"
-    )
+    args = parse("--model-p", "m", "--tp-s", "2", "--mem-frac", "0.5", "--schedule-pol", "lpm")
     assert (args.model_path, args.tp_size, args.mem_fraction_static) == ("m", 2, 0.5)
     assert args.schedule_policy == "lpm"
-    args = parse(
-        "--model-path=/m", "--port=31000", "--model-p=/n", "--cuda-graph-bs", "4", "1"
-    )
+    args = parse("--model-path=/m", "--port=31000", "--model-p=/n", "--cuda-graph-bs", "4", "1")
     assert (args.model_path, args.port, args.cuda_graph_bs) == ("/n", 31000, [1, 4])
     args = parse("--model=m", "--chunked-prefill-size=-1")
     assert args.chunked_prefill_size == -1
@@ -266,11 +258,7 @@ def test_auto_resolution_on_cpu(monkeypatch):
     args = ServerArgs(model_path="m")
     assert args.device == "cpu"
     assert args.attention_backend == "torch_native"
-    assert (
-        args.prefill_attention_backend
-        == args.decode_attention_backend
-        == "torch_native"
-    )
+    assert args.prefill_attention_backend == args.decode_attention_backend == "torch_native"
     assert args.sampling_backend == "pytorch"
     assert args.chunked_prefill_size == 2048
     assert args.disable_cuda_graph is True
@@ -295,12 +283,8 @@ def test_auto_resolution_on_cuda(monkeypatch):
 
 def test_split_attention_backends_default_to_main_choice():
     args = ServerArgs(model_path="m", device="cuda", attention_backend="flashinfer")
-    assert (
-        args.prefill_attention_backend == args.decode_attention_backend == "flashinfer"
-    )
-    args = parse(
-        "--model", "m", "--device", "cuda", "--decode-attention-backend", "flashinfer"
-    )
+    assert args.prefill_attention_backend == args.decode_attention_backend == "flashinfer"
+    args = parse("--model", "m", "--device", "cuda", "--decode-attention-backend", "flashinfer")
     assert (args.prefill_attention_backend, args.decode_attention_backend) == (
         "triton",
         "flashinfer",
@@ -327,10 +311,7 @@ def test_explicit_values_are_kept():
     assert args.cuda_graph_bs == [1, 4, 16]
     assert args.cuda_graph_max_bs == 16
     assert (
-        ServerArgs(
-            model_path="m", device="cpu", chunked_prefill_size=0
-        ).chunked_prefill_size
-        == -1
+        ServerArgs(model_path="m", device="cpu", chunked_prefill_size=0).chunked_prefill_size == -1
     )
 
 
@@ -347,13 +328,9 @@ def test_disable_flashinfer_warns_and_falls_back(caplog):
         )
     assert "disable-flashinfer" in caplog.text
     assert args.attention_backend == args.decode_attention_backend == "triton"
-    args = parse(
-        "--model", "m", "--attention-backend", "flashinfer", "--disable-flashinfer"
-    )
+    args = parse("--model", "m", "--attention-backend", "flashinfer", "--disable-flashinfer")
     assert args.attention_backend == "torch_native"
-    args = parse(
-        "--model", "m", "--disable-flashinfer"
-    )  # no backend chosen: still accepted
+    args = parse("--model", "m", "--disable-flashinfer")  # no backend chosen: still accepted
     assert args.attention_backend == "torch_native"
     args = parse(
         "--model",
@@ -370,9 +347,7 @@ def test_disable_flashinfer_warns_and_falls_back(caplog):
 def test_capture_layer_specs():
     for spec in ("last", "all", "auto", "AUTO"):
         assert ServerArgs(model_path="m", device="cpu", attention_capture_layers=spec)
-    args = ServerArgs(
-        model_path="m", device="cpu", attention_capture_layers=" 29, 0,15,15"
-    )
+    args = ServerArgs(model_path="m", device="cpu", attention_capture_layers=" 29, 0,15,15")
     assert args.attention_capture_layers == "0,15,29"
 
 
@@ -432,9 +407,7 @@ def test_multi_node_settings():
 
 
 def test_url_and_to_dict():
-    args = ServerArgs(
-        model_path="m", device="cpu", host="::1", port=8000, cuda_graph_bs=[2, 1]
-    )
+    args = ServerArgs(model_path="m", device="cpu", host="::1", port=8000, cuda_graph_bs=[2, 1])
     assert args.url() == "http://[::1]:8000"
     data = args.to_dict()
     assert json.loads(json.dumps(data)) == data

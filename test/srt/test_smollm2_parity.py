@@ -14,7 +14,7 @@ import pytest
 
 from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.srt.model_loader import resolve_model_path
-from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint
+from sglang.test.runners import HFRunner, SRTRunner, assert_greedy_matches, cpu_threads_hint
 
 STEPS = 32
 TOL = 1e-4
@@ -51,13 +51,6 @@ def setup():
     return tok, prompts, hf, refs, srt
 
 
-def assert_matches(outs, refs, label):
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        assert o.output_ids == r.output_ids, f"{label}: request {i} greedy tokens differ"
-        diff = max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs))
-        assert diff < TOL, f"{label}: request {i} logprob diff {diff}"
-
-
 def test_prefill_logits(setup):
     _, prompts, hf, _, srt = setup
     logits = srt.prefill_logits(prompts[:4])
@@ -68,7 +61,9 @@ def test_prefill_logits(setup):
 @pytest.mark.parametrize("bs", [1, 4, 16])
 def test_greedy(setup, bs):
     _, prompts, _, refs, srt = setup
-    assert_matches(srt.generate(prompts[:bs], STEPS, return_logprob=True), refs[:bs], f"bs={bs}")
+    assert_greedy_matches(
+        srt.generate(prompts[:bs], STEPS, return_logprob=True), refs[:bs], f"bs={bs}"
+    )
 
 
 def test_radix_hit_and_chunked(setup):
@@ -76,15 +71,19 @@ def test_radix_hit_and_chunked(setup):
     outs = srt.generate(prompts[4:8], STEPS, return_logprob=True)
     # A full hit still recomputes the last prompt token to get its logits.
     assert [o.cached_tokens for o in outs] == [len(p) - 1 for p in prompts[4:8]]
-    assert_matches(outs, refs[4:8], "radix hit")
+    assert_greedy_matches(outs, refs[4:8], "radix hit")
     chunked = SRTRunner("smollm2-135m-instruct", max_total_tokens=8192, chunked_prefill_size=5)
-    assert_matches(chunked.generate(prompts[4:8], STEPS, return_logprob=True), refs[4:8], "chunked")
+    assert_greedy_matches(
+        chunked.generate(prompts[4:8], STEPS, return_logprob=True), refs[4:8], "chunked"
+    )
 
 
 def test_capital_of_france(setup):
     tok, _, _, _, srt = setup
     ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=True
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=True,
     )
     if isinstance(ids, dict) or hasattr(ids, "keys"):
         ids = ids["input_ids"]

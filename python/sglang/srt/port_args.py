@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sglang.srt.server_args import ServerArgs
 
+
 @dataclass
 class PortArgs:
     """ipc endpoints connecting one server's processes, plus the single-node collective port."""

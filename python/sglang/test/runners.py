@@ -75,8 +75,20 @@ def make_tiny_model(arch: str, folder: Optional[str] = None, seed: int = 0) -> s
     return folder
 
 
+def assert_greedy_matches(
+    outs: list[GenOutput], refs: list[GenOutput], label: str, tol: float = 1e-4
+) -> None:
+    """Identical greedy tokens and output logprobs within `tol`, request by request."""
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert o.output_ids == r.output_ids, f"{label}: request {i} greedy tokens differ"
+        diff = max(abs(a - b) for a, b in zip(o.output_logprobs, r.output_logprobs))
+        assert diff < tol, f"{label}: request {i} logprob diff {diff}"
+
+
 class HFRunner:
-    def __init__(self, model_path: str, gguf_file: Optional[str] = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model_path: str, gguf_file: Optional[str] = None, dtype: torch.dtype = torch.float32
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation="eager")
@@ -143,7 +155,9 @@ class SRTRunner:
             logprob_start_len=logprob_start_len,
         )
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int = 32, **kwargs: Any) -> list[GenOutput]:
+    def generate(
+        self, prompts: list[list[int]], max_new_tokens: int = 32, **kwargs: Any
+    ) -> list[GenOutput]:
         """Submit all prompts at once and run the scheduler until every request finished."""
         kwargs.setdefault("temperature", 0.0)
         kwargs.setdefault("ignore_eos", True)
@@ -172,7 +186,12 @@ class SRTRunner:
             req.sampling_params.normalize()
             req.init_next_round_input()
         batch = ScheduleBatch(
-            reqs, sched.req_to_token_pool, sched.allocator, sched.tree_cache, sched.model_config.vocab_size, "cpu"
+            reqs,
+            sched.req_to_token_pool,
+            sched.allocator,
+            sched.tree_cache,
+            sched.model_config.vocab_size,
+            "cpu",
         )
         logits_output, _ = self.model_runner.forward(batch.prepare_for_extend())
         for req in reqs:

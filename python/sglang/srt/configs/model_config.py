@@ -108,6 +108,17 @@ class ModelConfig:
         self.vocab_size: int = text_config.vocab_size
         self.eos_token_ids: set[int] = self._eos_token_ids()
 
+    @classmethod
+    def from_server_args(cls, server_args: Any) -> "ModelConfig":
+        return cls(
+            server_args.model_path,
+            dtype=server_args.dtype,
+            context_length=server_args.context_length,
+            trust_remote_code=server_args.trust_remote_code,
+            load_format=server_args.load_format,
+            device=server_args.device,
+        )
+
     def _context_len(self, requested: int | None) -> int:
         derived = get_context_length(self.hf_text_config)
         if requested is None:

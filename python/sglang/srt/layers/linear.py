@@ -34,7 +34,9 @@ def _set_loader(param: nn.Parameter, loader) -> nn.Parameter:
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if dst.shape != src.shape:
-        raise ValueError(f"shape mismatch loading {what}: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
+        raise ValueError(
+            f"shape mismatch loading {what}: expected {tuple(dst.shape)}, got {tuple(src.shape)}"
+        )
     dst.copy_(src)
 
 
@@ -54,9 +56,13 @@ class LinearBase(nn.Module):
         self.has_bias = bias
 
     def _make_params(self, out_features: int, in_features: int, bias: bool, loader) -> None:
-        self.weight = _set_loader(nn.Parameter(torch.empty(out_features, in_features), requires_grad=False), loader)
+        self.weight = _set_loader(
+            nn.Parameter(torch.empty(out_features, in_features), requires_grad=False), loader
+        )
         if bias:
-            self.bias = _set_loader(nn.Parameter(torch.empty(out_features), requires_grad=False), loader)
+            self.bias = _set_loader(
+                nn.Parameter(torch.empty(out_features), requires_grad=False), loader
+            )
         else:
             self.register_parameter("bias", None)
 
@@ -73,7 +79,9 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Y = X A with A split along its output dim; each rank holds output_size / tp columns."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = False
+    ) -> None:
         super().__init__(input_size, output_size, bias)
         self.gather_output = gather_output
         self.output_size_per_partition = _divide(output_size, self.tp_size)
@@ -97,7 +105,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Optional[int] = None) -> None:
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Optional[int] = None
+    ) -> None:
         if shard_id is None:
             raise ValueError("merged column-parallel weights load one shard at a time")
         size = self.output_sizes[shard_id] // self.tp_size
@@ -135,7 +145,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size = self.num_heads * head_size
         self.kv_size = self.num_kv_heads * head_size
 
-    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Optional[Union[str, int]] = None) -> None:
+    def weight_loader(
+        self,
+        param: nn.Parameter,
+        loaded_weight: torch.Tensor,
+        shard_id: Optional[Union[str, int]] = None,
+    ) -> None:
         if shard_id == "q":
             offset, size, rank = 0, self.q_size, self.tp_rank
         elif shard_id in ("k", "v"):
@@ -151,7 +166,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Y = X A with A split along its input dim; partial outputs are summed across ranks."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = True, reduce_results: bool = True) -> None:
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool = True, reduce_results: bool = True
+    ) -> None:
         super().__init__(input_size, output_size, bias)
         self.reduce_results = reduce_results
         self.input_size_per_partition = _divide(input_size, self.tp_size)
@@ -163,7 +180,9 @@ class RowParallelLinear(LinearBase):
                 _copy_checked(param.data, loaded_weight, "row-parallel bias")
                 return
             size = param.shape[1]
-            _copy_checked(param.data, loaded_weight.narrow(1, self.tp_rank * size, size), "row-parallel shard")
+            _copy_checked(
+                param.data, loaded_weight.narrow(1, self.tp_rank * size, size), "row-parallel shard"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

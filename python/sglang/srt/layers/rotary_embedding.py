@@ -68,7 +68,9 @@ class RotaryEmbedding(nn.Module):
         elif kind == "linear":
             inv_freq = inv_freq / float(rope_scaling["factor"])
         elif kind != "default":
-            raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+            raise ValueError(
+                f"rope scaling type {kind!r} is not supported (default, linear, llama3)"
+            )
         # Kept float32 on whatever device the model is built on; not a checkpoint weight.
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
 
@@ -83,5 +85,7 @@ class RotaryEmbedding(nn.Module):
         return q.reshape(n, -1), k.reshape(n, -1)
 
 
-def get_rope(head_size: int, rotary_dim: int, base: float, rope_scaling: Optional[dict[str, Any]] = None) -> RotaryEmbedding:
+def get_rope(
+    head_size: int, rotary_dim: int, base: float, rope_scaling: Optional[dict[str, Any]] = None
+) -> RotaryEmbedding:
     return RotaryEmbedding(head_size, rotary_dim, base, rope_scaling)

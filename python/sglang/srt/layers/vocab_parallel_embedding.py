@@ -34,7 +34,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, *_: object) -> None:
-        if loaded_weight.shape[0] != self.num_embeddings or loaded_weight.shape[1] != self.embedding_dim:
+        if (
+            loaded_weight.shape[0] != self.num_embeddings
+            or loaded_weight.shape[1] != self.embedding_dim
+        ):
             raise ValueError(
                 f"shape mismatch loading the vocabulary matrix: expected "
                 f"({self.num_embeddings}, {self.embedding_dim}), got {tuple(loaded_weight.shape)}"

@@ -159,7 +159,15 @@ class ScheduleBatch:
     prompt-logprob index lists. Decode batches persist across steps; extend batches are one-shot.
     """
 
-    def __init__(self, reqs: list[Req], req_to_token_pool: Any, allocator: Any, tree_cache: Any, vocab_size: int, device: str) -> None:
+    def __init__(
+        self,
+        reqs: list[Req],
+        req_to_token_pool: Any,
+        allocator: Any,
+        tree_cache: Any,
+        vocab_size: int,
+        device: str,
+    ) -> None:
         self.reqs = reqs
         self.req_to_token_pool = req_to_token_pool
         self.allocator = allocator
@@ -195,7 +203,9 @@ class ScheduleBatch:
         if new_rows:
             idxs = self.req_to_token_pool.alloc(len(new_rows))
             if idxs is None:
-                raise RuntimeError("out of request rows; admission must respect max_running_requests")
+                raise RuntimeError(
+                    "out of request rows; admission must respect max_running_requests"
+                )
             for req, idx in zip(new_rows, idxs):
                 req.req_pool_idx = idx
         prefix_lens = [len(r.prefix_indices) for r in self.reqs]
@@ -206,7 +216,9 @@ class ScheduleBatch:
         self._ensure_available(sum(ext_lens) + (page - 1) * len(self.reqs))
         out_loc = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs, sum(ext_lens))
         if out_loc is None:
-            raise RuntimeError("KV cache exhausted during prefill; admission must reserve enough tokens")
+            raise RuntimeError(
+                "KV cache exhausted during prefill; admission must reserve enough tokens"
+            )
         input_ids: list[int] = []
         start = 0
         for req, p, e in zip(self.reqs, prefix_lens, ext_lens):
@@ -273,7 +285,10 @@ class ScheduleBatch:
             raise RuntimeError("KV cache exhausted during decode; the scheduler must retract first")
         rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64)
         pos = torch.tensor(seq_lens, dtype=torch.int64) - 1
-        self.req_to_token_pool.req_to_token[rows.to(self.req_to_token_pool.req_to_token.device), pos.to(self.req_to_token_pool.req_to_token.device)] = out_loc
+        self.req_to_token_pool.req_to_token[
+            rows.to(self.req_to_token_pool.req_to_token.device),
+            pos.to(self.req_to_token_pool.req_to_token.device),
+        ] = out_loc
         return ModelWorkerBatch(
             forward_mode=ForwardMode.DECODE,
             input_ids=torch.tensor([r.output_ids[-1] for r in self.reqs], dtype=torch.int64),

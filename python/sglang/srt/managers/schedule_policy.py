@@ -75,7 +75,9 @@ class PrefillAdder:
         self.has_running = bool(running_reqs)
         self.rem_total_tokens = allocator.available_size() + tree_cache.evictable_size() - reserved
         self.rem_input_tokens = max_prefill_tokens
-        self.rem_chunk_tokens = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
+        self.rem_chunk_tokens = (
+            chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else None
+        )
         self.max_new_reqs = max_new_reqs
         self.can_run_list: list[Req] = []
         self.new_chunked_req: Optional[Req] = None

@@ -39,10 +39,16 @@ class Scheduler:
         self.max_running_requests = model_runner.max_running_requests
         self.context_len = model_runner.context_len
         if server_args.disable_radix_cache:
-            self.tree_cache = ChunkCache(self.req_to_token_pool, self.allocator, page_size=self.page_size)
+            self.tree_cache = ChunkCache(
+                self.req_to_token_pool, self.allocator, page_size=self.page_size
+            )
         else:
-            self.tree_cache = RadixCache(self.req_to_token_pool, self.allocator, page_size=self.page_size)
-        self.policy = SchedulePolicy(server_args.schedule_policy, self.tree_cache, server_args.disable_radix_cache)
+            self.tree_cache = RadixCache(
+                self.req_to_token_pool, self.allocator, page_size=self.page_size
+            )
+        self.policy = SchedulePolicy(
+            server_args.schedule_policy, self.tree_cache, server_args.disable_radix_cache
+        )
         chunk = server_args.chunked_prefill_size
         self.chunked_prefill_size: Optional[int] = chunk if chunk and chunk > 0 else None
         self.max_prefill_tokens = server_args.max_prefill_tokens
@@ -90,7 +96,9 @@ class Scheduler:
                 f"{self.context_len}; lower max_new_tokens or shorten the prompt"
             )
         if n + 1 > self.max_total_num_tokens - self.page_size:
-            return f"the prompt has {n} tokens but the KV cache holds only {self.max_total_num_tokens}"
+            return (
+                f"the prompt has {n} tokens but the KV cache holds only {self.max_total_num_tokens}"
+            )
         return None
 
     def add_request(self, req: Req) -> None:
@@ -134,7 +142,11 @@ class Scheduler:
             if self.is_idle():
                 self.check_memory()
             return False
-        worker_batch = batch.prepare_for_extend() if batch.forward_mode.is_extend() else batch.prepare_for_decode()
+        worker_batch = (
+            batch.prepare_for_extend()
+            if batch.forward_mode.is_extend()
+            else batch.prepare_for_decode()
+        )
         logits_output, forward_batch = self.model_runner.forward(worker_batch)
         sample = self.model_runner.sample(logits_output, forward_batch)
         self.forward_ct += 1
@@ -217,7 +229,9 @@ class Scheduler:
             if self.allocator.available_size() + self.tree_cache.evictable_size() >= need:
                 break
             self.retract_one(batch)
-        self.new_token_ratio = max(self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, self.min_new_token_ratio)
+        self.new_token_ratio = max(
+            self.new_token_ratio - NEW_TOKEN_RATIO_DECAY, self.min_new_token_ratio
+        )
 
     def retract_one(self, batch: ScheduleBatch) -> None:
         """Preempt the request that has decoded least; it re-prefills later with the same tokens."""
@@ -234,10 +248,14 @@ class Scheduler:
             self.output.emit_finished(victim)
         else:
             self.waiting_queue.insert(0, victim)
-        total_left = sum(r.sampling_params.max_new_tokens - len(r.output_ids) for r in batch.reqs) or 1
+        total_left = (
+            sum(r.sampling_params.max_new_tokens - len(r.output_ids) for r in batch.reqs) or 1
+        )
         ratio = (self.allocator.available_size() + self.tree_cache.evictable_size()) / total_left
         self.new_token_ratio = min(max(self.new_token_ratio, 1.0 - ratio), 1.0)
-        logger.info("KV cache full: retracted %s, %d requests still running", victim.rid, len(batch.reqs))
+        logger.info(
+            "KV cache full: retracted %s, %d requests still running", victim.rid, len(batch.reqs)
+        )
 
     # ---- invariants ----------------------------------------------------------------------------
     def check_memory(self) -> None:
@@ -254,5 +272,9 @@ class Scheduler:
             raise RuntimeError("request-row leak: rows still allocated while idle")
 
     def token_usage(self) -> float:
-        used = self.max_total_num_tokens - self.allocator.available_size() - self.tree_cache.evictable_size()
+        used = (
+            self.max_total_num_tokens
+            - self.allocator.available_size()
+            - self.tree_cache.evictable_size()
+        )
         return used / self.max_total_num_tokens

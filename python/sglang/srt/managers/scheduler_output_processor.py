@@ -89,12 +89,18 @@ class OutputProcessor:
         top_idx = sample.top_logprobs_idx.tolist() if sample.top_logprobs_idx is not None else None
         return sample.next_token_logprobs.tolist(), top_val, top_idx
 
-    def _collect_prompt_logprobs(self, batch: ScheduleBatch, logits_output: "LogitsProcessorOutput") -> None:
+    def _collect_prompt_logprobs(
+        self, batch: ScheduleBatch, logits_output: "LogitsProcessorOutput"
+    ) -> None:
         if logits_output.input_token_logprobs is None and not any(batch.extend_logprob_counts):
             for req in batch.reqs:
                 self._finish_prompt_logprobs(req)
             return
-        values = logits_output.input_token_logprobs.tolist() if logits_output.input_token_logprobs is not None else []
+        values = (
+            logits_output.input_token_logprobs.tolist()
+            if logits_output.input_token_logprobs is not None
+            else []
+        )
         top_val = logits_output.input_top_logprobs_val
         top_idx = logits_output.input_top_logprobs_idx
         top_val = top_val.tolist() if top_val is not None else None
@@ -109,7 +115,9 @@ class OutputProcessor:
                     req.input_token_logprobs.append((values[start + k], target))
                     if req.top_logprobs_num > 0 and top_val is not None:
                         n = req.top_logprobs_num
-                        req.input_top_logprobs.append(list(zip(top_val[start + k][:n], top_idx[start + k][:n])))
+                        req.input_top_logprobs.append(
+                            list(zip(top_val[start + k][:n], top_idx[start + k][:n]))
+                        )
             start += count
             self._finish_prompt_logprobs(req)
 

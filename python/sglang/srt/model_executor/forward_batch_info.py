@@ -101,7 +101,9 @@ class ForwardBatch:
         ext = torch.tensor(batch.extend_seq_lens, dtype=torch.int64)
         start_loc = torch.cumsum(ext, 0) - ext
         # Absolute position of every new token: its request's prefix length plus its offset.
-        offsets = torch.arange(int(ext.sum()), dtype=torch.int64) - torch.repeat_interleave(start_loc, ext)
+        offsets = torch.arange(int(ext.sum()), dtype=torch.int64) - torch.repeat_interleave(
+            start_loc, ext
+        )
         positions = torch.repeat_interleave(prefix, ext) + offsets
 
         def dev(t: torch.Tensor) -> torch.Tensor:

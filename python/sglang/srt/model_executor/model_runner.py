@@ -26,7 +26,12 @@ from sglang.srt.model_loader import get_model
 
 logger = logging.getLogger(__name__)
 
-_KV_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KV_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 def available_device_memory(device: str) -> int:
@@ -40,7 +45,9 @@ def available_device_memory(device: str) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model_config: ModelConfig, server_args: Any, tp_rank: int = 0, tp_size: int = 1) -> None:
+    def __init__(
+        self, model_config: ModelConfig, server_args: Any, tp_rank: int = 0, tp_size: int = 1
+    ) -> None:
         self.model_config = model_config
         self.server_args = server_args
         self.tp_rank, self.tp_size = tp_rank, tp_size
@@ -100,12 +107,16 @@ class ModelRunner:
             max_tokens = self.profile_max_num_token(memory_before)
         max_tokens = max_tokens // self.page_size * self.page_size
         if max_tokens < self.page_size * 2:
-            raise ValueError(f"--max-total-tokens {max_tokens} is too small for page size {self.page_size}")
+            raise ValueError(
+                f"--max-total-tokens {max_tokens} is too small for page size {self.page_size}"
+            )
         self.max_total_num_tokens = max_tokens
         default_reqs = 1024 if self.device.startswith("cuda") else 256
         self.max_running_requests = int(args.max_running_requests or min(default_reqs, max_tokens))
         self.context_len = mc.context_len
-        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 4, self.device)
+        self.req_to_token_pool = ReqToTokenPool(
+            self.max_running_requests + 1, self.context_len + 4, self.device
+        )
         self.token_to_kv_pool = MHATokenToKVPool(
             max_tokens,
             self.page_size,
@@ -153,13 +164,4 @@ class ModelRunner:
 
 
 def build_model_runner(server_args: Any, model_config: Optional[ModelConfig] = None) -> ModelRunner:
-    if model_config is None:
-        model_config = ModelConfig(
-            server_args.model_path,
-            dtype=server_args.dtype,
-            context_length=server_args.context_length,
-            trust_remote_code=server_args.trust_remote_code,
-            load_format=server_args.load_format,
-            device=server_args.device,
-        )
-    return ModelRunner(model_config, server_args)
+    return ModelRunner(model_config or ModelConfig.from_server_args(server_args), server_args)

@@ -42,7 +42,9 @@ STACKED_PARAMS = [
 class LlamaMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=bias
+        )
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
@@ -64,7 +66,9 @@ class LlamaAttention(nn.Module):
         total_heads = config.num_attention_heads
         total_kv = getattr(config, "num_key_value_heads", None) or total_heads
         self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // total_heads
-        self.qkv_proj = QKVParallelLinear(self.hidden_size, self.head_dim, total_heads, total_kv, bias=qkv_bias)
+        self.qkv_proj = QKVParallelLinear(
+            self.hidden_size, self.head_dim, total_heads, total_kv, bias=qkv_bias
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
@@ -77,7 +81,11 @@ class LlamaAttention(nn.Module):
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        window = (
+            getattr(config, "sliding_window", None)
+            if getattr(config, "use_sliding_window", True)
+            else None
+        )
         self.attn = RadixAttention(
             self.num_heads,
             self.head_dim,
@@ -87,7 +95,9 @@ class LlamaAttention(nn.Module):
             sliding_window_size=int(window) if window else -1,
         )
 
-    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, hidden_states: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm:
@@ -103,7 +113,11 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_id: int) -> None:
         super().__init__()
         self.self_attn = self.make_attention(config, layer_id)
-        self.mlp = LlamaMLP(config.hidden_size, config.intermediate_size, bias=bool(getattr(config, "mlp_bias", False)))
+        self.mlp = LlamaMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            bias=bool(getattr(config, "mlp_bias", False)),
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -134,10 +148,14 @@ class LlamaModel(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([self.layer_cls(config, i) for i in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList(
+            [self.layer_cls(config, i) for i in range(config.num_hidden_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
@@ -163,7 +181,9 @@ class LlamaForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
+    ) -> LogitsProcessorOutput:
         hidden_states = self.model(input_ids, positions, forward_batch)
         return self.logits_processor(input_ids, hidden_states, self.lm_head, forward_batch)
 
@@ -191,7 +211,11 @@ class LlamaForCausalLM(nn.Module):
                 else:
                     unexpected.append(name)
         if unexpected:
-            logger.warning("ignored %d checkpoint tensors not used by the model: %s", len(unexpected), unexpected[:8])
+            logger.warning(
+                "ignored %d checkpoint tensors not used by the model: %s",
+                len(unexpected),
+                unexpected[:8],
+            )
         missing = [n for n in self.expected_weight_keys() if n not in loaded]
         if missing:
             raise ValueError(

@@ -17,4 +17,6 @@ def create_attention_backend(name: str, model_runner: Any):
         from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 
         return TorchNativeAttnBackend(model_runner)
-    raise ValueError(f"unknown attention backend {name!r} (choose torch_native, triton or flashinfer)")
+    raise ValueError(
+        f"unknown attention backend {name!r} (choose torch_native, triton or flashinfer)"
+    )

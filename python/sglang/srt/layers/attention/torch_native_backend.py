@@ -108,7 +108,9 @@ class TorchNativeAttnBackend(AttentionBackend):
             decode=max_q == 1 and num_tokens == bs,
         )
 
-    def _mask(self, md: TorchNativeMetadata, group: int, window: int, dtype: torch.dtype) -> torch.Tensor:
+    def _mask(
+        self, md: TorchNativeMetadata, group: int, window: int, dtype: torch.dtype
+    ) -> torch.Tensor:
         """Additive mask [B, 1, group*max_q, max_kv], cached per (group, window) for the forward."""
         key = (group, window)
         mask = md.masks.get(key)
@@ -143,7 +145,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         group = hq // hkv
         if save_kv_cache:
-            pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d))
+            pool.set_kv_buffer(
+                layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d)
+            )
         bs, max_q = md.batch_size, md.max_q
         window = layer.sliding_window_size
         if md.no_prefix and (window <= 0 or window >= max_q) and pool.dtype == q.dtype:
@@ -152,8 +156,14 @@ class TorchNativeAttnBackend(AttentionBackend):
         keys = self._gather(pool.get_key_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
         values = self._gather(pool.get_value_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
         # Decode has one query per request in order: the padded layout is a view.
-        qp = q.view(bs, 1, hq, d) if md.decode else q.view(-1, hq, d)[md.q_index]  # [B, max_q, Hq, D]
-        qp = qp.view(bs, max_q, hkv, group, d).permute(0, 2, 3, 1, 4).reshape(bs, hkv, group * max_q, d)
+        qp = (
+            q.view(bs, 1, hq, d) if md.decode else q.view(-1, hq, d)[md.q_index]
+        )  # [B, max_q, Hq, D]
+        qp = (
+            qp.view(bs, max_q, hkv, group, d)
+            .permute(0, 2, 3, 1, 4)
+            .reshape(bs, hkv, group * max_q, d)
+        )
         mask = self._mask(md, group, layer.sliding_window_size, q.dtype)
         out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling)
 
@@ -166,10 +176,17 @@ class TorchNativeAttnBackend(AttentionBackend):
     @staticmethod
     def _gather(buf: torch.Tensor, md: TorchNativeMetadata) -> torch.Tensor:
         """[B, max_kv, H, D] rows of a pool buffer; index_select copies far faster than indexing."""
-        return buf.index_select(0, md.kv_slots.reshape(-1)).view(md.batch_size, md.max_kv, *buf.shape[1:])
+        return buf.index_select(0, md.kv_slots.reshape(-1)).view(
+            md.batch_size, md.max_kv, *buf.shape[1:]
+        )
 
     def _attend_fresh(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: "RadixAttention", return_lse: bool
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: "RadixAttention",
+        return_lse: bool,
     ) -> AttnOutput:
         """Prompts with no cached prefix: the keys are this forward's own tokens, so plain causal
         attention over the padded batch is exact (padding keys come after every real query). It

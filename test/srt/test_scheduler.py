@@ -107,6 +107,9 @@ def test_finish_conditions(folder):
     assert len(out.output_ids) == 4 and out.output_ids[-1] == 2
     out = srt.generate([prompt], 5)[0]
     assert out.finish_reason == {"type": "length", "length": 5}
+    out = srt.generate([prompt], 0, return_logprob=True, logprob_start_len=0)[0]
+    assert out.output_ids == [] and out.finish_reason == {"type": "length", "length": 0}
+    assert len(out.input_logprobs) == len(prompt)
 
 
 def test_abort_and_invariant_under_mixed_load(folder):

@@ -73,19 +73,42 @@ class RotaryEmbedding(nn.Module):
             )
         # Kept float32 on whatever device the model is built on; not a checkpoint weight.
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self._cache: Optional[tuple] = None
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Layers share this module (get_rope), so one forward computes cos/sin once. The cache
+        # holds the positions tensor itself and its version counter, so a new tensor or an
+        # in-place update (static CUDA-graph inputs) recomputes.
+        key = (positions, positions._version)
+        cached = self._cache
+        if cached is not None and cached[0] is key[0] and cached[1] == key[1]:
+            return cached[2], cached[3]
+        cos, sin = sgl_kernel.rotary_cos_sin(positions, self.inv_freq)
+        self._cache = (positions, positions._version, cos, sin)
+        return cos, sin
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [N, Hq*D], k: [N, Hkv*D] -> rotated, same shapes."""
-        cos, sin = sgl_kernel.rotary_cos_sin(positions, self.inv_freq)
+        cos, sin = self._cos_sin(positions)
         n = q.shape[0]
         q = sgl_kernel.apply_rotary_emb(q.view(n, -1, self.head_size), cos, sin)
         k = sgl_kernel.apply_rotary_emb(k.view(n, -1, self.head_size), cos, sin)
         return q.reshape(n, -1), k.reshape(n, -1)
 
 
+_ROPE_CACHE: dict[tuple, RotaryEmbedding] = {}
+
+
 def get_rope(
     head_size: int, rotary_dim: int, base: float, rope_scaling: Optional[dict[str, Any]] = None
 ) -> RotaryEmbedding:
-    return RotaryEmbedding(head_size, rotary_dim, base, rope_scaling)
+    """One shared module per distinct rope setting and device (layers reuse its cos/sin)."""
+    scaling_key = tuple(sorted((k, str(v)) for k, v in (rope_scaling or {}).items()))
+    device = torch.empty(0).device  # the device the model is being built on
+    key = (head_size, rotary_dim, base, scaling_key, str(device))
+    rope = _ROPE_CACHE.get(key)
+    if rope is None:
+        rope = _ROPE_CACHE[key] = RotaryEmbedding(head_size, rotary_dim, base, rope_scaling)
+    return rope

@@ -49,8 +49,13 @@ class OutputProcessor:
                 sched.tree_cache.cache_unfinished_req(req)
                 continue
             req.is_retracted = False
-            self._append_token(req, next_ids[i], out_logprobs, i)
             advanced.append(req)
+            if req.sampling_params.max_new_tokens == 0:
+                # Prompt-only request (e.g. loglikelihood scoring): the sample is discarded.
+                req.finished_reason = FINISH_LENGTH(0)
+                sched.tree_cache.cache_finished_req(req)
+                continue
+            self._append_token(req, next_ids[i], out_logprobs, i)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
             else:

@@ -36,6 +36,9 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_smollm2_parity.py", 180),
         TestFile("test_scheduler.py", 120),
         TestFile("test_bench_one_batch.py", 60),
+        TestFile("test_engine.py", 60),
+        TestFile("test_srt_endpoint.py", 90),
+        TestFile("test_openai_protocol.py", 60),
     ],
     "per-commit-1-gpu": [],
 }

@@ -1,0 +1,317 @@
+"""Engine: the offline entry point, and the process launcher the HTTP server shares.
+
+`launch_subprocesses` starts the scheduler and detokenizer processes (spawn context, daemon, and
+each child exits on its own when its parent disappears), creates the main-process
+`TokenizerManager`, and returns a `Subprocesses` handle that watches the children: if one dies
+unexpectedly, its `on_death` callback runs with a message that says which and how.
+
+`Engine(**server_args_fields)` runs a TokenizerManager on a private event loop in a background
+thread, so `generate` (blocking) and `async_generate` (from any event loop) both work.
+Both return the same dicts as `/generate` (see tokenizer_manager.py for the exact shapes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import threading
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
+
+from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.port_args import PortArgs
+from sglang.srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 600.0
+
+
+class Subprocesses:
+    """The scheduler and detokenizer processes of one server, and a watcher for their deaths."""
+
+    def __init__(self, procs: dict[str, mp.process.BaseProcess], port_args: PortArgs) -> None:
+        self.procs = procs
+        self.port_args = port_args
+        self.stopping = False
+        self.on_death: Optional[Callable[[str], None]] = None
+        self._watcher: Optional[threading.Thread] = None
+
+    def start_watch(self, on_death: Callable[[str], None]) -> None:
+        self.on_death = on_death
+        self._watcher = threading.Thread(target=self._watch, name="sglang-child-watch", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        by_sentinel = {p.sentinel: (name, p) for name, p in self.procs.items()}
+        ready = multiprocessing.connection.wait(list(by_sentinel))
+        if self.stopping:
+            return
+        name, proc = by_sentinel[ready[0]]
+        proc.join(timeout=1)
+        code = proc.exitcode
+        how = (
+            f"was killed by signal {-code}"
+            if code is not None and code < 0
+            else f"exited with code {code}"
+        )
+        msg = f"The {name} process {how}; the server cannot continue (see its log above)."
+        logger.error(msg)
+        if self.on_death is not None:
+            self.on_death(msg)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs.values():
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        self.port_args.cleanup()
+
+
+def launch_subprocesses(
+    server_args: ServerArgs, wait_ready: bool = True
+) -> tuple[Any, Subprocesses, Any]:
+    """Start the children and the TokenizerManager.
+
+    Returns (tokenizer_manager, subprocesses, ready_pipe). With `wait_ready` the call blocks until
+    the scheduler has loaded the model (RuntimeError with its message if loading failed);
+    otherwise the caller finishes with `wait_scheduler_ready(tm, procs, pipe)`.
+    """
+    from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
+    from sglang.srt.managers.scheduler_process import run_scheduler_process
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+    port_args = PortArgs.init_new(server_args)
+    ctx = mp.get_context("spawn")
+    reader, writer = ctx.Pipe(duplex=False)
+    parent = os.getpid()
+    scheduler = ctx.Process(
+        target=run_scheduler_process,
+        args=(server_args, port_args, writer, parent),
+        name="sglang-scheduler",
+        daemon=True,
+    )
+    detokenizer = ctx.Process(
+        target=run_detokenizer_process,
+        args=(server_args, port_args, parent),
+        name="sglang-detokenizer",
+        daemon=True,
+    )
+    scheduler.start()
+    detokenizer.start()
+    writer.close()
+    procs = Subprocesses({"scheduler": scheduler, "detokenizer": detokenizer}, port_args)
+    try:
+        tm = TokenizerManager(server_args, port_args)
+    except BaseException:
+        procs.shutdown()
+        raise
+    if wait_ready:
+        wait_scheduler_ready(tm, procs, reader)
+    return tm, procs, reader
+
+
+def wait_scheduler_ready(tm: Any, procs: Subprocesses, reader: Any) -> dict[str, Any]:
+    """Block until the scheduler reports; on failure stop everything and raise RuntimeError."""
+    scheduler = procs.procs["scheduler"]
+    info: Optional[dict[str, Any]] = None
+    waited = 0.0
+    while waited < READY_TIMEOUT_S:
+        if reader.poll(0.5):
+            try:
+                info = reader.recv()
+            except EOFError:
+                info = None
+            break
+        waited += 0.5
+        if not scheduler.is_alive():
+            break
+    if info is None or info.get("status") != "ready":
+        error = (info or {}).get("error") or (
+            f"the scheduler process exited with code {scheduler.exitcode} before it was ready"
+            if not scheduler.is_alive()
+            else "the scheduler did not become ready in time"
+        )
+        tm.close()
+        procs.shutdown()
+        raise RuntimeError(f"Failed to start the engine: {error}")
+    tm.set_scheduler_info(info)
+    return info
+
+
+class Engine:
+    """Offline engine: `sglang.Engine(model_path=..., **server_args_fields)`."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("log_level", "error")
+        self.server_args = ServerArgs(**kwargs)
+        logging.basicConfig(level=getattr(logging, self.server_args.log_level.upper(), 40))
+        self.tokenizer_manager, self._procs, _ = launch_subprocesses(self.server_args)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="sglang-engine-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._procs.start_watch(self._on_child_death)
+        atexit.register(self.shutdown)
+
+    def _on_child_death(self, msg: str) -> None:
+        self._loop.call_soon_threadsafe(self.tokenizer_manager.set_dead, msg)
+
+    # ---- requests ------------------------------------------------------------------------------
+    @staticmethod
+    def _make_input(
+        prompt: Optional[Union[str, list[str]]],
+        sampling_params: Optional[Union[dict, list[dict]]],
+        input_ids: Optional[Union[list[int], list[list[int]]]],
+        stream: bool,
+        kwargs: dict[str, Any],
+    ) -> GenerateReqInput:
+        return GenerateReqInput(
+            text=prompt,
+            input_ids=input_ids,
+            sampling_params=sampling_params,
+            stream=stream,
+            **kwargs,
+        )
+
+    def generate(
+        self,
+        prompt: Optional[Union[str, list[str]]] = None,
+        sampling_params: Optional[Union[dict, list[dict]]] = None,
+        input_ids: Optional[Union[list[int], list[list[int]]]] = None,
+        return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int]] = -1,
+        top_logprobs_num: Union[int, list[int]] = 0,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> Union[dict, list[dict], Iterator[dict]]:
+        """Same dicts as /generate; a list for list input; an iterator of dicts when streaming."""
+        obj = self._make_input(
+            prompt,
+            sampling_params,
+            input_ids,
+            stream,
+            dict(
+                return_logprob=return_logprob,
+                logprob_start_len=logprob_start_len,
+                top_logprobs_num=top_logprobs_num,
+                **kwargs,
+            ),
+        )
+        agen = self.tokenizer_manager.generate_request(obj)
+        if stream:
+            return self._sync_stream(agen)
+        return self._run(_first(agen))
+
+    async def async_generate(
+        self,
+        prompt: Optional[Union[str, list[str]]] = None,
+        sampling_params: Optional[Union[dict, list[dict]]] = None,
+        input_ids: Optional[Union[list[int], list[list[int]]]] = None,
+        return_logprob: Union[bool, list[bool]] = False,
+        logprob_start_len: Union[int, list[int]] = -1,
+        top_logprobs_num: Union[int, list[int]] = 0,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> Union[dict, list[dict], AsyncIterator[dict]]:
+        """Awaitable dict (or list); with stream=True an async iterator of dicts."""
+        obj = self._make_input(
+            prompt,
+            sampling_params,
+            input_ids,
+            stream,
+            dict(
+                return_logprob=return_logprob,
+                logprob_start_len=logprob_start_len,
+                top_logprobs_num=top_logprobs_num,
+                **kwargs,
+            ),
+        )
+        agen = self.tokenizer_manager.generate_request(obj)
+        if stream:
+            return self._async_stream(agen)
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_first(agen), self._loop))
+
+    def _run(self, coro: Any) -> Any:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the engine has been shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _sync_stream(self, agen: AsyncIterator[dict]) -> Iterator[dict]:
+        try:
+            while True:
+                try:
+                    yield self._run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                # An abandoned iterator aborts its request (the generator's finally sends it).
+                self._run(agen.aclose())
+
+    async def _async_stream(self, agen: AsyncIterator[dict]) -> AsyncIterator[dict]:
+        try:
+            while True:
+                fut = asyncio.run_coroutine_threadsafe(agen.__anext__(), self._loop)
+                try:
+                    yield await asyncio.wrap_future(fut)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if not self._closed:
+                await asyncio.wrap_future(
+                    asyncio.run_coroutine_threadsafe(agen.aclose(), self._loop)
+                )
+
+    # ---- control -------------------------------------------------------------------------------
+    def flush_cache(self) -> bool:
+        return self._run(self.tokenizer_manager.flush_cache()).success
+
+    def get_load(self, check_memory: bool = False) -> Any:
+        return self._run(self.tokenizer_manager.get_load(check_memory))
+
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        self._loop.call_soon_threadsafe(self.tokenizer_manager.abort_request, rid, abort_all)
+
+    def get_server_info(self) -> dict[str, Any]:
+        info = self.server_args.to_dict()
+        info.update(
+            max_total_num_tokens=self.tokenizer_manager.max_total_num_tokens,
+            max_req_input_len=self.tokenizer_manager.max_req_input_len,
+        )
+        return info
+
+    def shutdown(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._procs.shutdown()
+        self._loop.call_soon_threadsafe(self.tokenizer_manager.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        atexit.unregister(self.shutdown)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+async def _first(agen: AsyncIterator[Any]) -> Any:
+    """The one item a non-streaming generate_request yields."""
+    result = None
+    async for item in agen:
+        result = item
+    return result

@@ -1,0 +1,344 @@
+"""The HTTP server: FastAPI routes over a TokenizerManager, served by uvicorn on uvloop.
+
+Owns the native routes (COMPAT section 4: health, model/server info, load, `/generate` with SSE,
+flush, abort, models, tokenize), the error body and status mapping (validation -> 400, missing
+API key -> 401), and the startup sequence: start the children, serve HTTP at once (health answers
+503), wait for the model, run the warm-up generation, then log the ready line and answer 200.
+OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
+If a child process dies or the model fails to load, the server stops with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import signal
+from typing import Any, AsyncIterator, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = "The server is fired up and ready to roll!"
+WARMUP_PROMPT = "The capital city of France is"
+
+
+def error_body(message: str, status: int = 400, err_type: str = "BadRequestError") -> dict:
+    return {"object": "error", "message": message, "type": err_type, "param": None, "code": status}
+
+
+class ServerState:
+    """What the routes share: the tokenizer manager, readiness, the exit code to leave with."""
+
+    def __init__(self, server_args: ServerArgs, tokenizer_manager: Any) -> None:
+        self.server_args = server_args
+        self.tm = tokenizer_manager
+        self.ready = False
+        self.exit_code = 0
+        self.uvicorn_server: Any = None
+        self.startup_task: Optional[asyncio.Task] = None
+
+    def fail(self, message: str, log: bool = True) -> None:
+        """Stop serving and exit non-zero (called from any thread)."""
+        if log:
+            logger.error(message)
+        self.exit_code = 1
+        if self.uvicorn_server is not None:
+            self.uvicorn_server.should_exit = True
+
+
+def build_app(state: ServerState, lifespan: Any = None) -> Any:
+    app = FastAPI(lifespan=lifespan)
+    args, tm = state.server_args, state.tm
+
+    def bad_request(message: str, status: int = 400) -> JSONResponse:
+        err_type = "BadRequestError" if status == 400 else "ServiceUnavailableError"
+        return JSONResponse(error_body(message, status, err_type), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return bad_request(_describe_validation(exc))
+
+    if args.api_key:
+
+        @app.middleware("http")
+        async def _check_api_key(request: Request, call_next: Any) -> Any:
+            if not request.url.path.startswith("/health"):
+                if request.headers.get("authorization") != f"Bearer {args.api_key}":
+                    body = error_body(
+                        "Unauthorized: missing or wrong API key", 401, "AuthenticationError"
+                    )
+                    return JSONResponse(body, status_code=401)
+            return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if state.ready else 503)
+
+    @app.get("/health_generate")
+    async def health_generate(request: Request) -> Response:
+        if not state.ready:
+            return Response(status_code=503)
+        obj = GenerateReqInput(
+            input_ids=[0] if tm.tokenizer is None else None,
+            text=WARMUP_PROMPT if tm.tokenizer is not None else None,
+            sampling_params={"max_new_tokens": 1, "temperature": 0.0},
+            rid=f"HEALTH_CHECK_{time.time_ns()}",
+        )
+        try:
+            async for _ in tm.generate_request(obj, request):
+                pass
+        except Exception as e:
+            logger.error("health_generate failed: %s", e)
+            return Response(status_code=503)
+        return Response(status_code=200)
+
+    def model_info() -> dict[str, Any]:
+        return {
+            "model_path": args.model_path,
+            "tokenizer_path": args.tokenizer_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": "default",
+        }
+
+    def server_info() -> dict[str, Any]:
+        from sglang import __version__
+
+        info = args.to_dict()
+        info.update(
+            max_total_num_tokens=tm.max_total_num_tokens,
+            max_req_input_len=tm.max_req_input_len,
+            context_len=tm.context_len,
+            version=__version__,
+        )
+        return info
+
+    for path in ("/get_model_info", "/model_info"):
+        app.add_api_route(path, model_info, methods=["GET"])
+    for path in ("/get_server_info", "/server_info"):
+        app.add_api_route(path, server_info, methods=["GET"])
+
+    async def get_load() -> Any:
+        return [(await tm.get_load()).to_json()]
+
+    for path in ("/get_load", "/v1/loads"):
+        app.add_api_route(path, get_load, methods=["GET"])
+
+    async def flush_cache() -> Response:
+        resp = await tm.flush_cache()
+        status = 200 if resp.success else 400
+        return Response(content=resp.message + "\n", status_code=status)
+
+    app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        tm.abort_request(str(body.get("rid", "")), bool(body.get("abort_all", False)))
+        return Response(status_code=200)
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        try:
+            obj = GenerateReqInput(**body)
+        except TypeError as e:
+            return bad_request(f"Invalid request body: {e}")
+        gen = tm.generate_request(obj, request)
+        try:
+            first = await gen.__anext__()
+        except ValueError as e:
+            return bad_request(str(e))
+        except RuntimeError as e:
+            return bad_request(str(e), 503)
+        except StopAsyncIteration:
+            return bad_request("the request produced no output", 500)
+        if not obj.stream:
+            await gen.aclose()
+            return JSONResponse(first)
+        return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
+
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    def model_card(model_id: Optional[str] = None) -> dict[str, Any]:
+        return {
+            "id": args.served_model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "sglang",
+            "root": args.served_model_name,
+            "max_model_len": tm.context_len,
+        }
+
+    app.add_api_route("/v1/models", models, methods=["GET"])
+    app.add_api_route("/v1/models/{model_id:path}", model_card, methods=["GET"])
+
+    @app.post("/v1/tokenize")
+    async def tokenize(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        prompt = body.get("prompt", body.get("text"))
+        if not isinstance(prompt, str) or tm.tokenizer is None:
+            return bad_request("prompt must be a string")
+        add_special = bool(body.get("add_special_tokens", True))
+        tokens = tm.tokenizer.encode(prompt, add_special_tokens=add_special)
+        return JSONResponse(
+            {"tokens": tokens, "count": len(tokens), "max_model_len": tm.context_len}
+        )
+
+    @app.post("/v1/detokenize")
+    async def detokenize(request: Request) -> Response:
+        body = await _json_body(request)
+        if isinstance(body, JSONResponse):
+            return body
+        tokens = body.get("tokens")
+        ok = isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)
+        if not ok or tm.tokenizer is None:
+            return bad_request("tokens must be a list of token ids")
+        vocab = tm.model_config.vocab_size
+        if any(t < 0 or t >= vocab for t in tokens):
+            return bad_request(f"token ids must be in [0, {vocab})")
+        return JSONResponse({"text": tm.tokenizer.decode(tokens)})
+
+    try:
+        from sglang.srt.entrypoints.openai.api import register_openai_routes
+    except ImportError:
+        register_openai_routes = None
+    if register_openai_routes is not None:
+        register_openai_routes(app, tm)
+    return app
+
+
+async def _json_body(request: Any) -> Any:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return JSONResponse(error_body(f"Malformed JSON body: {e}"), status_code=400)
+    if not isinstance(body, dict):
+        return JSONResponse(error_body("The request body must be a JSON object"), status_code=400)
+    return body
+
+
+async def _sse(first: Any, gen: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    try:
+        yield b"data: " + json.dumps(first).encode() + b"\n\n"
+        async for out in gen:
+            yield b"data: " + json.dumps(out).encode() + b"\n\n"
+    except (ValueError, RuntimeError) as e:
+        yield b"data: " + json.dumps({"error": error_body(str(e))}).encode() + b"\n\n"
+    finally:
+        # On client disconnect Starlette cancels us; closing the generator aborts the request.
+        await gen.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+def _describe_validation(exc: Any) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+async def _startup(state: ServerState, procs: Any, reader: Any) -> None:
+    """Wait for the scheduler, warm up, then declare the server ready."""
+    from sglang.srt.entrypoints.engine import wait_scheduler_ready
+
+    try:
+        await asyncio.to_thread(wait_scheduler_ready, state.tm, procs, reader)
+    except RuntimeError as e:
+        state.fail(str(e))
+        return
+    procs.start_watch(lambda msg: _on_child_death(state, msg))
+    if not state.server_args.skip_server_warmup:
+        obj = GenerateReqInput(
+            text=WARMUP_PROMPT if state.tm.tokenizer is not None else None,
+            input_ids=[0, 1, 2] if state.tm.tokenizer is None else None,
+            sampling_params={"max_new_tokens": 8, "temperature": 0.0},
+        )
+        try:
+            async for _ in state.tm.generate_request(obj):
+                pass
+        except Exception as e:
+            state.fail(f"Warm-up generation failed: {type(e).__name__}: {e}")
+            return
+    state.ready = True
+    logger.info(READY_LINE)
+
+
+def _on_child_death(state: ServerState, msg: str) -> None:
+    state.tm.dead_reason = msg  # new requests fail fast while uvicorn drains
+    state.fail(msg, log=False)  # the watcher already logged which child died and how
+
+
+def launch_server(server_args: ServerArgs) -> int:
+    """Run the server until SIGTERM/SIGINT or a fatal error; returns the process exit code."""
+    import uvicorn
+
+    from sglang.srt.entrypoints.engine import launch_subprocesses
+
+    logging.basicConfig(
+        level=getattr(logging, server_args.log_level.upper(), logging.INFO),
+        format="[%(asctime)s] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+    tm, procs, reader = launch_subprocesses(server_args, wait_ready=False)
+    state = ServerState(server_args, tm)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        state.startup_task = asyncio.create_task(_startup(state, procs, reader))
+        yield
+        state.startup_task.cancel()
+
+    try:
+        app = build_app(state, lifespan)
+
+        config = uvicorn.Config(
+            app,
+            host=server_args.host,
+            port=server_args.port,
+            loop="uvloop",
+            log_level=(server_args.log_level_http or server_args.log_level).lower(),
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=3,
+        )
+        server = uvicorn.Server(config)
+        state.uvicorn_server = server
+        # uvicorn re-raises the signal that stopped it once it is done; a no-op handler lets
+        # that happen without killing us before the children are stopped below.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+        server.run()
+        if not server.started and state.exit_code == 0:
+            state.exit_code = 1  # e.g. the port was taken
+    finally:
+        procs.shutdown()
+    return state.exit_code
+
+
+def main_from_argv(argv: Optional[list[str]] = None) -> None:
+    from sglang.srt.server_args import prepare_server_args
+
+    server_args = prepare_server_args(argv)
+    code = launch_server(server_args)
+    # Skip interpreter teardown hooks that could wait on half-closed sockets.
+    logging.shutdown()
+    os._exit(code)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible API: request/response models, serving logic, and `register_openai_routes`."""

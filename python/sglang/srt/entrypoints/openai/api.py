@@ -1,0 +1,83 @@
+"""HTTP routes of the OpenAI-compatible API: POST /v1/completions and /v1/chat/completions.
+
+The HTTP server calls `register_openai_routes(app, tokenizer_manager)` once at startup. Bodies are
+parsed here rather than by FastAPI so every client mistake (malformed JSON, a failed pydantic check,
+a ValueError from conversion or from the TokenizerManager) becomes the COMPAT section 4 error body
+with status 400 instead of FastAPI's 422. Streams are primed up to their first event before the
+response starts, so a request the engine rejects still gets a 400 rather than a broken 200 stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    format_validation_error,
+)
+from sglang.srt.entrypoints.openai.serving_base import error_body
+from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
+from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(message: str, code: int = 400) -> JSONResponse:
+    return JSONResponse(error_body(message, code), status_code=code)
+
+
+def register_openai_routes(app: FastAPI, tokenizer_manager: Any) -> None:
+    """Add the OpenAI completion routes to `app`, serving through `tokenizer_manager`."""
+    completions = OpenAIServingCompletion(tokenizer_manager)
+    chat = OpenAIServingChat(tokenizer_manager)
+
+    @app.post("/v1/completions")
+    async def openai_v1_completions(raw_request: Request) -> Response:
+        return await serve(completions, CompletionRequest, raw_request)
+
+    @app.post("/v1/chat/completions")
+    async def openai_v1_chat_completions(raw_request: Request) -> Response:
+        return await serve(chat, ChatCompletionRequest, raw_request)
+
+
+async def serve(serving: Any, model_cls: type[BaseModel], raw_request: Request) -> Response:
+    """Parse, validate and run one request against a serving object."""
+    try:
+        body = json.loads(await raw_request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return error_response(f"Invalid JSON body: {exc}")
+    if not isinstance(body, dict):
+        return error_response("The request body must be a JSON object")
+    try:
+        request = model_cls.model_validate(body)
+    except ValidationError as exc:
+        return error_response(format_validation_error(exc))
+
+    try:
+        result = await serving.create(request, raw_request)
+        if isinstance(result, BaseModel):
+            return Response(content=result.model_dump_json(), media_type="application/json")
+        first = await anext(result)
+    except ValueError as exc:
+        return error_response(str(exc))
+    except Exception as exc:
+        logger.exception("OpenAI request failed")
+        return error_response(f"{type(exc).__name__}: {exc}", 500)
+    return StreamingResponse(_resume(first, result), media_type="text/event-stream")
+
+
+async def _resume(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    try:
+        yield first
+        async for line in rest:
+            yield line
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,257 @@
+"""`/v1/chat/completions`: chat messages to prompt ids, and engine outputs to chat responses.
+
+Owns message rendering (the tokenizer's chat template with `add_generation_prompt`, or the
+`--chat-template` override, plus `chat_template_kwargs` and `continue_final_message`),
+`response_format` (mapped to the engine's `json_schema` field), the chat logprobs object and the
+`chat.completion.chunk` stream, whose first chunk per choice carries `role: assistant`.
+
+Tools are accepted and passed to the template, but calls are not parsed out of the output, so a
+`tool_choice` that demands a call ("required" or a named function) is rejected with 400.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+
+from sglang.srt.entrypoints.openai.chat_template import ChatTemplate, load_chat_template
+from sglang.srt.entrypoints.openai.protocol import (
+    ChatCompletionMessage,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatCompletionResponseStreamChoice,
+    ChatCompletionStreamResponse,
+    ChatCompletionTokenLogprob,
+    ChoiceLogprobs,
+    DeltaMessage,
+    TopLogprob,
+    now,
+    random_id,
+)
+from sglang.srt.entrypoints.openai.serving_base import (
+    ServingBase,
+    StreamCursor,
+    choice_requests,
+    collect_final,
+    finish_of,
+    sampling_params_for,
+    token_text,
+    usage_of,
+)
+
+
+class ChatPlan(NamedTuple):
+    id: str
+    created: int
+    reqs: list[dict[str, Any]]
+    prompt_ids: list[int]
+
+
+class OpenAIServingChat(ServingBase):
+    def __init__(self, tokenizer_manager: Any, template: ChatTemplate | None = None) -> None:
+        super().__init__(tokenizer_manager)
+        if template is None:
+            args = getattr(tokenizer_manager, "server_args", None)
+            template = load_chat_template(getattr(args, "chat_template", None))
+        self.template = template
+
+    # ------------------------------------------------------------ conversion
+
+    def render_prompt(self, request: ChatCompletionRequest) -> str:
+        """The chat-templated prompt text for the request's messages."""
+        messages = [m.to_template_dict() for m in request.messages]
+        if request.continue_final_message and messages[-1]["role"] != "assistant":
+            raise ValueError("continue_final_message needs the last message to be from assistant")
+        tools = request.tools if request.tool_choice != "none" else None
+        return self.template.render(
+            self.tokenizer,
+            messages,
+            add_generation_prompt=True,
+            continue_final_message=request.continue_final_message,
+            tools=tools,
+            template_kwargs=request.chat_template_kwargs,
+        )
+
+    def plan(self, request: ChatCompletionRequest) -> ChatPlan:
+        """Validate and convert; raises ValueError (HTTP 400) for requests we cannot serve."""
+        _check_tools(request)
+        if request.top_logprobs and not request.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        prompt_ids = self.tokenizer.encode(self.render_prompt(request), add_special_tokens=False)
+
+        max_new = request.max_completion_tokens
+        if max_new is None:
+            max_new = request.max_tokens
+        if max_new is None and self.context_len:
+            # Unbounded by the client: whatever room the context leaves (too long prompts are
+            # rejected by the manager's length check).
+            max_new = max(self.context_len - len(prompt_ids), 0)
+        params = sampling_params_for(request, max_new)
+        schema = _response_format_schema(request)
+        if schema is not None:
+            if request.json_schema or request.regex or request.ebnf:
+                raise ValueError("response_format cannot be combined with json_schema/regex/ebnf")
+            params["json_schema"] = schema
+        extra_stops = self.template.stop_token_ids(self.tokenizer)
+        if extra_stops:
+            params["stop_token_ids"] = sorted(
+                set(params.get("stop_token_ids") or []) | set(extra_stops)
+            )
+
+        rid = random_id("chatcmpl")
+        reqs = choice_requests(
+            request,
+            [{"input_ids": prompt_ids}],
+            [params],
+            rid,
+            return_logprob=request.logprobs,
+            logprob_start_len=-1,
+            top_logprobs_num=request.top_logprobs or 0,
+        )
+        return ChatPlan(rid, now(), reqs, prompt_ids)
+
+    async def create(
+        self, request: ChatCompletionRequest, raw_request: Any = None
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """The response model, or for `stream` an iterator of SSE lines ending in [DONE]."""
+        plan = self.plan(request)
+        if request.stream:
+            return self.stream(request, plan, raw_request)
+        finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)
+        return self.build_response(request, plan, finals)
+
+    # ------------------------------------------------------------ responses
+
+    def build_response(
+        self, request: ChatCompletionRequest, plan: ChatPlan, finals: list[dict[str, Any]]
+    ) -> ChatCompletionResponse:
+        choices = []
+        for index, out in enumerate(finals):
+            meta = out.get("meta_info", {})
+            finish = finish_of(meta)
+            logprobs = None
+            if request.logprobs:
+                lps = meta.get("output_token_logprobs") or []
+                logprobs = self.logprobs(lps, meta.get("output_top_logprobs"))
+            choices.append(
+                ChatCompletionResponseChoice(
+                    index=index,
+                    message=ChatCompletionMessage(content=out.get("text", "")),
+                    logprobs=logprobs,
+                    finish_reason=finish.reason,
+                    matched_stop=finish.matched,
+                    **self.extras(request, meta),
+                )
+            )
+        return ChatCompletionResponse(
+            id=plan.id,
+            created=plan.created,
+            model=self.model_name(request),
+            choices=choices,
+            usage=usage_of(finals, request.n, self.enable_cache_report),
+        )
+
+    def logprobs(self, lps: list[Any], tops: list[Any] | None) -> ChoiceLogprobs:
+        tops = list(tops or [])
+        content = []
+        for i, entry in enumerate(lps):
+            text = token_text(entry, self.tokenizer)
+            top = tops[i] if i < len(tops) and tops[i] else []
+            content.append(
+                ChatCompletionTokenLogprob(
+                    token=text,
+                    logprob=entry[0],
+                    bytes=list(text.encode("utf-8")),
+                    top_logprobs=[
+                        TopLogprob(
+                            token=(t_text := token_text(t, self.tokenizer)),
+                            logprob=t[0],
+                            bytes=list(t_text.encode("utf-8")),
+                        )
+                        for t in top
+                    ],
+                )
+            )
+        return ChoiceLogprobs(content=content)
+
+    def stream(
+        self, request: ChatCompletionRequest, plan: ChatPlan, raw_request: Any
+    ) -> AsyncIterator[str]:
+        model = self.model_name(request)
+
+        def chunk(choice: ChatCompletionResponseStreamChoice) -> ChatCompletionStreamResponse:
+            return ChatCompletionStreamResponse(
+                id=plan.id, created=plan.created, model=model, choices=[choice]
+            )
+
+        def on_output(index: int, out: dict[str, Any], cursor: StreamCursor) -> list[Any]:
+            meta = out.get("meta_info", {})
+            chunks = []
+            if not cursor.started:
+                cursor.started = True
+                delta = DeltaMessage(role="assistant", content="")
+                chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
+            piece = self.text_delta(cursor, out)
+            logprobs = None
+            if request.logprobs:
+                lps, tops = cursor.new_logprobs(meta)
+                if lps:
+                    logprobs = self.logprobs(lps, tops)
+            finish = finish_of(meta)
+            extras: dict[str, Any] = {}
+            if request.return_attention_tokens:
+                extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
+            if finish.reason is not None:
+                extras["hidden_states"] = self.extras(request, meta).get("hidden_states")
+            if piece or logprobs or finish.reason or extras.get("attention_tokens"):
+                chunks.append(
+                    chunk(
+                        ChatCompletionResponseStreamChoice(
+                            index=index,
+                            delta=DeltaMessage(content=piece or None),
+                            logprobs=logprobs,
+                            finish_reason=finish.reason,
+                            matched_stop=finish.matched,
+                            **extras,
+                        )
+                    )
+                )
+            return chunks
+
+        on_usage = None
+        if request.include_usage:
+
+            def on_usage(finals: list[dict[str, Any]]) -> ChatCompletionStreamResponse:
+                return ChatCompletionStreamResponse(
+                    id=plan.id,
+                    created=plan.created,
+                    model=model,
+                    choices=[],
+                    usage=usage_of(finals, request.n, self.enable_cache_report),
+                )
+
+        return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
+
+
+def _check_tools(request: ChatCompletionRequest) -> None:
+    choice = request.tool_choice
+    if choice is None or choice in ("auto", "none"):
+        return
+    if choice == "required" or isinstance(choice, dict):
+        raise ValueError(
+            "tool_choice that requires a tool call is not supported: tool calls are not parsed"
+        )
+    raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or an object, got {choice!r}")
+
+
+def _response_format_schema(request: ChatCompletionRequest) -> str | None:
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json.dumps({"type": "object"})
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ValueError("response_format of type json_schema needs json_schema.schema")
+    return json.dumps(fmt.json_schema.schema_)

@@ -1,0 +1,336 @@
+"""The scheduler process: ZMQ in, core Scheduler steps, token ids out.
+
+`run_scheduler_process` is the process entry (spawned by `entrypoints/engine.py`). It builds the
+model runner and `Scheduler`, reports readiness (or the load error) through a pipe, then loops:
+drain every pending message from the tokenizer manager (PULL), apply requests / aborts / control
+messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
+`--stream-interval` tokens of a streaming request and whenever a request finishes. Control answers
+(flush, load, health) go straight to the tokenizer manager. When there is no work it blocks on the
+socket. It also writes the `Prefill batch.` / `Decode batch.` log lines (COMPAT section 3).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    DetokenizeOptions,
+    FlushCacheReq,
+    FlushCacheResp,
+    GetLoadReq,
+    GetLoadResp,
+    HealthCheckReq,
+    HealthCheckResp,
+    TokenizedGenerateReqInput,
+    recv_all_nowait,
+    send_msg,
+)
+from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+# How often an idle loop wakes up to check that its parent is still alive.
+PARENT_CHECK_MS = 1000
+
+
+def configure_child_logging(log_level: str, tag: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format=f"[%(asctime)s {tag}] %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        force=True,
+    )
+
+
+def watch_parent(parent_pid: int) -> bool:
+    """True while the process that spawned us lives (we get re-parented when it dies)."""
+    return os.getppid() == parent_pid
+
+
+@dataclass
+class _SendState:
+    sent_ids: int = 0  # output tokens already sent
+    sent_out_logprobs: int = 0
+    sent_input_logprobs: bool = False
+    options_sent: bool = False
+
+
+@dataclass
+class SchedulerProcess:
+    scheduler: Scheduler
+    recv_from_tokenizer: zmq.Socket
+    send_to_detokenizer: zmq.Socket
+    send_to_tokenizer: zmq.Socket
+    stream_interval: int
+    decode_log_interval: int
+    parent_pid: int
+    send_state: dict[str, _SendState] = field(default_factory=dict)
+    pending: list[Req] = field(default_factory=list)
+    decode_steps: int = 0
+    last_decode_log: float = field(default_factory=time.perf_counter)
+    decode_tokens_since_log: int = 0
+
+    def __post_init__(self) -> None:
+        self.scheduler.output.listener = self.pending.extend
+        self.scheduler.on_batch = self.log_batch
+        self.poller = zmq.Poller()
+        self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
+
+    # ---- loop -------------------------------------------------------------------------------
+    def event_loop(self) -> None:
+        while True:
+            for msg in recv_all_nowait(self.recv_from_tokenizer):
+                self.handle(msg)
+            self.flush_outputs()
+            if self.scheduler.step():
+                self.flush_outputs()
+                continue
+            self.flush_outputs()
+            if not self.scheduler.is_idle():
+                # Work is queued but nothing fits right now; wait briefly for a message.
+                self.poller.poll(5)
+                continue
+            # NOTE: idle means nothing can change until a message arrives: block, do not spin.
+            while not self.poller.poll(PARENT_CHECK_MS):
+                if not watch_parent(self.parent_pid):
+                    logger.info("parent process exited; scheduler stops")
+                    return
+
+    def handle(self, msg: Any) -> None:
+        sched = self.scheduler
+        if isinstance(msg, TokenizedGenerateReqInput):
+            req = Req(
+                msg.rid,
+                msg.input_ids,
+                msg.sampling_params,
+                origin_input_text=msg.input_text,
+                return_logprob=msg.return_logprob,
+                logprob_start_len=msg.logprob_start_len,
+                top_logprobs_num=msg.top_logprobs_num,
+                stream=msg.stream,
+            )
+            self.send_state[req.rid] = _SendState()
+            sched.add_request(req)
+        elif isinstance(msg, AbortReq):
+            if msg.abort_all:
+                rids = [r.rid for r in sched.waiting_queue + sched.running_batch.reqs]
+                if sched.chunked_req is not None:
+                    rids.append(sched.chunked_req.rid)
+            else:
+                rids = [msg.rid]
+            for rid in rids:
+                sched.abort_request(rid)
+        elif isinstance(msg, FlushCacheReq):
+            send_msg(self.send_to_tokenizer, self.flush_cache())
+        elif isinstance(msg, GetLoadReq):
+            send_msg(self.send_to_tokenizer, self.get_load(msg.check_memory))
+        elif isinstance(msg, HealthCheckReq):
+            send_msg(self.send_to_tokenizer, HealthCheckResp(ok=True))
+        else:
+            logger.error("scheduler got an unknown message %r", type(msg).__name__)
+
+    # ---- control ------------------------------------------------------------------------------
+    def flush_cache(self) -> FlushCacheResp:
+        sched = self.scheduler
+        if not sched.is_idle():
+            return FlushCacheResp(False, "Cannot flush the cache while requests are running")
+        cache = sched.tree_cache
+        cache.evict(cache.evictable_size())
+        cache.reset()
+        try:
+            sched.check_memory()
+        except RuntimeError as e:
+            return FlushCacheResp(False, str(e))
+        return FlushCacheResp(True, "Cache flushed")
+
+    def get_load(self, check_memory: bool) -> GetLoadResp:
+        sched = self.scheduler
+        running = len(sched.running_batch.reqs) + (1 if sched.chunked_req is not None else 0)
+        waiting = len(sched.waiting_queue)
+        used = (
+            sched.max_total_num_tokens
+            - sched.allocator.available_size()
+            - sched.tree_cache.evictable_size()
+        )
+        error = None
+        if check_memory and sched.is_idle():
+            try:
+                sched.check_memory()
+            except RuntimeError as e:
+                error = str(e)
+        return GetLoadResp(0, running + waiting, waiting, used, sched.token_usage(), error)
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def flush_outputs(self) -> None:
+        if not self.pending:
+            return
+        reqs, seen = [], set()
+        for req in self.pending:
+            if id(req) not in seen:
+                seen.add(id(req))
+                reqs.append(req)
+        self.pending.clear()
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [], [])
+        for req in reqs:
+            state = self.send_state.get(req.rid)
+            if state is None:
+                continue
+            finished = req.finished()
+            new_tokens = len(req.output_ids) - state.sent_ids
+            if not finished:
+                # Non-streaming requests get everything at the end; streams every N tokens.
+                if not req.stream or new_tokens < self.stream_interval and state.sent_ids > 0:
+                    continue
+            self._append(out, req, state)
+            if finished:
+                del self.send_state[req.rid]
+                self.scheduler.output.finished_reqs.pop(req.rid, None)
+        if out.rids:
+            send_msg(self.send_to_detokenizer, out)
+
+    @staticmethod
+    def _append(out: BatchTokenIDOut, req: Req, state: _SendState) -> None:
+        sp = req.sampling_params
+        out.rids.append(req.rid)
+        out.new_output_ids.append(req.output_ids[state.sent_ids :])
+        state.sent_ids = len(req.output_ids)
+        out.finished_reasons.append(req.finished_reason.to_json() if req.finished() else None)
+        options = None
+        if not state.options_sent:
+            state.options_sent = True
+            options = DetokenizeOptions(
+                skip_special_tokens=sp.skip_special_tokens,
+                spaces_between_special_tokens=sp.spaces_between_special_tokens,
+                no_stop_trim=sp.no_stop_trim,
+                stop=list(sp.stop or []),
+            )
+        out.detokenize_options.append(options)
+        out.prompt_tokens.append(len(req.origin_input_ids))
+        out.completion_tokens.append(len(req.output_ids))
+        out.cached_tokens.append(req.cached_tokens)
+        if req.return_logprob:
+            lo = state.sent_out_logprobs
+            out.output_token_logprobs.append(req.output_token_logprobs[lo:])
+            out.output_top_logprobs.append(
+                req.output_top_logprobs[lo:] if req.top_logprobs_num > 0 else []
+            )
+            state.sent_out_logprobs = len(req.output_token_logprobs)
+            if req.input_logprobs_done and not state.sent_input_logprobs:
+                state.sent_input_logprobs = True
+                out.input_token_logprobs.append(list(req.input_token_logprobs))
+                out.input_top_logprobs.append(list(req.input_top_logprobs))
+            else:
+                out.input_token_logprobs.append(None)
+                out.input_top_logprobs.append(None)
+        else:
+            for lst in (
+                out.output_token_logprobs,
+                out.output_top_logprobs,
+                out.input_token_logprobs,
+                out.input_top_logprobs,
+            ):
+                lst.append(None)
+
+    # ---- logging ------------------------------------------------------------------------------
+    def log_batch(self, batch: ScheduleBatch) -> None:
+        sched = self.scheduler
+        if batch.forward_mode.is_extend():
+            info = sched.last_batch_info
+            logger.info(
+                "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
+                "token usage: %.2f, #running-req: %d, #queue-req: %d",
+                info.get("new_seq", 0),
+                info.get("new_token", 0),
+                info.get("cached_token", 0),
+                sched.token_usage(),
+                len(sched.running_batch.reqs),
+                len(sched.waiting_queue),
+            )
+            return
+        self.decode_steps += 1
+        self.decode_tokens_since_log += len(batch.reqs)
+        if self.decode_steps % self.decode_log_interval:
+            return
+        now = time.perf_counter()
+        throughput = self.decode_tokens_since_log / max(now - self.last_decode_log, 1e-9)
+        self.last_decode_log, self.decode_tokens_since_log = now, 0
+        num_tokens = sum(r.seqlen for r in sched.running_batch.reqs)
+        logger.info(
+            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
+            "gen throughput (token/s): %.2f, #queue-req: %d",
+            len(sched.running_batch.reqs),
+            num_tokens,
+            sched.token_usage(),
+            throughput,
+            len(sched.waiting_queue),
+        )
+
+
+def run_scheduler_process(server_args: Any, port_args: Any, pipe: Any, parent_pid: int) -> None:
+    """Process entry: load, report readiness through `pipe`, then serve until the parent exits."""
+    # Ctrl-C reaches the whole process group; the parent decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    configure_child_logging(server_args.log_level, "TP0")
+    try:
+        import torch
+
+        if server_args.device == "cpu":
+            # Leave a core for the HTTP server and the detokenizer.
+            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        from sglang.srt.hf_transformers_utils import get_tokenizer
+        from sglang.srt.model_executor.model_runner import build_model_runner
+
+        runner = build_model_runner(server_args)
+        tokenizer = None
+        if not server_args.skip_tokenizer_init:
+            tokenizer = get_tokenizer(
+                server_args.tokenizer_path,
+                tokenizer_mode=server_args.tokenizer_mode,
+                trust_remote_code=server_args.trust_remote_code,
+            )
+        scheduler = Scheduler(server_args, runner, tokenizer)
+        ctx = zmq.Context(2)
+        recv = ctx.socket(zmq.PULL)
+        recv.bind(port_args.scheduler_input_ipc_name)
+        to_detok = ctx.socket(zmq.PUSH)
+        to_detok.connect(port_args.detokenizer_ipc_name)
+        to_tok = ctx.socket(zmq.PUSH)
+        to_tok.connect(port_args.tokenizer_ipc_name)
+    except Exception as e:  # any load failure is reported to the parent verbatim
+        logger.error("Scheduler failed to start:\n%s", traceback.format_exc())
+        pipe.send({"status": "error", "error": f"{type(e).__name__}: {e}"})
+        return
+    pipe.send(
+        {
+            "status": "ready",
+            "max_total_num_tokens": scheduler.max_total_num_tokens,
+            "max_running_requests": scheduler.max_running_requests,
+            "max_req_input_len": min(scheduler.context_len - 1, scheduler.max_total_num_tokens - 1),
+            "context_len": scheduler.context_len,
+        }
+    )
+    proc = SchedulerProcess(
+        scheduler,
+        recv,
+        to_detok,
+        to_tok,
+        stream_interval=server_args.stream_interval,
+        decode_log_interval=server_args.decode_log_interval,
+        parent_pid=parent_pid,
+    )
+    try:
+        proc.event_loop()
+    except Exception:
+        logger.error("Scheduler hit an exception:\n%s", traceback.format_exc())
+        raise SystemExit(1)

@@ -1,0 +1,401 @@
+"""TokenizerManager: the main-process, asyncio side of the serving pipeline.
+
+Owns tokenization (text or ids in; chat templates are the OpenAI layer's job), request validation
+(sampling parameters, prompt length against the context), sending `TokenizedGenerateReqInput` to
+the scheduler, and collecting `BatchStrOut` per rid into `ReqState`s that `generate_request`
+turns into native `/generate` output dicts. It also aborts requests whose client went away or
+whose coroutine was cancelled, and answers flush / load queries through the scheduler.
+
+Contract of `generate_request(obj, request=None)` (an async generator):
+- validation errors raise ValueError before anything is yielded or sent;
+- single request, not streaming: yields exactly one final dict;
+- single request, streaming: yields dicts as tokens arrive; each is cumulative (`text`,
+  `output_ids`, logprobs) unless `--stream-output`, and the last one has a non-null
+  `meta_info.finish_reason`;
+- batch (list input or n > 1), not streaming: yields exactly one list of final dicts, in input
+  order (n samples of prompt i at indices i*n .. i*n+n-1);
+- batch, streaming: yields single dicts from any member as they arrive, each with an `index` key;
+- if the server's processes die, pending and new requests raise RuntimeError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+import zmq
+import zmq.asyncio
+
+from sglang.srt.managers.io_struct import (
+    ATTENTION_FIELDS,
+    AbortReq,
+    BatchStrOut,
+    FlushCacheReq,
+    FlushCacheResp,
+    GenerateReqInput,
+    GetLoadReq,
+    GetLoadResp,
+    HealthCheckReq,
+    HealthCheckResp,
+    TokenizedGenerateReqInput,
+    recv_msg_async,
+    send_msg,
+)
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How often a waiting request asks the HTTP layer whether its client is still there.
+DISCONNECT_CHECK_S = 0.5
+
+
+@dataclass
+class ReqState:
+    obj: GenerateReqInput
+    prompt_tokens: int
+    created: float = field(default_factory=time.perf_counter)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    finished_reason: Optional[dict[str, Any]] = None
+    finished: bool = False
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
+    output_top_logprobs: list[Any] = field(default_factory=list)
+    input_token_logprobs: list[tuple[Optional[float], int]] = field(default_factory=list)
+    input_top_logprobs: list[Any] = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Offsets already yielded (for --stream-output deltas).
+    yielded_text: int = 0
+    yielded_ids: int = 0
+
+
+class TokenizerManager:
+    def __init__(self, server_args: Any, port_args: Any) -> None:
+        from sglang.srt.configs.model_config import ModelConfig
+        from sglang.srt.hf_transformers_utils import get_tokenizer
+
+        self.server_args = server_args
+        self.port_args = port_args
+        self.model_config = ModelConfig.from_server_args(server_args)
+        self.context_len: int = self.model_config.context_len
+        self.max_req_input_len: int = self.context_len - 1
+        self.max_total_num_tokens: Optional[int] = None
+        self.tokenizer: Any = None
+        if not server_args.skip_tokenizer_init:
+            self.tokenizer = get_tokenizer(
+                server_args.tokenizer_path,
+                tokenizer_mode=server_args.tokenizer_mode,
+                trust_remote_code=server_args.trust_remote_code,
+            )
+        # Sending never blocks (PUSH over ipc queues), so a plain socket is safe from coroutines
+        # and from `finally` blocks of cancelled ones.
+        self._sync_ctx = zmq.Context(1)
+        self.send_to_scheduler = self._sync_ctx.socket(zmq.PUSH)
+        self.send_to_scheduler.connect(port_args.scheduler_input_ipc_name)
+        self._async_ctx = zmq.asyncio.Context(1)
+        self.recv_from_detokenizer = self._async_ctx.socket(zmq.PULL)
+        self.recv_from_detokenizer.bind(port_args.tokenizer_ipc_name)
+
+        self.rid_to_state: dict[str, ReqState] = {}
+        self._waiters: dict[type, collections.deque[asyncio.Future]] = collections.defaultdict(
+            collections.deque
+        )
+        self._handle_task: Optional[asyncio.Task] = None
+        self.dead_reason: Optional[str] = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def set_scheduler_info(self, info: dict[str, Any]) -> None:
+        self.max_total_num_tokens = info["max_total_num_tokens"]
+        self.max_req_input_len = info["max_req_input_len"]
+        self.context_len = info["context_len"]
+
+    def _ensure_handle_loop(self) -> None:
+        if self._handle_task is None:
+            self._handle_task = asyncio.get_running_loop().create_task(self._handle_loop())
+
+    def set_dead(self, reason: str) -> None:
+        """A child process died: fail every pending and future request with `reason`."""
+        self.dead_reason = reason
+        for state in self.rid_to_state.values():
+            state.event.set()
+        for waiters in self._waiters.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(RuntimeError(reason))
+            waiters.clear()
+
+    def close(self) -> None:
+        if self._handle_task is not None:
+            self._handle_task.cancel()
+        self.send_to_scheduler.close(linger=0)
+        self.recv_from_detokenizer.close(linger=0)
+
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = await recv_msg_async(self.recv_from_detokenizer)
+            if isinstance(msg, BatchStrOut):
+                self._handle_batch_str_out(msg)
+            else:
+                waiters = self._waiters.get(type(msg))
+                if waiters:
+                    fut = waiters.popleft()
+                    if not fut.done():
+                        fut.set_result(msg)
+
+    def _handle_batch_str_out(self, out: BatchStrOut) -> None:
+        for i, rid in enumerate(out.rids):
+            state = self.rid_to_state.get(rid)
+            if state is None:
+                continue  # aborted by us; the scheduler's last word is not needed
+            state.text += out.new_texts[i]
+            state.output_ids.extend(out.new_output_ids[i])
+            state.completion_tokens = out.completion_tokens[i]
+            state.cached_tokens = out.cached_tokens[i]
+            if out.output_token_logprobs[i]:
+                state.output_token_logprobs.extend(out.output_token_logprobs[i])
+            if out.output_top_logprobs[i]:
+                state.output_top_logprobs.extend(out.output_top_logprobs[i])
+            if out.input_token_logprobs[i] is not None:
+                state.input_token_logprobs = list(out.input_token_logprobs[i])
+                state.input_top_logprobs = list(out.input_top_logprobs[i] or [])
+            if out.finished_reasons[i] is not None:
+                state.finished_reason = out.finished_reasons[i]
+                state.finished = True
+            state.event.set()
+
+    async def _request(self, msg: Any, resp_type: type) -> Any:
+        if self.dead_reason is not None:
+            raise RuntimeError(self.dead_reason)
+        self._ensure_handle_loop()
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[resp_type].append(fut)
+        send_msg(self.send_to_scheduler, msg)
+        return await fut
+
+    # ---- control -----------------------------------------------------------------------------
+    def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
+        if abort_all:
+            rids = list(self.rid_to_state)
+        else:
+            rids = [rid] if rid in self.rid_to_state else []
+        send_msg(self.send_to_scheduler, AbortReq(rid=rid, abort_all=abort_all))
+        for r in rids:
+            state = self.rid_to_state.get(r)
+            if state is not None and not state.finished:
+                state.finished = True
+                state.finished_reason = {"type": "abort", "message": "aborted by the client"}
+                state.event.set()
+
+    async def flush_cache(self) -> FlushCacheResp:
+        return await self._request(FlushCacheReq(), FlushCacheResp)
+
+    async def get_load(self, check_memory: bool = False) -> GetLoadResp:
+        return await self._request(GetLoadReq(check_memory=check_memory), GetLoadResp)
+
+    async def health_check(self) -> bool:
+        resp = await self._request(HealthCheckReq(), HealthCheckResp)
+        return resp.ok
+
+    # ---- tokenize and validate -----------------------------------------------------------------
+    def tokenize_request(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
+        """Turn one normalized single request into what the scheduler runs; ValueError if invalid."""
+        if obj.input_ids is not None:
+            input_ids, input_text = list(obj.input_ids), None
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this server runs with --skip-tokenizer-init: send input_ids")
+            input_text = obj.text
+            input_ids = list(self.tokenizer.encode(obj.text))
+        vocab = self.model_config.vocab_size
+        if not input_ids:
+            raise ValueError("the prompt is empty; send at least one token")
+        if any(t < 0 or t >= vocab for t in input_ids):
+            raise ValueError(f"input_ids must be token ids in [0, {vocab})")
+        sp = SamplingParams.from_dict(obj.sampling_params)
+        sp.verify(vocab)
+        sp.normalize()
+        truncate = self.server_args.allow_auto_truncate
+        limit = min(self.max_req_input_len, self.context_len - 1)
+        if len(input_ids) > limit:
+            if not truncate:
+                raise ValueError(
+                    f"The input ({len(input_ids)} tokens) is longer than the model's context "
+                    f"length ({self.context_len} tokens; at most {limit} prompt tokens fit)."
+                )
+            input_ids = input_ids[:limit]
+        if sp.max_new_tokens is not None and len(input_ids) + sp.max_new_tokens > self.context_len:
+            if not truncate:
+                raise ValueError(
+                    f"Requested token count exceeds the model's maximum context length of "
+                    f"{self.context_len} tokens: {len(input_ids)} prompt tokens + "
+                    f"{sp.max_new_tokens} max_new_tokens."
+                )
+            sp.max_new_tokens = self.context_len - len(input_ids)
+        start = obj.logprob_start_len
+        if not isinstance(start, int) or start < -1 or start >= len(input_ids):
+            raise ValueError(
+                f"logprob_start_len must be -1 or in [0, {len(input_ids)}), got {start!r}"
+            )
+        if not isinstance(obj.top_logprobs_num, int) or obj.top_logprobs_num < 0:
+            raise ValueError(f"top_logprobs_num must be >= 0, got {obj.top_logprobs_num!r}")
+        if obj.return_hidden_states:
+            raise ValueError("return_hidden_states is not supported by this server yet")
+        if obj.lora_path:
+            raise ValueError("LoRA adapters are not supported by this server")
+        attention = None
+        if obj.return_attention_tokens:
+            if not self.server_args.return_attention_tokens:
+                raise ValueError(
+                    "return_attention_tokens needs a server started with --return-attention-tokens"
+                )
+            attention = {name: getattr(obj, name) for name in ATTENTION_FIELDS}
+        return TokenizedGenerateReqInput(
+            rid=obj.rid,
+            input_text=input_text,
+            input_ids=input_ids,
+            sampling_params=sp,
+            return_logprob=bool(obj.return_logprob),
+            logprob_start_len=start,
+            top_logprobs_num=obj.top_logprobs_num,
+            stream=obj.stream,
+            return_hidden_states=bool(obj.return_hidden_states),
+            attention_options=attention,
+        )
+
+    # ---- generation ------------------------------------------------------------------------------
+    async def generate_request(
+        self, obj: GenerateReqInput, request: Any = None
+    ) -> AsyncIterator[Any]:
+        """See the module docstring for the exact contract."""
+        if self.dead_reason is not None:
+            raise RuntimeError(self.dead_reason)
+        self._ensure_handle_loop()
+        obj.normalize_batch_and_arguments()
+        subs = [obj[i] for i in range(obj.batch_size)]
+        tokenized = [self.tokenize_request(s) for s in subs]
+        rids = [t.rid for t in tokenized]
+        if len(set(rids)) != len(rids) or any(r in self.rid_to_state for r in rids):
+            raise ValueError("duplicate request id (rid); every request in flight needs its own")
+        if obj.is_single:
+            async for out in self._wait_one(subs[0], tokenized[0], request):
+                yield out
+            return
+        if not obj.stream:
+            gens = [self._wait_one(s, t, request) for s, t in zip(subs, tokenized)]
+            yield list(await asyncio.gather(*[_last(g) for g in gens]))
+            return
+        async for out in self._merge_streams(subs, tokenized, request):
+            yield out
+
+    async def _wait_one(
+        self, obj: GenerateReqInput, tokenized: TokenizedGenerateReqInput, request: Any
+    ) -> AsyncIterator[dict[str, Any]]:
+        rid = tokenized.rid
+        state = ReqState(obj, prompt_tokens=len(tokenized.input_ids))
+        self.rid_to_state[rid] = state
+        send_msg(self.send_to_scheduler, tokenized)
+        try:
+            while True:
+                if request is None:
+                    await state.event.wait()
+                else:
+                    try:
+                        await asyncio.wait_for(state.event.wait(), DISCONNECT_CHECK_S)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            logger.info("client disconnected; aborting request %s", rid)
+                            return  # the finally block aborts it
+                        continue
+                state.event.clear()
+                if self.dead_reason is not None:
+                    raise RuntimeError(self.dead_reason)
+                if state.finished:
+                    yield self._make_output(state)
+                    return
+                if obj.stream:
+                    yield self._make_output(state)
+        finally:
+            if not state.finished:
+                # Disconnect, cancellation or an abandoned generator: free the scheduler's KV.
+                send_msg(self.send_to_scheduler, AbortReq(rid=rid))
+            self.rid_to_state.pop(rid, None)
+
+    async def _merge_streams(
+        self,
+        subs: list[GenerateReqInput],
+        tokenized: list[TokenizedGenerateReqInput],
+        request: Any,
+    ) -> AsyncIterator[dict[str, Any]]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def pump(index: int) -> None:
+            try:
+                async for out in self._wait_one(subs[index], tokenized[index], request):
+                    out["index"] = index
+                    await queue.put(out)
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                await queue.put(e)
+            finally:
+                await queue.put(done)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(subs))]
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _make_output(self, state: ReqState) -> dict[str, Any]:
+        obj = state.obj
+        incremental = obj.stream and self.server_args.stream_output
+        if incremental:
+            text = state.text[state.yielded_text :]
+            output_ids = state.output_ids[state.yielded_ids :]
+        else:
+            text, output_ids = state.text, list(state.output_ids)
+        state.yielded_text, state.yielded_ids = len(state.text), len(state.output_ids)
+        meta: dict[str, Any] = {
+            "id": obj.rid,
+            "finish_reason": state.finished_reason,
+            "prompt_tokens": state.prompt_tokens,
+            "completion_tokens": state.completion_tokens,
+            "cached_tokens": state.cached_tokens,
+            "e2e_latency": time.perf_counter() - state.created,
+        }
+        if obj.return_logprob:
+            with_text = obj.return_text_in_logprobs
+            meta["input_token_logprobs"] = self._fmt(state.input_token_logprobs, with_text)
+            meta["output_token_logprobs"] = self._fmt(state.output_token_logprobs, with_text)
+            meta["input_top_logprobs"] = [
+                self._fmt(x, with_text) if x is not None else None for x in state.input_top_logprobs
+            ]
+            meta["output_top_logprobs"] = [
+                self._fmt(x, with_text) for x in state.output_top_logprobs
+            ]
+        return {"text": text, "output_ids": output_ids, "meta_info": meta}
+
+    def _fmt(self, pairs: list[Any], with_text: bool) -> list[list[Any]]:
+        if with_text and self.tokenizer is not None:
+            return [[lp, tid, self.tokenizer.decode([tid])] for lp, tid in pairs]
+        return [[lp, tid, None] for lp, tid in pairs]
+
+
+async def _last(gen: AsyncIterator[Any]) -> Any:
+    last = None
+    async for item in gen:
+        last = item
+    return last

@@ -8,6 +8,7 @@ __version__ = "0.5.0.dev0"
 
 _LAZY = {
     "Engine": "sglang.srt.entrypoints.engine",
+    "Runtime": "sglang.srt.entrypoints.runtime",
 }
 
 

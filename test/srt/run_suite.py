@@ -39,6 +39,8 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_engine.py", 60),
         TestFile("test_srt_endpoint.py", 90),
         TestFile("test_openai_protocol.py", 60),
+        TestFile("test_openai_server.py", 60),
+        TestFile("test_runtime.py", 45),
     ],
     "per-commit-1-gpu": [],
 }

@@ -1,9 +1,10 @@
 """The HTTP server: FastAPI routes over a TokenizerManager, served by uvicorn on uvloop.
 
 Owns the native routes (COMPAT section 4: health, model/server info, load, `/generate` with SSE,
-flush, abort, models, tokenize), the error body and status mapping (validation -> 400, missing
-API key -> 401), and the startup sequence: start the children, serve HTTP at once (health answers
-503), wait for the model, run the warm-up generation, then log the ready line and answer 200.
+flush, abort, models, tokenize, `/metrics` with --enable-metrics), the error body and status
+mapping (validation -> 400, missing API key -> 401), and the startup sequence: start the
+children, serve HTTP at once (health answers 503), wait for the model, run the warm-up
+generation, then log the ready line and answer 200.
 OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
 If a child process dies or the model fails to load, the server stops with a non-zero exit code.
 """
@@ -30,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 READY_LINE = "The server is fired up and ready to roll!"
 WARMUP_PROMPT = "The capital city of France is"
+# A scrape waits this long for the scheduler's gauges before serving the previous values.
+METRICS_STATS_TIMEOUT_S = 5.0
 
 
 def error_body(message: str, status: int = 400, err_type: str = "BadRequestError") -> dict:
@@ -187,6 +190,18 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/v1/models/{model_id:path}", model_card, methods=["GET"])
+
+    if getattr(tm, "metrics", None) is not None:
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            try:
+                stats = await asyncio.wait_for(tm.get_scheduler_stats(), METRICS_STATS_TIMEOUT_S)
+                tm.metrics.set_scheduler_stats(stats)
+            except (asyncio.TimeoutError, RuntimeError) as e:
+                logger.warning("/metrics: scheduler gauges unavailable (%s)", e or "timeout")
+            body, content_type = tm.metrics.render()
+            return Response(content=body, media_type=content_type)
 
     @app.post("/v1/tokenize")
     async def tokenize(request: Request) -> Response:

@@ -3,7 +3,8 @@
 Flow: HTTP / Engine -> `GenerateReqInput` (main process) -> TokenizerManager ->
 `TokenizedGenerateReqInput` -> Scheduler process -> `BatchTokenIDOut` -> DetokenizerManager process
 -> `BatchStrOut` -> TokenizerManager. Control messages (`AbortReq`, `FlushCacheReq`, `GetLoadReq`,
-`HealthCheckReq`) go to the scheduler; their answers come straight back to the TokenizerManager.
+`GetSchedulerStatsReq`, `HealthCheckReq`) go to the scheduler; their answers come straight back to
+the TokenizerManager.
 
 All messages are plain dataclasses pickled by `send_msg` / `recv_msg` (pickle is enough: every
 endpoint is a process of the same server, started from the same code).
@@ -276,6 +277,23 @@ class GetLoadResp:
             "num_waiting_reqs": self.num_waiting_reqs,
             "num_tokens": self.num_tokens,
         }
+
+
+@dataclass
+class GetSchedulerStatsReq:
+    """Asked on every `/metrics` scrape (only with --enable-metrics)."""
+
+
+@dataclass
+class SchedulerStats:
+    """The scheduler's gauges at the moment it answered (see metrics/collector.py)."""
+
+    num_running_reqs: int = 0
+    num_queue_reqs: int = 0
+    num_used_tokens: int = 0
+    token_usage: float = 0.0
+    gen_throughput: float = 0.0
+    cache_hit_rate: float = 0.0
 
 
 @dataclass

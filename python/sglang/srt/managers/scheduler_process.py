@@ -4,9 +4,11 @@
 model runner and `Scheduler`, reports readiness (or the load error) through a pipe, then loops:
 drain every pending message from the tokenizer manager (PULL), apply requests / aborts / control
 messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
-`--stream-interval` tokens of a streaming request and whenever a request finishes. Control answers
-(flush, load, health) go straight to the tokenizer manager. When there is no work it blocks on the
-socket. It also writes the `Prefill batch.` / `Decode batch.` log lines (COMPAT section 3).
+`--stream-interval` tokens of a streaming request and whenever a request finishes (with
+`--enable-metrics`, also the first token of every request, so the tokenizer manager can time it).
+Control answers (flush, load, metrics stats, health) go straight to the tokenizer manager. When
+there is no work it blocks on the socket. It also writes the `Prefill batch.` / `Decode batch.`
+log lines (COMPAT section 3) and keeps the scheduler gauges that `/metrics` asks for.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sglang.srt.managers.io_struct import (
     FlushCacheResp,
     GetLoadReq,
     GetLoadResp,
+    GetSchedulerStatsReq,
     HealthCheckReq,
     HealthCheckResp,
     TokenizedGenerateReqInput,
@@ -37,6 +40,7 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.metrics.collector import SchedulerStatsTracker
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +79,13 @@ class SchedulerProcess:
     stream_interval: int
     decode_log_interval: int
     parent_pid: int
+    report_first_token: bool = False
     send_state: dict[str, _SendState] = field(default_factory=dict)
     pending: list[Req] = field(default_factory=list)
     decode_steps: int = 0
     last_decode_log: float = field(default_factory=time.perf_counter)
     decode_tokens_since_log: int = 0
+    stats: SchedulerStatsTracker = field(default_factory=SchedulerStatsTracker)
 
     def __post_init__(self) -> None:
         self.scheduler.output.listener = self.pending.extend
@@ -137,6 +143,13 @@ class SchedulerProcess:
             send_msg(self.send_to_tokenizer, self.get_load(msg.check_memory))
         elif isinstance(msg, HealthCheckReq):
             send_msg(self.send_to_tokenizer, HealthCheckResp(ok=True))
+        elif isinstance(msg, GetSchedulerStatsReq):
+            load = self.get_load(check_memory=False)
+            running = load.num_reqs - load.num_waiting_reqs
+            stats = self.stats.snapshot(
+                running, load.num_waiting_reqs, load.num_tokens, load.token_usage
+            )
+            send_msg(self.send_to_tokenizer, stats)
         else:
             logger.error("scheduler got an unknown message %r", type(msg).__name__)
 
@@ -189,8 +202,13 @@ class SchedulerProcess:
             finished = req.finished()
             new_tokens = len(req.output_ids) - state.sent_ids
             if not finished:
-                # Non-streaming requests get everything at the end; streams every N tokens.
-                if not req.stream or new_tokens < self.stream_interval and state.sent_ids > 0:
+                # Non-streaming requests get everything at the end (plus, for metrics, their
+                # first token); streams every N tokens.
+                first = state.sent_ids == 0
+                if req.stream:
+                    if new_tokens < self.stream_interval and not first:
+                        continue
+                elif not (first and new_tokens > 0 and self.report_first_token):
                     continue
             self._append(out, req, state)
             if finished:
@@ -247,6 +265,7 @@ class SchedulerProcess:
         sched = self.scheduler
         if batch.forward_mode.is_extend():
             info = sched.last_batch_info
+            self.stats.on_prefill(info.get("new_token", 0), info.get("cached_token", 0))
             logger.info(
                 "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
                 "token usage: %.2f, #running-req: %d, #queue-req: %d",
@@ -260,6 +279,7 @@ class SchedulerProcess:
             return
         self.decode_steps += 1
         self.decode_tokens_since_log += len(batch.reqs)
+        self.stats.on_decode(len(batch.reqs))
         if self.decode_steps % self.decode_log_interval:
             return
         now = time.perf_counter()
@@ -328,6 +348,7 @@ def run_scheduler_process(server_args: Any, port_args: Any, pipe: Any, parent_pi
         stream_interval=server_args.stream_interval,
         decode_log_interval=server_args.decode_log_interval,
         parent_pid=parent_pid,
+        report_first_token=server_args.enable_metrics,
     )
     try:
         proc.event_loop()

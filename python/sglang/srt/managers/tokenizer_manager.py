@@ -4,7 +4,9 @@ Owns tokenization (text or ids in; chat templates are the OpenAI layer's job), r
 (sampling parameters, prompt length against the context), sending `TokenizedGenerateReqInput` to
 the scheduler, and collecting `BatchStrOut` per rid into `ReqState`s that `generate_request`
 turns into native `/generate` output dicts. It also aborts requests whose client went away or
-whose coroutine was cancelled, and answers flush / load queries through the scheduler.
+whose coroutine was cancelled, and answers flush / load queries through the scheduler. With
+`--enable-metrics` it owns the Prometheus collector: it times every request's outputs as they
+arrive and, on `/metrics` scrapes, fetches the scheduler's gauges (see metrics/collector.py).
 
 Contract of `generate_request(obj, request=None)` (an async generator):
 - validation errors raise ValueError before anything is yielded or sent;
@@ -39,8 +41,10 @@ from sglang.srt.managers.io_struct import (
     GenerateReqInput,
     GetLoadReq,
     GetLoadResp,
+    GetSchedulerStatsReq,
     HealthCheckReq,
     HealthCheckResp,
+    SchedulerStats,
     TokenizedGenerateReqInput,
     recv_msg_async,
     send_msg,
@@ -72,6 +76,7 @@ class ReqState:
     # Offsets already yielded (for --stream-output deltas).
     yielded_text: int = 0
     yielded_ids: int = 0
+    last_token_time: Optional[float] = None  # when the latest output tokens arrived (metrics)
 
 
 class TokenizerManager:
@@ -107,6 +112,12 @@ class TokenizerManager:
         )
         self._handle_task: Optional[asyncio.Task] = None
         self.dead_reason: Optional[str] = None
+        self.metrics: Any = None
+        if server_args.enable_metrics:
+            from sglang.srt.metrics.collector import TokenizerMetricsCollector
+
+            model_name = server_args.served_model_name or server_args.model_path
+            self.metrics = TokenizerMetricsCollector({"model_name": model_name})
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def set_scheduler_info(self, info: dict[str, Any]) -> None:
@@ -166,7 +177,22 @@ class TokenizerManager:
             if out.finished_reasons[i] is not None:
                 state.finished_reason = out.finished_reasons[i]
                 state.finished = True
+            if self.metrics is not None:
+                self._observe(state, len(out.new_output_ids[i]))
             state.event.set()
+
+    def _observe(self, state: ReqState, num_new: int) -> None:
+        now = time.perf_counter()
+        if num_new > 0:
+            if state.last_token_time is None:
+                self.metrics.observe_first_token(now - state.created)
+            else:
+                self.metrics.observe_inter_token(now - state.last_token_time, num_new)
+            state.last_token_time = now
+        if state.finished:
+            self.metrics.observe_finished(
+                state.prompt_tokens, state.completion_tokens, now - state.created
+            )
 
     async def _request(self, msg: Any, resp_type: type) -> Any:
         if self.dead_reason is not None:
@@ -196,6 +222,9 @@ class TokenizerManager:
 
     async def get_load(self, check_memory: bool = False) -> GetLoadResp:
         return await self._request(GetLoadReq(check_memory=check_memory), GetLoadResp)
+
+    async def get_scheduler_stats(self) -> SchedulerStats:
+        return await self._request(GetSchedulerStatsReq(), SchedulerStats)
 
     async def health_check(self) -> bool:
         resp = await self._request(HealthCheckReq(), HealthCheckResp)

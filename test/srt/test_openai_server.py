@@ -1,0 +1,248 @@
+"""The real server on SmolLM2, launched once and driven with the official `openai` client.
+
+Covers chat and completions (streaming and not), usage (with `--enable-cache-report`),
+`stream_options.include_usage`, `n=2`, logprobs (chat `top_logprobs`, completions `logprobs=k`),
+echo, stop strings, length finish, any model name, `extra_body` extras, 400s raised as
+`openai.BadRequestError` with the server healthy afterwards, and Prometheus `/metrics`
+(`--enable-metrics`).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import openai
+import pytest
+import requests
+
+from sglang.test.test_utils import (
+    DEFAULT_MODEL_NAME_FOR_TEST,
+    find_free_port,
+    kill_process_tree,
+    popen_launch_server,
+    terminate,
+)
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ANSWER = "The capital of France is Paris."
+PROMPT = "The capital city of France is"
+COUNT_PROMPT = "Count: 1, 2, 3, 4, 5,"  # greedy: " 6, 7, 8, 9, ..."
+
+METRIC_NAMES = (
+    "num_running_reqs",
+    "num_queue_reqs",
+    "num_used_tokens",
+    "token_usage",
+    "gen_throughput",
+    "cache_hit_rate",
+    "prompt_tokens_total",
+    "generation_tokens_total",
+    "time_to_first_token_seconds",
+    "inter_token_latency_seconds",
+    "e2e_request_latency_seconds",
+)
+
+
+@pytest.fixture(scope="module")
+def server():
+    url = f"http://127.0.0.1:{find_free_port()}"
+    args = ["--max-total-tokens", "4096", "--enable-metrics", "--enable-cache-report"]
+    proc = popen_launch_server(DEFAULT_MODEL_NAME_FOR_TEST, url, other_args=args)
+    yield url
+    try:
+        terminate(proc, signal.SIGTERM, timeout=30)
+    finally:
+        kill_process_tree(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=f"{server}/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def chat(client, **kwargs):
+    kwargs.setdefault("model", DEFAULT_MODEL_NAME_FOR_TEST)
+    kwargs.setdefault("messages", QUESTION)
+    return client.chat.completions.create(**kwargs)
+
+
+def complete(client, **kwargs):
+    kwargs.setdefault("model", DEFAULT_MODEL_NAME_FOR_TEST)
+    kwargs.setdefault("prompt", PROMPT)
+    return client.completions.create(**kwargs)
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^sglang:{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+    assert match, f"sglang:{name} missing from /metrics"
+    return float(match.group(1))
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_chat_answer_and_usage(client):
+    resp = chat(client, temperature=0, max_tokens=32, model="any-model-name")
+    assert resp.object == "chat.completion" and resp.id
+    assert resp.model == "any-model-name"
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ANSWER
+    assert choice.finish_reason == "stop"
+    usage = resp.usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.prompt_tokens_details is not None  # --enable-cache-report
+
+
+def test_chat_stream_include_usage(client):
+    stream = chat(
+        client, temperature=0, max_tokens=32, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "stop"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_n2_and_length_finish(client):
+    resp = chat(client, temperature=0.8, max_tokens=3, n=2, seed=1)
+    assert sorted(c.index for c in resp.choices) == [0, 1]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    assert resp.usage.completion_tokens == 6
+
+
+def test_chat_logprobs(client):
+    resp = chat(client, temperature=0, max_tokens=4, logprobs=True, top_logprobs=3)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens == 4
+    assert "".join(t.token for t in content) == resp.choices[0].message.content
+    for tok in content:
+        assert tok.logprob <= 0 and len(tok.top_logprobs) == 3
+        assert tok.top_logprobs[0].logprob >= tok.logprob - 1e-4  # greedy took the best
+
+
+def test_chat_stop_string_and_extras(client):
+    resp = chat(client, temperature=0, max_tokens=32, stop=[" Paris"])
+    assert resp.choices[0].message.content == "The capital of France is"
+    assert resp.choices[0].finish_reason == "stop"
+    extra = {"top_k": 1, "repetition_penalty": 1.0, "min_p": 0.0, "min_tokens": 1}
+    resp = chat(client, temperature=0.7, max_tokens=32, extra_body=extra)
+    assert resp.choices[0].message.content == ANSWER  # top_k=1 is greedy
+
+
+# ---------------------------------------------------------------------------- completions
+
+
+def test_completion_and_cache_report(client):
+    resp = complete(client, temperature=0, max_tokens=8)
+    assert resp.object == "text_completion"
+    choice = resp.choices[0]
+    assert choice.text.startswith(" Paris") and choice.finish_reason == "length"
+    assert resp.usage.completion_tokens == 8
+    # The same prompt again: its tokens come from the radix cache and the report says so.
+    again = complete(client, temperature=0, max_tokens=8)
+    assert again.choices[0].text == choice.text
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_completion_stream(client):
+    expected = complete(client, temperature=0, max_tokens=8).choices[0].text
+    chunks = list(
+        complete(
+            client, temperature=0, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completion_stream_n2(client):
+    chunks = list(complete(client, temperature=0.8, max_tokens=4, n=2, stream=True, seed=3))
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        for ch in c.choices:
+            texts[ch.index] += ch.text
+    assert set(texts) == {0, 1} and all(texts.values())
+
+
+def test_completion_stop_string(client):
+    resp = complete(client, prompt=COUNT_PROMPT, temperature=0, max_tokens=16, stop=[" 8"])
+    choice = resp.choices[0]
+    assert choice.text == " 6, 7,"
+    assert choice.finish_reason == "stop"
+
+
+def test_completion_echo_logprobs(client):
+    resp = complete(client, temperature=0, max_tokens=1, echo=True, logprobs=2)
+    choice = resp.choices[0]
+    assert choice.text.startswith(PROMPT) and len(choice.text) > len(PROMPT)
+    lp = choice.logprobs
+    n = resp.usage.prompt_tokens + 1
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n
+    assert "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None  # the first prompt token has no context
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert len(lp.top_logprobs[-1]) == 2
+    # echo without logprobs only prepends the prompt.
+    plain = complete(client, temperature=0, max_tokens=2, echo=True).choices[0]
+    assert plain.text.startswith(PROMPT + " Paris") and plain.logprobs is None
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_bad_requests_raise_400(server, client):
+    bad_calls = [
+        lambda: chat(client, max_tokens=-1),
+        lambda: chat(client, temperature=-1),
+        lambda: complete(client, temperature=-0.5),
+        lambda: complete(client, prompt="hello " * 5000, max_tokens=2),
+        lambda: client.post("/chat/completions", body={"model": "m"}, cast_to=object),
+    ]
+    for call in bad_calls:
+        with pytest.raises(openai.BadRequestError) as info:
+            call()
+        assert info.value.status_code == 400
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200
+    assert chat(client, temperature=0, max_tokens=32).choices[0].message.content == ANSWER
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_metrics(server, client):
+    before = requests.get(f"{server}/metrics", timeout=10)
+    assert before.status_code == 200
+    assert before.headers["content-type"].startswith("text/plain")
+    for name in METRIC_NAMES:
+        assert f"sglang:{name}" in before.text, name
+    assert 'model_name="' in before.text
+    resp = complete(client, temperature=0, max_tokens=5)
+    after = requests.get(f"{server}/metrics", timeout=10).text
+    prompt_delta = metric(after, "prompt_tokens_total") - metric(before.text, "prompt_tokens_total")
+    gen_delta = metric(after, "generation_tokens_total") - metric(
+        before.text, "generation_tokens_total"
+    )
+    assert prompt_delta == resp.usage.prompt_tokens
+    assert gen_delta == 5
+    assert metric(after, "e2e_request_latency_seconds_count") > metric(
+        before.text, "e2e_request_latency_seconds_count"
+    )
+    assert metric(after, "time_to_first_token_seconds_count") > 0
+    assert metric(after, "inter_token_latency_seconds_count") > 0
+    # Idle server: nothing running or queued, nothing held; earlier repeats hit the cache.
+    assert metric(after, "num_running_reqs") == 0 and metric(after, "num_queue_reqs") == 0
+    assert metric(after, "num_used_tokens") == 0 and metric(after, "token_usage") == 0
+    assert 0 < metric(after, "cache_hit_rate") < 1
+    assert metric(after, "gen_throughput") >= 0

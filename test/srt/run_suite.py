@@ -41,6 +41,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_openai_protocol.py", 60),
         TestFile("test_openai_server.py", 60),
         TestFile("test_runtime.py", 45),
+        TestFile("test_bench_serving.py", 120),
     ],
     "per-commit-1-gpu": [],
 }

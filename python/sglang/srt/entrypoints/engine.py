@@ -297,7 +297,10 @@ class Engine:
             return
         self._closed = True
         self._procs.shutdown()
-        self._loop.call_soon_threadsafe(self.tokenizer_manager.close)
+        try:
+            asyncio.run_coroutine_threadsafe(self.tokenizer_manager.aclose(), self._loop).result(5)
+        except Exception:  # the loop may already be gone; the sockets die with the process
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
         atexit.unregister(self.shutdown)

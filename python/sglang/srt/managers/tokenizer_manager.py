@@ -146,6 +146,17 @@ class TokenizerManager:
         self.send_to_scheduler.close(linger=0)
         self.recv_from_detokenizer.close(linger=0)
 
+    async def aclose(self) -> None:
+        """Cancel the receive loop and wait until it has ended, then close the sockets."""
+        task, self._handle_task = self._handle_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self.close()
+
     async def _handle_loop(self) -> None:
         while True:
             msg = await recv_msg_async(self.recv_from_detokenizer)

@@ -196,19 +196,14 @@ class Engine:
         **kwargs: Any,
     ) -> Union[dict, list[dict], Iterator[dict]]:
         """Same dicts as /generate; a list for list input; an iterator of dicts when streaming."""
-        obj = self._make_input(
-            prompt,
-            sampling_params,
-            input_ids,
-            stream,
-            dict(
-                return_logprob=return_logprob,
-                logprob_start_len=logprob_start_len,
-                top_logprobs_num=top_logprobs_num,
-                **kwargs,
-            ),
+        kwargs.update(
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
         )
-        agen = self.tokenizer_manager.generate_request(obj)
+        agen = self.tokenizer_manager.generate_request(
+            self._make_input(prompt, sampling_params, input_ids, stream, kwargs)
+        )
         if stream:
             return self._sync_stream(agen)
         return self._run(_first(agen))
@@ -225,19 +220,14 @@ class Engine:
         **kwargs: Any,
     ) -> Union[dict, list[dict], AsyncIterator[dict]]:
         """Awaitable dict (or list); with stream=True an async iterator of dicts."""
-        obj = self._make_input(
-            prompt,
-            sampling_params,
-            input_ids,
-            stream,
-            dict(
-                return_logprob=return_logprob,
-                logprob_start_len=logprob_start_len,
-                top_logprobs_num=top_logprobs_num,
-                **kwargs,
-            ),
+        kwargs.update(
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
         )
-        agen = self.tokenizer_manager.generate_request(obj)
+        agen = self.tokenizer_manager.generate_request(
+            self._make_input(prompt, sampling_params, input_ids, stream, kwargs)
+        )
         if stream:
             return self._async_stream(agen)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_first(agen), self._loop))

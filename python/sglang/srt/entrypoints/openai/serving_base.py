@@ -281,6 +281,16 @@ class ServingBase:
     def model_name(self, request: RequestBase) -> str:
         return request.model or self.served_model_name
 
+    async def create(self, request: Any, raw_request: Any = None) -> Any:
+        """The response model, or for `stream` an iterator of SSE lines ending in [DONE].
+
+        Subclasses provide `plan`, `stream` and `build_response`."""
+        plan = self.plan(request)
+        if request.stream:
+            return self.stream(request, plan, raw_request)
+        finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)
+        return self.build_response(request, plan, finals)
+
     async def stream_events(
         self,
         reqs: list[dict[str, Any]],

@@ -34,7 +34,6 @@ from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamCursor,
     choice_requests,
-    collect_final,
     finish_of,
     sampling_params_for,
     token_text,
@@ -111,16 +110,6 @@ class OpenAIServingChat(ServingBase):
             top_logprobs_num=request.top_logprobs or 0,
         )
         return ChatPlan(rid, now(), reqs, prompt_ids)
-
-    async def create(
-        self, request: ChatCompletionRequest, raw_request: Any = None
-    ) -> ChatCompletionResponse | AsyncIterator[str]:
-        """The response model, or for `stream` an iterator of SSE lines ending in [DONE]."""
-        plan = self.plan(request)
-        if request.stream:
-            return self.stream(request, plan, raw_request)
-        finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)
-        return self.build_response(request, plan, finals)
 
     # ------------------------------------------------------------ responses
 

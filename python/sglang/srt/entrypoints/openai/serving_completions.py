@@ -28,7 +28,6 @@ from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamCursor,
     choice_requests,
-    collect_final,
     finish_of,
     sampling_params_for,
     token_text,
@@ -74,16 +73,6 @@ class OpenAIServingCompletion(ServingBase):
             top_logprobs_num=request.logprobs or 0,
         )
         return CompletionPlan(rid, now(), reqs, prompts)
-
-    async def create(
-        self, request: CompletionRequest, raw_request: Any = None
-    ) -> CompletionResponse | AsyncIterator[str]:
-        """The response model, or for `stream` an iterator of SSE lines ending in [DONE]."""
-        plan = self.plan(request)
-        if request.stream:
-            return self.stream(request, plan, raw_request)
-        finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)
-        return self.build_response(request, plan, finals)
 
     # ------------------------------------------------------------ non-streaming
 

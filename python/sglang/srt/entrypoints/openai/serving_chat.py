@@ -209,18 +209,7 @@ class OpenAIServingChat(ServingBase):
                 )
             return chunks
 
-        on_usage = None
-        if request.include_usage:
-
-            def on_usage(finals: list[dict[str, Any]]) -> ChatCompletionStreamResponse:
-                return ChatCompletionStreamResponse(
-                    id=plan.id,
-                    created=plan.created,
-                    model=model,
-                    choices=[],
-                    usage=usage_of(finals, request.n, self.enable_cache_report),
-                )
-
+        on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
 
 

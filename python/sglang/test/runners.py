@@ -109,19 +109,33 @@ class HFRunner:
     @torch.no_grad()
     def greedy(self, input_ids: list[int], max_new_tokens: int) -> GenOutput:
         """Greedy decoding with the HF KV cache, never stopping early (EOS is not suppressed)."""
+        return self.greedy_with_attention(input_ids, max_new_tokens, attentions=False)[0]
+
+    @torch.no_grad()
+    def greedy_with_attention(
+        self, input_ids: list[int], max_new_tokens: int, attentions: bool = True
+    ) -> tuple[GenOutput, list[torch.Tensor]]:
+        """Greedy decoding plus, per generated token t, the eager attention of the query that
+        produced it: a float64 [num_layers, context] tensor of the head-mean softmax row
+        (`attentions[layer][0, :, -1, :]` averaged over heads, as in generate(output_attentions))."""
         ids: list[int] = []
         lps: list[float] = []
+        rows: list[torch.Tensor] = []
         past = None
         step_input = torch.tensor([input_ids])
         for _ in range(max_new_tokens):
-            out = self.model(step_input, past_key_values=past, use_cache=True)
+            out = self.model(
+                step_input, past_key_values=past, use_cache=True, output_attentions=attentions
+            )
+            if attentions:
+                rows.append(torch.stack([a[0, :, -1, :].double().mean(0) for a in out.attentions]))
             past = out.past_key_values
             logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
             token = int(torch.argmax(logprobs))
             ids.append(token)
             lps.append(logprobs[token].item())
             step_input = torch.tensor([[token]])
-        return GenOutput(output_ids=ids, output_logprobs=lps)
+        return GenOutput(output_ids=ids, output_logprobs=lps), rows
 
 
 class SRTRunner:
@@ -143,6 +157,7 @@ class SRTRunner:
         max_new_tokens: int = 32,
         return_logprob: bool = False,
         logprob_start_len: int = -1,
+        attention: Any = None,
         **sampling: Any,
     ) -> Req:
         self._counter += 1
@@ -153,6 +168,7 @@ class SRTRunner:
             params,
             return_logprob=return_logprob,
             logprob_start_len=logprob_start_len,
+            attention=attention,
         )
 
     def generate(

@@ -8,7 +8,7 @@ log-probabilities of the following prompt token (and top-n alternatives) it comp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ class LogitsProcessorOutput:
     input_token_logprobs: Optional[torch.Tensor] = None  # [M] float32
     input_top_logprobs_val: Optional[torch.Tensor] = None  # [M, k]
     input_top_logprobs_idx: Optional[torch.Tensor] = None  # [M, k]
+    # attention_capture.CaptureResult of this forward, when some row captured.
+    attention_capture: Optional[Any] = None
 
 
 class LogitsProcessor(nn.Module):

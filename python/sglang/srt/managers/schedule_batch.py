@@ -18,6 +18,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardMode, ModelWorke
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from sglang.srt.attention_capture.config import AttentionRequest
     from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 
 
@@ -78,6 +79,7 @@ class Req:
         top_logprobs_num: int = 0,
         stream: bool = False,
         eos_token_ids: Optional[set[int]] = None,
+        attention: Optional["AttentionRequest"] = None,
     ) -> None:
         self.rid = rid
         self.origin_input_text = origin_input_text
@@ -117,6 +119,10 @@ class Req:
 
         # Text state for stop strings (the scheduler decodes the tail it needs).
         self.decoded_text = ""
+
+        # Attention tokens (srt/attention_capture): options, and one record per output token.
+        self.attention = attention
+        self.attention_records: list[Any] = []
 
     # ---- derived sizes ------------------------------------------------------------------------
     @property
@@ -244,6 +250,7 @@ class ScheduleBatch:
             input_logprob_indices=idx,
             input_logprob_targets=targets,
             input_logprob_top_nums=tops,
+            attention_capture=self._capture_spec(extend=True),
         )
 
     def _prompt_logprob_positions(self, prefix_lens: list[int], ext_lens: list[int]):
@@ -300,7 +307,16 @@ class ScheduleBatch:
             sampling_info=self._sampling_info(),
             return_logprob=any(r.return_logprob for r in self.reqs),
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in self.reqs],
+            attention_capture=self._capture_spec(extend=False),
         )
+
+    def _capture_spec(self, extend: bool) -> Any:
+        """The attention-capture rows of this forward (None when no request captures now)."""
+        if not any(r.attention is not None for r in self.reqs):
+            return None
+        from sglang.srt.attention_capture.capture import build_capture_spec
+
+        return build_capture_spec(self.reqs, extend)
 
     def _sampling_info(self) -> "SamplingBatchInfo":
         from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo

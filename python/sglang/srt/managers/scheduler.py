@@ -109,6 +109,9 @@ class Scheduler:
         if not req.eos_token_ids:
             req.eos_token_ids = set(self.model_config.eos_token_ids)
         error = self.validate_request(req)
+        if error is None and req.attention is not None:
+            if self.model_runner.attention_capture is None:
+                error = "return_attention_tokens needs a server started with --return-attention-tokens"
         if error is not None:
             req.finished_reason = FINISH_ABORT(error)
             self.output.emit_finished(req)
@@ -153,7 +156,7 @@ class Scheduler:
         if batch.forward_mode.is_extend():
             self.output.process_prefill_result(batch, logits_output, sample)
         else:
-            self.output.process_decode_result(batch, sample)
+            self.output.process_decode_result(batch, sample, logits_output)
         if self.on_batch is not None:
             self.on_batch(batch)
         return True

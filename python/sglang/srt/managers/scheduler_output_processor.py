@@ -41,6 +41,7 @@ class OutputProcessor:
         self._collect_prompt_logprobs(batch, logits_output)
         next_ids = sample.next_token_ids.tolist()
         out_logprobs = self._output_logprob_lists(batch, sample)
+        records = self._attention_records(logits_output)
         advanced: list[Req] = []
         to_running: list[Req] = []
         for i, req in enumerate(batch.reqs):
@@ -55,7 +56,7 @@ class OutputProcessor:
                 req.finished_reason = FINISH_LENGTH(0)
                 sched.tree_cache.cache_finished_req(req)
                 continue
-            self._append_token(req, next_ids[i], out_logprobs, i)
+            self._append_token(req, next_ids[i], out_logprobs, i, records)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
             else:
@@ -64,12 +65,18 @@ class OutputProcessor:
         sched.running_batch.merge(to_running)
         self._emit(advanced)
 
-    def process_decode_result(self, batch: ScheduleBatch, sample: "SamplerOutput") -> None:
+    def process_decode_result(
+        self,
+        batch: ScheduleBatch,
+        sample: "SamplerOutput",
+        logits_output: Optional["LogitsProcessorOutput"] = None,
+    ) -> None:
         sched = self.scheduler
         next_ids = sample.next_token_ids.tolist()
         out_logprobs = self._output_logprob_lists(batch, sample)
+        records = self._attention_records(logits_output)
         for i, req in enumerate(batch.reqs):
-            self._append_token(req, next_ids[i], out_logprobs, i)
+            self._append_token(req, next_ids[i], out_logprobs, i, records)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
         advanced = list(batch.reqs)
@@ -77,14 +84,33 @@ class OutputProcessor:
         self._emit(advanced)
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _append_token(self, req: Req, token: int, logprobs: Optional[tuple], i: int) -> None:
+    def _append_token(
+        self,
+        req: Req,
+        token: int,
+        logprobs: Optional[tuple],
+        i: int,
+        records: Optional[dict[int, Any]] = None,
+    ) -> None:
         req.output_ids.append(token)
+        if records is not None and i in records:
+            req.attention_records.append(records[i])
         if req.return_logprob and logprobs is not None:
             lp, top_val, top_idx = logprobs
             req.output_token_logprobs.append((lp[i], token))
             if req.top_logprobs_num > 0 and top_val is not None:
                 k = req.top_logprobs_num
                 req.output_top_logprobs.append(list(zip(top_val[i][:k], top_idx[i][:k])))
+
+    @staticmethod
+    def _attention_records(logits_output: Optional["LogitsProcessorOutput"]) -> Optional[dict]:
+        """Batch index -> AttentionRecord of this forward's capturing rows (host copy here)."""
+        result = getattr(logits_output, "attention_capture", None)
+        if result is None:
+            return None
+        from sglang.srt.attention_capture.records import result_to_records
+
+        return dict(zip(result.spec.batch_rows, result_to_records(result)))
 
     @staticmethod
     def _output_logprob_lists(batch: ScheduleBatch, sample: "SamplerOutput") -> Optional[tuple]:

@@ -53,7 +53,8 @@ class ModelWorkerBatch:
     input_logprob_indices: Optional[list[int]] = None
     input_logprob_targets: Optional[list[int]] = None
     input_logprob_top_nums: Optional[list[int]] = None
-    # Seam for the attention-capture feature (srt/attention_capture); None when unused.
+    # Seam for the attention-capture feature: a CaptureSpec naming the rows that capture in this
+    # forward (srt/attention_capture); None when no request in the batch captures now.
     attention_capture: Any = None
 
     @property
@@ -85,6 +86,7 @@ class ForwardBatch:
     input_logprob_indices: Optional[torch.Tensor] = None
     input_logprob_targets: Optional[torch.Tensor] = None
     input_logprob_top_nums: Optional[list[int]] = None
+    # The runner's AttentionCapture while this forward captures (set by the model runner).
     attention_capture: Any = None
 
     @classmethod
@@ -135,7 +137,6 @@ class ForwardBatch:
             input_logprob_indices=opt(batch.input_logprob_indices),
             input_logprob_targets=opt(batch.input_logprob_targets),
             input_logprob_top_nums=batch.input_logprob_top_nums,
-            attention_capture=batch.attention_capture,
         )
         attn_backend.init_forward_metadata(fb)
         return fb

@@ -75,6 +75,9 @@ class ModelRunner:
         self.init_memory_pool(memory_before)
         self.attn_backend = create_attention_backend(server_args.attention_backend, self)
         self.sampler = Sampler()
+        self.attention_capture: Optional[Any] = None
+        if getattr(server_args, "return_attention_tokens", False):
+            self.init_attention_capture()
 
     # ---- memory -------------------------------------------------------------------------------
     @property
@@ -134,6 +137,15 @@ class ModelRunner:
             self.token_to_kv_pool.get_kv_size_bytes() / 2**30,
         )
 
+    def init_attention_capture(self) -> None:
+        """Allocate the attention-capture buffers (only with --return-attention-tokens)."""
+        from sglang.srt.attention_capture import AttentionCapture, resolve_capture_layers
+
+        layers = resolve_capture_layers(
+            self.server_args.attention_capture_layers, self.model_config.num_hidden_layers
+        )
+        self.attention_capture = AttentionCapture.from_model_runner(self, layers)
+
     # ---- one step -----------------------------------------------------------------------------
     def forward(self, batch: ModelWorkerBatch) -> tuple[LogitsProcessorOutput, ForwardBatch]:
         fb = ForwardBatch.init_new(
@@ -143,8 +155,19 @@ class ModelRunner:
             token_to_kv_pool=self.token_to_kv_pool,
             attn_backend=self.attn_backend,
         )
+        capture = self.attention_capture
+        if batch.attention_capture is None or capture is None:
+            with torch.inference_mode():
+                return self.model(fb.input_ids, fb.positions, fb), fb
+        # Rows that asked for attention tokens: the capture rides along the forward.
         with torch.inference_mode():
-            out = self.model(fb.input_ids, fb.positions, fb)
+            try:
+                capture.begin(batch.attention_capture, fb)
+                fb.attention_capture = capture
+                out = self.model(fb.input_ids, fb.positions, fb)
+                out.attention_capture = capture.finish()
+            finally:
+                capture.abort()
         return out, fb
 
     def sample(

@@ -1,0 +1,258 @@
+"""The capture itself: exact attention probabilities of the rows that asked, then top-k.
+
+Owns the device side of the feature (the torch path; the fused GPU kernel is a drop-in for
+`record`). `AttentionCapture` is created once per model runner when the server runs with
+`--return-attention-tokens` and allocates its buffers then: one float32 score row per running
+request over the whole context, and per-layer top-k outputs. Each forward that has capturing rows
+goes through `begin` (per-forward indices: which query token each row takes, which KV slots its
+keys sit in), `record` from every captured layer (one extra read of K: q.K, exp(s - lse) with the
+kernel's log-sum-exp, summed over query heads, weighted into the row), and `finish` (all-reduce over
+the TP group, sink exclusion, top-k). Rows are gathered by tensor indexing: there is no Python loop
+over requests and no host sync in the forward. The scheduler's batch says which rows capture
+through a `CaptureSpec`; a forward with no capturing row never reaches this module.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from sglang.srt.attention_capture.config import AttentionRequest
+from sglang.srt.distributed.parallel_state import (
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+# Score given to positions that must not be ranked (padding, excluded sink); real scores are >= 0.
+NOT_RANKED = -1.0
+
+
+@dataclass
+class CaptureSpec:
+    """Which requests of a batch capture in this forward (built on the CPU by the scheduler).
+
+    `batch_rows[i]` is the index in the batch of capture row i; `requests[i]` its options.
+    In an extend, a row takes the last token of its request's segment; in a decode, its one token.
+    """
+
+    batch_rows: list[int]
+    requests: list[AttentionRequest]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.batch_rows)
+
+    @property
+    def per_layer(self) -> bool:
+        return any(r.per_layer for r in self.requests)
+
+    @property
+    def top_k(self) -> int:
+        return max(r.top_k for r in self.requests)
+
+
+def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:
+    """The spec for a batch of scheduler requests, or None when no request captures now.
+
+    In an extend, chunks that do not end the prompt and prompt-only requests produce no token, so
+    they do not capture.
+    """
+    rows: list[int] = []
+    options: list[AttentionRequest] = []
+    for i, req in enumerate(reqs):
+        opt = req.attention
+        if opt is None:
+            continue
+        if extend and (req.is_chunked or req.sampling_params.max_new_tokens == 0):
+            continue
+        rows.append(i)
+        options.append(opt)
+    if not rows:
+        return None
+    return CaptureSpec(rows, options)
+
+
+@dataclass
+class CaptureResult:
+    """Device tensors of one forward's capture; `to_lists` moves them to the host once."""
+
+    spec: CaptureSpec
+    layers: tuple[int, ...]  # captured layer ids (the server's set), index c of the per-layer axis
+    values: torch.Tensor  # [R, k] scores of the mean row, NOT_RANKED where nothing is ranked
+    indices: torch.Tensor  # [R, k] absolute key positions
+    excluded: torch.Tensor  # [R] summed score of the excluded leading positions
+    layer_values: Optional[torch.Tensor] = None  # [C, R, k] when some row wants per-layer lists
+    layer_indices: Optional[torch.Tensor] = None
+    layer_excluded: Optional[torch.Tensor] = None  # [C, R]
+
+
+class AttentionCapture:
+    """Runner-owned capture state: buffers allocated at start-up, reused by every forward."""
+
+    def __init__(
+        self,
+        captured_layers: tuple[int, ...],
+        num_layers: int,
+        max_rows: int,
+        max_context: int,
+        max_top_k: int,
+        num_q_heads_total: int,
+        device: str | torch.device,
+    ) -> None:
+        self.layers = tuple(captured_layers)
+        self.slot_of_layer = [-1] * num_layers
+        for c, layer in enumerate(self.layers):
+            self.slot_of_layer[layer] = c
+        self.max_rows, self.max_context, self.max_top_k = max_rows, max_context, max_top_k
+        self.num_q_heads_total = num_q_heads_total
+        self.device = torch.device(device)
+        num_cap = len(self.layers)
+        f32 = torch.float32
+        self.rows = torch.zeros(max_rows, max_context, dtype=f32, device=self.device)
+        self.layer_values = torch.zeros(num_cap, max_rows, max_top_k, dtype=f32, device=self.device)
+        self.layer_indices = torch.zeros(
+            num_cap, max_rows, max_top_k, dtype=torch.int64, device=self.device
+        )
+        self.layer_excluded = torch.zeros(num_cap, max_rows, dtype=f32, device=self.device)
+        self.active = False
+        self.spec: Optional[CaptureSpec] = None
+        nbytes = sum(
+            t.numel() * t.element_size()
+            for t in (self.rows, self.layer_values, self.layer_indices, self.layer_excluded)
+        )
+        logger.info(
+            "Attention capture on: layers=%s, top_k<=%d, buffers=%.1f MB for %d rows x %d positions",
+            list(self.layers),
+            max_top_k,
+            nbytes / 2**20,
+            max_rows,
+            max_context,
+        )
+
+    @classmethod
+    def from_model_runner(cls, runner: Any, captured_layers: tuple[int, ...]) -> "AttentionCapture":
+        mc = runner.model_config
+        return cls(
+            captured_layers,
+            mc.num_hidden_layers,
+            max_rows=runner.max_running_requests,
+            max_context=runner.context_len,
+            max_top_k=int(runner.server_args.attention_tokens_top_k),
+            num_q_heads_total=mc.num_attention_heads,
+            device=runner.device,
+        )
+
+    # ---- per forward -------------------------------------------------------------------------
+    def begin(self, spec: CaptureSpec, fb: "ForwardBatch") -> None:
+        """Per-forward indices for the capturing rows; zero their score rows."""
+        num = spec.num_rows
+        if num > self.max_rows:
+            raise RuntimeError(f"{num} capturing rows exceed the {self.max_rows} allocated")
+        dev = self.device
+        rows = torch.tensor(spec.batch_rows, dtype=torch.int64).to(dev, non_blocking=True)
+        seq_lens = fb.seq_lens[rows]
+        if fb.forward_mode.is_extend():
+            q_index = (fb.extend_start_loc + fb.extend_seq_lens - 1)[rows]
+        else:
+            q_index = rows
+        max_kv = max(fb.seq_lens_cpu[i] for i in spec.batch_rows)
+        j = torch.arange(max_kv, device=dev)
+        valid = j[None, :] < seq_lens[:, None]
+        slots = fb.req_to_token_pool.req_to_token[fb.req_pool_indices[rows], :max_kv]
+        self.kv_slots = torch.where(valid, slots, 0).reshape(-1)
+        self.valid, self.seq_lens, self.q_index, self.max_kv = valid, seq_lens, q_index, max_kv
+        self.exclude = torch.tensor([r.exclude_sink for r in spec.requests], dtype=torch.int64).to(
+            dev, non_blocking=True
+        )
+        # Weight of captured layer c in row i's mean: 1/|selected layers| if selected, else 0.
+        weights = [
+            [1.0 / len(r.layers) if layer in r.layers else 0.0 for layer in self.layers]
+            for r in spec.requests
+        ]
+        self.weights = torch.tensor(weights, dtype=torch.float32).to(dev, non_blocking=True)
+        self.windows: dict[int, torch.Tensor] = {}
+        self.k = min(spec.top_k, max_kv)
+        self.rows[:num, :max_kv].zero_()
+        self.spec, self.active = spec, True
+
+    def wants_layer(self, layer_id: int) -> bool:
+        return self.active and self.slot_of_layer[layer_id] >= 0
+
+    def _allowed(self, window: int) -> torch.Tensor:
+        """[R, max_kv] keys the captured query attends to (its causal context, its window)."""
+        if window <= 0:
+            return self.valid
+        mask = self.windows.get(window)
+        if mask is None:
+            j = torch.arange(self.max_kv, device=self.device)
+            mask = self.valid & (j[None, :] > (self.seq_lens - 1 - window)[:, None])
+            self.windows[window] = mask
+        return mask
+
+    def record(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+    ) -> None:
+        """Add this layer's head-summed probabilities of every capturing row into its score row.
+
+        q: [num_tokens, Hq * D] (after rotary), lse: [num_tokens, Hq] natural-log log-sum-exp of
+        the scaled scores, both for this rank's heads.
+        """
+        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        num = self.spec.num_rows
+        qr = q.view(-1, hq, d)[self.q_index].float().view(num, hkv, hq // hkv, d)
+        lr = lse[self.q_index].float().view(num, hkv, hq // hkv, 1)
+        keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
+        scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * layer.scaling
+        probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [R, max_kv]
+        probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
+        probs = probs / self.num_q_heads_total
+        c = self.slot_of_layer[layer.layer_id]
+        self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
+        if self.spec.per_layer:
+            probs = tensor_model_parallel_all_reduce(probs)
+            vals, idx, excl = self._rank(probs)
+            self.layer_values[c, :num, : self.k] = vals
+            self.layer_indices[c, :num, : self.k] = idx
+            self.layer_excluded[c, :num] = excl
+
+    def _rank(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k of score rows after leaving out padding and the excluded leading positions."""
+        j = torch.arange(self.max_kv, device=self.device)
+        sink = j[None, :] < self.exclude[:, None]
+        excluded = torch.where(sink & self.valid, row, 0.0).sum(dim=1)
+        ranked = row.masked_fill(sink | ~self.valid, NOT_RANKED)
+        vals, idx = ranked.topk(self.k, dim=1)
+        return vals, idx, excluded
+
+    def finish(self) -> CaptureResult:
+        """All-reduce the rows over the TP group and rank them; ends the forward's capture."""
+        spec, num = self.spec, self.spec.num_rows
+        row = self.rows[:num, : self.max_kv]
+        if get_tensor_model_parallel_world_size() > 1:
+            row = tensor_model_parallel_all_reduce(row.contiguous())
+        vals, idx, excl = self._rank(row)
+        result = CaptureResult(spec, self.layers, vals, idx, excl)
+        if spec.per_layer:
+            result.layer_values = self.layer_values[:, :num, : self.k].clone()
+            result.layer_indices = self.layer_indices[:, :num, : self.k].clone()
+            result.layer_excluded = self.layer_excluded[:, :num].clone()
+        self.active, self.spec = False, None
+        return result
+
+    def abort(self) -> None:
+        """Forget a forward that failed half-way."""
+        self.active, self.spec = False, None

@@ -103,7 +103,11 @@ def format_content(
     for i, rec in enumerate(records):
         t = first_index + i
         tid = output_ids[t]
-        entry: dict[str, Any] = {"token": token_text(tid), "token_id": tid, "position": n_prompt + t}
+        entry: dict[str, Any] = {
+            "token": token_text(tid),
+            "token_id": tid,
+            "position": n_prompt + t,
+        }
         if rec.layers is not None:
             keys = [str(layer) for layer in rec.layers]
             ranked = list(rec.layers.values())

@@ -5,11 +5,15 @@ each rid's ids and offsets, and sends `BatchStrOut` to the tokenizer manager wit
 that is final: text whose decoding ends in U+FFFD (a multi-byte character split across tokens)
 is held back until the next token completes it, and a tail that could be the start of a stop
 string is held back until it is clear it is not. On a stop-string finish the text is cut before
-the stop string unless `no_stop_trim`. `DecodeState` is pure and unit-testable.
+the stop string unless `no_stop_trim`. Attention-token records (one per output token) are passed
+on in step with the text: with stop strings, a token's record is released once some of its text
+has been shown, and on a stop-string finish the records of tokens cut away with the stop string
+are dropped. `DecodeState` is pure and unit-testable.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import signal
 import traceback
@@ -44,6 +48,10 @@ class DecodeState:
     prefix_offset: int = 0  # ids[prefix_offset:read_offset] is context already in `text`
     read_offset: int = 0  # ids before this are in `text`
     emitted: int = 0  # characters of `text` already sent
+    # Attention records: received, and how many were released; where each token's text starts.
+    attention: list[Any] = field(default_factory=list)
+    attention_released: int = 0
+    token_starts: list[int] = field(default_factory=list)
 
     def _decode(self, tokenizer: Any, ids: list[int]) -> str:
         kwargs: dict[str, Any] = {"skip_special_tokens": self.options.skip_special_tokens}
@@ -82,6 +90,27 @@ class DecodeState:
         self.emitted = end
         return delta
 
+    def release_attention(
+        self, tokenizer: Any, new_records: list[Any], finish: dict[str, Any] | None
+    ) -> list[Any]:
+        """Take the records of new tokens; return those whose token's text is now final.
+
+        Call after `add` for the same message. Without stop strings every record is final at once.
+        """
+        self.attention.extend(new_records)
+        count = len(self.attention)
+        matched = finish.get("matched") if finish is not None else None
+        trims = finish is None or (finish.get("type") == "stop" and isinstance(matched, str))
+        if self.options.stop and not self.options.no_stop_trim and tokenizer is not None and trims:
+            while len(self.token_starts) < len(self.ids):
+                start = len(self._decode(tokenizer, self.ids[: len(self.token_starts)]))
+                self.token_starts.append(max([start, *self.token_starts[-1:]]))
+            # A token is shown once its text starts before what was emitted (the cut, at the end).
+            count = min(count, bisect.bisect_left(self.token_starts, self.emitted))
+        out = self.attention[self.attention_released : max(count, self.attention_released)]
+        self.attention_released += len(out)
+        return out
+
     def _stop_holdback(self) -> int:
         """Characters at the end of `text` that could still grow into a stop string."""
         if self.options.no_stop_trim:
@@ -106,6 +135,7 @@ class DetokenizerManager:
 
     def handle(self, batch: BatchTokenIDOut) -> BatchStrOut:
         texts: list[str] = []
+        attention: list[Any] = []
         for i, rid in enumerate(batch.rids):
             state = self.states.get(rid)
             if state is None:
@@ -116,6 +146,12 @@ class DetokenizerManager:
                 texts.append("")
             else:
                 texts.append(state.add(self.tokenizer, batch.new_output_ids[i], finish))
+            records = batch.attention_records[i] if batch.attention_records else None
+            if records is not None:
+                if self.tokenizer is None:
+                    state.ids.extend(batch.new_output_ids[i])
+                records = state.release_attention(self.tokenizer, records, finish)
+            attention.append(records)
             if finish is not None:
                 del self.states[rid]
         return BatchStrOut(
@@ -130,6 +166,7 @@ class DetokenizerManager:
             output_top_logprobs=batch.output_top_logprobs,
             input_token_logprobs=batch.input_token_logprobs,
             input_top_logprobs=batch.input_top_logprobs,
+            attention_records=attention,
         )
 
 

@@ -22,7 +22,7 @@ import zmq
 
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-# Fields the fork carries for attention capture (COMPAT section 9); accepted, not yet acted on.
+# The request fields of the fork's attention tokens (COMPAT section 9; srt/attention_capture).
 ATTENTION_FIELDS = (
     "return_attention_tokens",
     "attention_tokens_top_k",
@@ -89,6 +89,7 @@ class GenerateReqInput:
     attention_layers: Optional[Any] = None
     attention_layer_aggregation: Optional[Union[str, list[Optional[str]]]] = None
     attention_exclude_sink: Optional[Union[int, list[Optional[int]]]] = None
+    top_k_attention: Optional[Union[int, list[Optional[int]]]] = None  # alias of the top-k field
 
     # Set by normalize_batch_and_arguments.
     is_single: bool = field(default=True, init=False)
@@ -97,6 +98,12 @@ class GenerateReqInput:
 
     def normalize_batch_and_arguments(self) -> None:
         """Check the input shape and broadcast every per-request field; raises ValueError."""
+        if self.top_k_attention is not None:
+            if self.attention_tokens_top_k is not None:
+                raise ValueError(
+                    "give attention_tokens_top_k or its alias top_k_attention, not both"
+                )
+            self.attention_tokens_top_k, self.top_k_attention = self.top_k_attention, None
         if (self.text is None) == (self.input_ids is None):
             raise ValueError("Exactly one of text or input_ids must be given")
         if self.text is not None:
@@ -235,7 +242,8 @@ class TokenizedGenerateReqInput:
     top_logprobs_num: int = 0
     stream: bool = False
     return_hidden_states: bool = False
-    attention_options: Optional[dict[str, Any]] = None
+    # Validated attention-token options (attention_capture.AttentionRequest); None: not asked.
+    attention_options: Optional[Any] = None
 
 
 @dataclass
@@ -338,6 +346,8 @@ class BatchTokenIDOut:
     output_top_logprobs: list[Optional[list[list[tuple[float, int]]]]]
     input_token_logprobs: list[Optional[list[tuple[Optional[float], int]]]]
     input_top_logprobs: list[Optional[list[Optional[list[tuple[float, int]]]]]]
+    # New attention_capture.AttentionRecord per new output token (None: not asked).
+    attention_records: list[Optional[list[Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -359,3 +369,5 @@ class BatchStrOut:
     output_top_logprobs: list[Optional[list[list[tuple[float, int]]]]]
     input_token_logprobs: list[Optional[list[tuple[Optional[float], int]]]]
     input_top_logprobs: list[Optional[list[Optional[list[tuple[float, int]]]]]]
+    # Attention records of tokens whose text is final (trimmed with the text on a stop string).
+    attention_records: list[Optional[list[Any]]] = field(default_factory=list)

@@ -111,7 +111,9 @@ class Scheduler:
         error = self.validate_request(req)
         if error is None and req.attention is not None:
             if self.model_runner.attention_capture is None:
-                error = "return_attention_tokens needs a server started with --return-attention-tokens"
+                error = (
+                    "return_attention_tokens needs a server started with --return-attention-tokens"
+                )
         if error is not None:
             req.finished_reason = FINISH_ABORT(error)
             self.output.emit_finished(req)

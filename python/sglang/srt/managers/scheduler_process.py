@@ -68,6 +68,7 @@ class _SendState:
     sent_out_logprobs: int = 0
     sent_input_logprobs: bool = False
     options_sent: bool = False
+    sent_attention: int = 0  # attention records already sent
 
 
 @dataclass
@@ -125,6 +126,7 @@ class SchedulerProcess:
                 logprob_start_len=msg.logprob_start_len,
                 top_logprobs_num=msg.top_logprobs_num,
                 stream=msg.stream,
+                attention=msg.attention_options,
             )
             self.send_state[req.rid] = _SendState()
             sched.add_request(req)
@@ -237,6 +239,11 @@ class SchedulerProcess:
         out.prompt_tokens.append(len(req.origin_input_ids))
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
+        if req.attention is not None:
+            out.attention_records.append(req.attention_records[state.sent_attention :])
+            state.sent_attention = len(req.attention_records)
+        else:
+            out.attention_records.append(None)
         if req.return_logprob:
             lo = state.sent_out_logprobs
             out.output_token_logprobs.append(req.output_token_logprobs[lo:])

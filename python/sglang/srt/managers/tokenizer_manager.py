@@ -32,6 +32,8 @@ from typing import Any, AsyncIterator, Optional
 import zmq
 import zmq.asyncio
 
+from sglang.srt.attention_capture.config import parse_attention_request
+from sglang.srt.attention_capture.records import format_report
 from sglang.srt.managers.io_struct import (
     ATTENTION_FIELDS,
     AbortReq,
@@ -77,6 +79,11 @@ class ReqState:
     yielded_text: int = 0
     yielded_ids: int = 0
     last_token_time: Optional[float] = None  # when the latest output tokens arrived (metrics)
+    # Attention tokens: validated options, the prompt's ids, records so far, records yielded.
+    attention_options: Any = None
+    prompt_ids: list[int] = field(default_factory=list)
+    attention_records: list[Any] = field(default_factory=list)
+    yielded_attention: int = 0
 
 
 class TokenizerManager:
@@ -118,6 +125,14 @@ class TokenizerManager:
 
             model_name = server_args.served_model_name or server_args.model_path
             self.metrics = TokenizerMetricsCollector({"model_name": model_name})
+        self.captured_layers: tuple[int, ...] = ()
+        if server_args.return_attention_tokens:
+            from sglang.srt.attention_capture import resolve_capture_layers
+
+            self.captured_layers = resolve_capture_layers(
+                server_args.attention_capture_layers, self.model_config.num_hidden_layers
+            )
+        self._token_text: dict[int, str] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def set_scheduler_info(self, info: dict[str, Any]) -> None:
@@ -182,6 +197,8 @@ class TokenizerManager:
                 state.output_token_logprobs.extend(out.output_token_logprobs[i])
             if out.output_top_logprobs[i]:
                 state.output_top_logprobs.extend(out.output_top_logprobs[i])
+            if out.attention_records and out.attention_records[i]:
+                state.attention_records.extend(out.attention_records[i])
             if out.input_token_logprobs[i] is not None:
                 state.input_token_logprobs = list(out.input_token_logprobs[i])
                 state.input_top_logprobs = list(out.input_top_logprobs[i] or [])
@@ -287,13 +304,13 @@ class TokenizerManager:
             raise ValueError("return_hidden_states is not supported by this server yet")
         if obj.lora_path:
             raise ValueError("LoRA adapters are not supported by this server")
-        attention = None
-        if obj.return_attention_tokens:
-            if not self.server_args.return_attention_tokens:
-                raise ValueError(
-                    "return_attention_tokens needs a server started with --return-attention-tokens"
-                )
-            attention = {name: getattr(obj, name) for name in ATTENTION_FIELDS}
+        attention = parse_attention_request(
+            {name: getattr(obj, name) for name in ATTENTION_FIELDS},
+            enabled=bool(self.server_args.return_attention_tokens),
+            max_top_k=int(self.server_args.attention_tokens_top_k),
+            captured_layers=self.captured_layers,
+            num_layers=self.model_config.num_hidden_layers,
+        )
         return TokenizedGenerateReqInput(
             rid=obj.rid,
             input_text=input_text,
@@ -337,6 +354,9 @@ class TokenizerManager:
     ) -> AsyncIterator[dict[str, Any]]:
         rid = tokenized.rid
         state = ReqState(obj, prompt_tokens=len(tokenized.input_ids))
+        if tokenized.attention_options is not None:
+            state.attention_options = tokenized.attention_options
+            state.prompt_ids = tokenized.input_ids
         self.rid_to_state[rid] = state
         send_msg(self.send_to_scheduler, tokenized)
         try:
@@ -426,7 +446,26 @@ class TokenizerManager:
             meta["output_top_logprobs"] = [
                 self._fmt(x, with_text) for x in state.output_top_logprobs
             ]
+        if state.attention_options is not None:
+            first = state.yielded_attention if incremental else 0
+            state.yielded_attention = len(state.attention_records)
+            meta["attention_tokens"] = format_report(
+                state.attention_records[first:],
+                state.attention_options,
+                state.prompt_ids,
+                state.output_ids,
+                self.token_text,
+                first_index=first,
+            )
         return {"text": text, "output_ids": output_ids, "meta_info": meta}
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as it reads on its own (cached; '' without a tokenizer)."""
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            self._token_text[token_id] = text
+        return text
 
     def _fmt(self, pairs: list[Any], with_text: bool) -> list[list[Any]]:
         if with_text and self.tokenizer is not None:

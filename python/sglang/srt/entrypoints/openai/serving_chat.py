@@ -191,7 +191,9 @@ class OpenAIServingChat(ServingBase):
             finish = finish_of(meta)
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
-                extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
+                extras["attention_tokens"] = cursor.attention_delta(
+                    meta.get("attention_tokens"), self.incremental_text
+                )
             if finish.reason is not None:
                 extras["hidden_states"] = self.extras(request, meta).get("hidden_states")
             if piece or logprobs or finish.reason or extras.get("attention_tokens"):

@@ -173,7 +173,9 @@ class OpenAIServingCompletion(ServingBase):
             finish = finish_of(meta)
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
-                extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
+                extras["attention_tokens"] = cursor.attention_delta(
+                    meta.get("attention_tokens"), self.incremental_text
+                )
             if finish.reason is not None:
                 hidden = self.extras(request, meta).get("hidden_states")
                 extras["hidden_states"] = hidden

@@ -101,6 +101,17 @@ def test_lse_matches_reference(arch_setup):
     captured = []
 
     class Probe:
+        """Stands in for the runner's AttentionCapture: records what layer 0 hands over."""
+
+        def begin(self, spec, fb):
+            pass
+
+        def finish(self):
+            return None
+
+        def abort(self):
+            pass
+
         def wants_layer(self, layer_id):
             return layer_id == 0
 
@@ -118,7 +129,8 @@ def test_lse_matches_reference(arch_setup):
         reqs, sched.req_to_token_pool, sched.allocator, sched.tree_cache, 512, "cpu"
     )
     wb = batch.prepare_for_extend()
-    wb.attention_capture = Probe()
+    srt.model_runner.attention_capture = Probe()
+    wb.attention_capture = "capture spec"  # any spec makes the runner call the capture
     srt.model_runner.forward(wb)
     layer, q, lse, fb = captured[0]
     k_buf = fb.token_to_kv_pool.get_key_buffer(0)

@@ -180,7 +180,7 @@ class AttentionCapture:
         ]
         self.weights = torch.tensor(weights, dtype=torch.float32).to(dev, non_blocking=True)
         self.windows: dict[int, torch.Tensor] = {}
-        self.k = min(spec.top_k, max_kv)
+        self.k = min(spec.top_k, max_kv, self.max_top_k)
         self.rows[:num, :max_kv].zero_()
         self.spec, self.active = spec, True
 

@@ -18,11 +18,15 @@ AUTO_LAYER_COUNT = 4
 def resolve_capture_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
     """Layer ids captured by the server for `--attention-capture-layers` on a model this deep.
 
-    `spec` is what ServerArgs parsed: "last", "all", "auto" or a tuple of ids. `auto` spreads about
+    `spec` is the flag's value: "last", "all", "auto", "i,j,k" or a tuple of ids. `auto` spreads about
     four layers over the depth and always includes the last one.
     """
     if num_layers < 1:
         raise ValueError("the model has no layers to capture")
+    if isinstance(spec, str):
+        from sglang.srt.server_args import parse_attention_capture_layers
+
+        spec = parse_attention_capture_layers(spec)
     if spec in (None, "last"):
         return (num_layers - 1,)
     if spec == "all":

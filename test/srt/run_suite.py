@@ -30,6 +30,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_mem_cache.py", 10),
         TestFile("test_radix_cache.py", 10),
         TestFile("test_sampling.py", 20),
+        TestFile("test_attention_viz.py", 5),
         TestFile("test_model_loader.py", 60),
         TestFile("test_torch_native_backend.py", 20),
         TestFile("test_model_parity.py", 180),
@@ -42,6 +43,9 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_openai_server.py", 60),
         TestFile("test_runtime.py", 45),
         TestFile("test_bench_serving.py", 120),
+        TestFile("test_topk_attention.py", 60),
+        TestFile("test_attention_tokens.py", 120),
+        TestFile("test_deploy_examples.py", 75),
     ],
     "per-commit-1-gpu": [],
 }

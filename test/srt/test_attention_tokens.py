@@ -13,7 +13,6 @@ and the server stays healthy.
 from __future__ import annotations
 
 import os
-import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -24,13 +23,7 @@ from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.srt.model_loader import resolve_model_path
 from sglang.test.attention_reference import assert_valid_topk, layer_mean
 from sglang.test.runners import HFRunner, cpu_threads_hint
-from sglang.test.test_utils import (
-    DEFAULT_MODEL_NAME_FOR_TEST,
-    find_free_port,
-    kill_process_tree,
-    popen_launch_server,
-    terminate,
-)
+from sglang.test.test_utils import DEFAULT_MODEL_NAME_FOR_TEST, running_server
 
 cpu_threads_hint()
 CAPTURED = [0, 14, 29]
@@ -42,16 +35,11 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def server():
-    url = f"http://127.0.0.1:{find_free_port()}"
     args = ["--max-total-tokens", "4096", "--dtype", "float32", "--return-attention-tokens",
             "--attention-tokens-top-k", str(MAX_K),
             "--attention-capture-layers", ",".join(map(str, CAPTURED))]  # fmt: skip
-    proc = popen_launch_server(DEFAULT_MODEL_NAME_FOR_TEST, url, other_args=args)
-    yield url
-    try:
-        terminate(proc, signal.SIGTERM, timeout=30)
-    finally:
-        kill_process_tree(proc.pid)
+    with running_server(other_args=args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,12 @@ GREEDY = {"max_new_tokens": 8, "temperature": 0.0}
 
 @pytest.fixture(scope="module")
 def engine():
-    eng = sgl.Engine(model_path="smollm2-135m-instruct", max_total_tokens=4096)
+    eng = sgl.Engine(
+        model_path="smollm2-135m-instruct",
+        max_total_tokens=4096,
+        return_attention_tokens=True,
+        attention_tokens_top_k=5,
+    )
     yield eng
     eng.shutdown()
 
@@ -110,6 +115,24 @@ def test_async_generate(engine):
     assert out["text"].startswith(" Paris")
     assert chunks[-1]["text"] == out["text"]
     assert all(b["output_ids"] == out["output_ids"] for b in both)
+
+
+def test_attention_tokens_as_engine_kwargs(engine):
+    out = engine.generate(PROMPT, GREEDY, return_attention_tokens=True, attention_tokens_top_k=3,
+                          attention_exclude_sink=1)  # fmt: skip
+    report = out["meta_info"]["attention_tokens"]
+    assert report["top_k"] == 3 and report["layers"] == [29] and report["exclude_sink"] == 1
+    content = report["content"]
+    assert [e["token_id"] for e in content] == out["output_ids"]
+    assert all(len(e["top_attention"]) == 3 and "excluded_mass" in e for e in content)
+    assert all(x["position"] >= 1 for e in content for x in e["top_attention"])
+    plain = engine.generate(PROMPT, GREEDY)
+    assert "attention_tokens" not in plain["meta_info"] and plain["text"] == out["text"]
+    chunks = list(engine.generate(PROMPT, GREEDY, stream=True, return_attention_tokens=True,
+                                  attention_tokens_top_k=3, attention_exclude_sink=1))  # fmt: skip
+    assert chunks[-1]["meta_info"]["attention_tokens"] == report
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        engine.generate(PROMPT, GREEDY, return_attention_tokens=True, attention_tokens_top_k=6)
 
 
 def test_incremental_detokenization_multibyte(engine):

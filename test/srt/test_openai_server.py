@@ -10,19 +10,12 @@ echo, stop strings, length finish, any model name, `extra_body` extras, 400s rai
 from __future__ import annotations
 
 import re
-import signal
 
 import openai
 import pytest
 import requests
 
-from sglang.test.test_utils import (
-    DEFAULT_MODEL_NAME_FOR_TEST,
-    find_free_port,
-    kill_process_tree,
-    popen_launch_server,
-    terminate,
-)
+from sglang.test.test_utils import DEFAULT_MODEL_NAME_FOR_TEST, running_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWER = "The capital of France is Paris."
@@ -46,14 +39,9 @@ METRIC_NAMES = (
 
 @pytest.fixture(scope="module")
 def server():
-    url = f"http://127.0.0.1:{find_free_port()}"
     args = ["--max-total-tokens", "4096", "--enable-metrics", "--enable-cache-report"]
-    proc = popen_launch_server(DEFAULT_MODEL_NAME_FOR_TEST, url, other_args=args)
-    yield url
-    try:
-        terminate(proc, signal.SIGTERM, timeout=30)
-    finally:
-        kill_process_tree(proc.pid)
+    with running_server(other_args=args) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +204,18 @@ def test_bad_requests_raise_400(server, client):
         assert info.value.status_code == 400
     assert requests.get(f"{server}/health", timeout=5).status_code == 200
     assert chat(client, temperature=0, max_tokens=32).choices[0].message.content == ANSWER
+
+
+def test_attention_tokens_need_the_server_flag(server, client):
+    """This server runs without --return-attention-tokens: asking is a 400 naming the flag."""
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=2, extra_body={"return_attention_tokens": True})
+    assert info.value.status_code == 400 and "--return-attention-tokens" in info.value.message
+    body = {"text": PROMPT, "return_attention_tokens": True}
+    r = requests.post(f"{server}/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "--return-attention-tokens" in r.json()["message"]
+    assert requests.get(f"{server}/health", timeout=5).status_code == 200
+    assert "attention_tokens" not in chat(client, max_tokens=2).choices[0].model_dump()
 
 
 # ---------------------------------------------------------------------------- metrics

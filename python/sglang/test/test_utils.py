@@ -2,11 +2,13 @@
 
 `popen_launch_server` starts `python -m sglang.launch_server` in its own process group, tees its
 output into a list the test can search (`proc.log_lines`), and waits for `/health` to answer 200.
-`kill_process_tree` stops a process and every descendant.
+`kill_process_tree` stops a process and every descendant; `running_server` wraps both for
+module fixtures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import psutil
 import requests
@@ -124,3 +126,20 @@ def _not_zombie(pid: int) -> bool:
 def terminate(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
     os.kill(proc.pid, sig)
     return proc.wait(timeout)
+
+
+@contextlib.contextmanager
+def running_server(
+    model: str = DEFAULT_MODEL_NAME_FOR_TEST, other_args: Optional[list[str]] = None
+) -> Iterator[str]:
+    """A server on a free port for the duration of the block (module fixtures); yields its URL.
+    It is stopped with SIGTERM, and its process tree killed if that does not end it."""
+    url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
+    proc = popen_launch_server(model, url, other_args=other_args or [])
+    try:
+        yield url
+    finally:
+        try:
+            terminate(proc, signal.SIGTERM, timeout=30)
+        finally:
+            kill_process_tree(proc.pid)

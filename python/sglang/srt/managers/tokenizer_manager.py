@@ -129,9 +129,12 @@ class TokenizerManager:
         if server_args.return_attention_tokens:
             from sglang.srt.attention_capture import resolve_capture_layers
 
-            self.captured_layers = resolve_capture_layers(
-                server_args.attention_capture_layers, self.model_config.num_hidden_layers
-            )
+            try:
+                self.captured_layers = resolve_capture_layers(
+                    server_args.attention_capture_layers, self.model_config.num_hidden_layers
+                )
+            except ValueError:
+                pass  # the scheduler refuses to start with the same message
         self._token_text: dict[int, str] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------------

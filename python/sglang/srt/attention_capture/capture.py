@@ -125,6 +125,7 @@ class AttentionCapture:
         self.layer_excluded = torch.zeros(num_cap, max_rows, dtype=f32, device=self.device)
         self.active = False
         self.spec: Optional[CaptureSpec] = None
+        self.layer_wanted = [False] * num_layers
         nbytes = sum(
             t.numel() * t.element_size()
             for t in (self.rows, self.layer_values, self.layer_indices, self.layer_excluded)
@@ -179,13 +180,18 @@ class AttentionCapture:
             for r in spec.requests
         ]
         self.weights = torch.tensor(weights, dtype=torch.float32).to(dev, non_blocking=True)
+        # Layers some row selected: the only ones that pay the extra read of K in this forward.
+        wanted = set().union(*(r.layers for r in spec.requests))
+        self.layer_wanted = [
+            s >= 0 and layer in wanted for layer, s in enumerate(self.slot_of_layer)
+        ]
         self.windows: dict[int, torch.Tensor] = {}
         self.k = min(spec.top_k, max_kv, self.max_top_k)
         self.rows[:num, :max_kv].zero_()
         self.spec, self.active = spec, True
 
     def wants_layer(self, layer_id: int) -> bool:
-        return self.active and self.slot_of_layer[layer_id] >= 0
+        return self.active and self.layer_wanted[layer_id]
 
     def _allowed(self, window: int) -> torch.Tensor:
         """[R, max_kv] keys the captured query attends to (its causal context, its window)."""

@@ -47,7 +47,9 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_attention_tokens.py", 120),
         TestFile("test_deploy_examples.py", 75),
     ],
-    "per-commit-1-gpu": [],
+    "per-commit-1-gpu": [
+        TestFile("test_triton_kernels.py", 30),
+    ],
 }
 
 

@@ -43,6 +43,8 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_openai_server.py", 60),
         TestFile("test_runtime.py", 45),
         TestFile("test_bench_serving.py", 120),
+        TestFile("test_tensor_parallel.py", 90),
+        TestFile("test_data_parallel.py", 60),
         TestFile("test_topk_attention.py", 60),
         TestFile("test_attention_tokens.py", 120),
         TestFile("test_deploy_examples.py", 75),

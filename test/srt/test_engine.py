@@ -177,7 +177,7 @@ def test_many_requests_with_aborts_keep_kv_intact(engine):
     asyncio.run(run())
     engine.abort_request(abort_all=True)
     for _ in range(100):
-        load = engine.get_load(check_memory=True)
+        (load,) = engine.get_load(check_memory=True)  # one entry per DP rank
         if load.num_reqs == 0:
             break
         asyncio.run(asyncio.sleep(0.1))

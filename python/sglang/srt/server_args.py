@@ -301,6 +301,11 @@ class ServerArgs:
             )
         if self.nnodes > 1 and self.dist_init_addr is None:
             raise ValueError("nnodes > 1 needs --dist-init-addr host:port for the rendezvous")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError(
+                "dp_size > 1 runs on one node; for replicas on several nodes start one server "
+                "per node behind the router"
+            )
         if self.dist_init_addr is not None:
             host, sep, port = self.dist_init_addr.rpartition(":")
             if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
@@ -425,7 +430,7 @@ _HELP: dict[str, str] = {
     "base_gpu_id": "First GPU index to use.",
     "gpu_id_step": "Stride between the GPU indices of consecutive ranks.",
     "random_seed": "Seed (default: random).",
-    "watchdog_timeout": "Seconds a forward step may hang before the server is killed.",
+    "watchdog_timeout": "Seconds a step (or a TP collective) may hang before the server stops.",
     "stream_interval": "Decode steps between streamed chunks.",
     "stream_output": "Native streaming sends text deltas instead of the whole text so far.",
     "log_level": "Log level of all processes.",

@@ -46,8 +46,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_tiny_model(arch: str, folder: Optional[str] = None, seed: int = 0) -> str:
-    """Build a random-weight tiny model of `arch` (a TINY_CONFIGS key), save it, return the folder."""
+def make_tiny_model(
+    arch: str, folder: Optional[str] = None, seed: int = 0, **overrides: Any
+) -> str:
+    """Build a random-weight tiny model of `arch` (a TINY_CONFIGS key, config fields overridable
+    by keyword, e.g. num_key_value_heads=1), save it, return the folder."""
     import transformers
 
     spec = dict(TINY_CONFIGS[arch])
@@ -67,6 +70,7 @@ def make_tiny_model(arch: str, folder: Optional[str] = None, seed: int = 0) -> s
         pad_token_id=0,
     )
     kwargs.update(spec)
+    kwargs.update(overrides)
     config = config_cls(**kwargs)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")

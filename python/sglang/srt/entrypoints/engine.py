@@ -1,7 +1,8 @@
 """Engine: the offline entry point, and the process launcher the HTTP server shares.
 
-`launch_subprocesses` starts the scheduler and detokenizer processes (spawn context, daemon, and
-each child exits on its own when its parent disappears), creates the main-process
+`launch_subprocesses` starts the scheduler processes (one per TP rank, per DP replica, plus the
+data parallel controller under `--dp`; see rank_launcher.py) and the detokenizer (spawn context,
+daemon, and each child exits on its own when its parent disappears), creates the main-process
 `TokenizerManager`, and returns a `Subprocesses` handle that watches the children: if one dies
 unexpectedly, its `on_death` callback runs with a message that says which and how.
 
@@ -81,65 +82,53 @@ def launch_subprocesses(
 ) -> tuple[Any, Subprocesses, Any]:
     """Start the children and the TokenizerManager.
 
-    Returns (tokenizer_manager, subprocesses, ready_pipe). With `wait_ready` the call blocks until
-    the scheduler has loaded the model (RuntimeError with its message if loading failed);
-    otherwise the caller finishes with `wait_scheduler_ready(tm, procs, pipe)`.
+    Children: one scheduler per TP rank this node runs (times `--dp` replicas, plus the data
+    parallel controller), then the detokenizer. Returns (tokenizer_manager, subprocesses,
+    readiness readers). With `wait_ready` the call blocks until every rank has loaded the model
+    (RuntimeError with the first error otherwise); else the caller finishes with
+    `wait_scheduler_ready(tm, procs, readers)`.
     """
+    from sglang.srt.entrypoints.rank_launcher import start_scheduler_ranks
     from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
-    from sglang.srt.managers.scheduler_process import run_scheduler_process
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
 
+    if server_args.node_rank > 0:
+        raise ValueError(
+            "nodes with --node-rank > 0 run model ranks only: start them with "
+            "`python -m sglang.launch_server`, not the Engine"
+        )
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")
-    reader, writer = ctx.Pipe(duplex=False)
     parent = os.getpid()
-    scheduler = ctx.Process(
-        target=run_scheduler_process,
-        args=(server_args, port_args, writer, parent),
-        name="sglang-scheduler",
-        daemon=True,
-    )
+    try:
+        children, readers = start_scheduler_ranks(server_args, port_args, ctx, parent)
+    except BaseException:
+        port_args.cleanup()
+        raise
     detokenizer = ctx.Process(
         target=run_detokenizer_process,
         args=(server_args, port_args, parent),
         name="sglang-detokenizer",
         daemon=True,
     )
-    scheduler.start()
     detokenizer.start()
-    writer.close()
-    procs = Subprocesses({"scheduler": scheduler, "detokenizer": detokenizer}, port_args)
+    procs = Subprocesses({**children, "detokenizer": detokenizer}, port_args)
     try:
         tm = TokenizerManager(server_args, port_args)
     except BaseException:
         procs.shutdown()
         raise
     if wait_ready:
-        wait_scheduler_ready(tm, procs, reader)
-    return tm, procs, reader
+        wait_scheduler_ready(tm, procs, readers)
+    return tm, procs, readers
 
 
-def wait_scheduler_ready(tm: Any, procs: Subprocesses, reader: Any) -> dict[str, Any]:
-    """Block until the scheduler reports; on failure stop everything and raise RuntimeError."""
-    scheduler = procs.procs["scheduler"]
-    info: Optional[dict[str, Any]] = None
-    waited = 0.0
-    while waited < READY_TIMEOUT_S:
-        if reader.poll(0.5):
-            try:
-                info = reader.recv()
-            except EOFError:
-                info = None
-            break
-        waited += 0.5
-        if not scheduler.is_alive():
-            break
-    if info is None or info.get("status") != "ready":
-        error = (info or {}).get("error") or (
-            f"the scheduler process exited with code {scheduler.exitcode} before it was ready"
-            if not scheduler.is_alive()
-            else "the scheduler did not become ready in time"
-        )
+def wait_scheduler_ready(tm: Any, procs: Subprocesses, readers: Any) -> dict[str, Any]:
+    """Block until every rank reports; on failure stop everything and raise RuntimeError."""
+    from sglang.srt.entrypoints.rank_launcher import wait_ranks_ready
+
+    info, error = wait_ranks_ready(readers, procs.procs, READY_TIMEOUT_S)
+    if info is None:
         tm.close()
         procs.shutdown()
         raise RuntimeError(f"Failed to start the engine: {error}")
@@ -268,8 +257,11 @@ class Engine:
     def flush_cache(self) -> bool:
         return self._run(self.tokenizer_manager.flush_cache()).success
 
-    def get_load(self, check_memory: bool = False) -> Any:
-        return self._run(self.tokenizer_manager.get_load(check_memory))
+    def get_load(self, check_memory: bool = False) -> list[Any]:
+        """One GetLoadResp per DP rank (`dp_rank`, `num_reqs`, `num_tokens`, ...)."""
+        from sglang.srt.managers.data_parallel_controller import get_loads
+
+        return self._run(get_loads(self.tokenizer_manager, check_memory))
 
     def abort_request(self, rid: str = "", abort_all: bool = False) -> None:
         self._loop.call_soon_threadsafe(self.tokenizer_manager.abort_request, rid, abort_all)

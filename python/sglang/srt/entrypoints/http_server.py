@@ -7,6 +7,7 @@ children, serve HTTP at once (health answers 503), wait for the model, run the w
 generation, then log the ready line and answer 200.
 OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
 If a child process dies or the model fails to load, the server stops with a non-zero exit code.
+On nodes with `--node-rank > 0` the command runs only model ranks (`rank_launcher.run_worker_node`).
 """
 
 from __future__ import annotations
@@ -132,7 +133,9 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         app.add_api_route(path, server_info, methods=["GET"])
 
     async def get_load() -> Any:
-        return [(await tm.get_load()).to_json()]
+        from sglang.srt.managers.data_parallel_controller import get_loads
+
+        return [load.to_json() for load in await get_loads(tm)]
 
     for path in ("/get_load", "/v1/loads"):
         app.add_api_route(path, get_load, methods=["GET"])
@@ -350,10 +353,20 @@ def launch_server(server_args: ServerArgs) -> int:
 
 
 def main_from_argv(argv: Optional[list[str]] = None) -> None:
+    from sglang.srt.distributed.placement import ParallelConfigError
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(argv)
-    code = launch_server(server_args)
+    try:
+        if server_args.node_rank > 0:
+            from sglang.srt.entrypoints.rank_launcher import run_worker_node
+
+            code = run_worker_node(server_args)
+        else:
+            code = launch_server(server_args)
+    except ParallelConfigError as e:
+        logger.error("%s", e)
+        code = 1
     # Skip interpreter teardown hooks that could wait on half-closed sockets.
     logging.shutdown()
     os._exit(code)

@@ -9,6 +9,8 @@ messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
 Control answers (flush, load, metrics stats, health) go straight to the tokenizer manager. When
 there is no work it blocks on the socket. It also writes the `Prefill batch.` / `Decode batch.`
 log lines (COMPAT section 3) and keeps the scheduler gauges that `/metrics` asks for.
+Under tensor parallelism there is one such process per TP rank: rank 0 owns the sockets and
+broadcasts what it reads, so every rank runs the same steps (see managers/tp_worker.py).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import zmq
 
+from sglang.srt.distributed.placement import ParallelConfigError, RankPlacement
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -40,6 +43,12 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.tp_worker import (
+    ControlPlane,
+    NullSocket,
+    TpRank,
+    describe_peer_failure,
+)
 from sglang.srt.metrics.collector import SchedulerStatsTracker
 
 logger = logging.getLogger(__name__)
@@ -81,6 +90,8 @@ class SchedulerProcess:
     decode_log_interval: int
     parent_pid: int
     report_first_token: bool = False
+    # TP > 1: rank 0 broadcasts what it reads; ranks > 0 have no input socket (None).
+    control: Optional[ControlPlane] = None
     send_state: dict[str, _SendState] = field(default_factory=dict)
     pending: list[Req] = field(default_factory=list)
     decode_steps: int = 0
@@ -90,29 +101,61 @@ class SchedulerProcess:
 
     def __post_init__(self) -> None:
         self.scheduler.output.listener = self.pending.extend
-        self.scheduler.on_batch = self.log_batch
+        self.scheduler.on_batch = self.on_batch
         self.poller = zmq.Poller()
-        self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
+        if self.recv_from_tokenizer is not None:
+            self.poller.register(self.recv_from_tokenizer, zmq.POLLIN)
 
     # ---- loop -------------------------------------------------------------------------------
     def event_loop(self) -> None:
         while True:
-            for msg in recv_all_nowait(self.recv_from_tokenizer):
+            msgs = self.recv_messages()
+            if msgs is None:
+                return
+            for msg in msgs:
                 self.handle(msg)
             self.flush_outputs()
             if self.scheduler.step():
                 self.flush_outputs()
                 continue
             self.flush_outputs()
-            if not self.scheduler.is_idle():
-                # Work is queued but nothing fits right now; wait briefly for a message.
-                self.poller.poll(5)
-                continue
-            # NOTE: idle means nothing can change until a message arrives: block, do not spin.
-            while not self.poller.poll(PARENT_CHECK_MS):
-                if not watch_parent(self.parent_pid):
-                    logger.info("parent process exited; scheduler stops")
-                    return
+            if not self.wait_for_messages():
+                return
+
+    def recv_messages(self) -> Optional[list[Any]]:
+        """This iteration's messages (the same on every TP rank); None means stop."""
+        mine = None
+        if self.recv_from_tokenizer is not None:
+            mine = recv_all_nowait(self.recv_from_tokenizer)
+        return mine if self.control is None else self.control.exchange(mine)
+
+    def wait_for_messages(self) -> bool:
+        """Nothing ran this iteration: wait for a message; False when the scheduler must stop."""
+        if self.recv_from_tokenizer is None:
+            return True  # TP rank > 0: waits inside rank 0's next broadcast
+        if not self.scheduler.is_idle():
+            # Work is queued but nothing fits right now; wait briefly for a message.
+            self.poller.poll(5)
+            return True
+        if self.control is not None:
+            # NOTE: the other ranks wait in a collective: wake at least once a second, so the
+            # next broadcast (maybe empty) comes long before their timeout.
+            if not self.poller.poll(PARENT_CHECK_MS) and not watch_parent(self.parent_pid):
+                self.control.stop_reason = "parent process exited"
+            return True
+        # NOTE: idle means nothing can change until a message arrives: block, do not spin.
+        while not self.poller.poll(PARENT_CHECK_MS):
+            if not watch_parent(self.parent_pid):
+                logger.info("parent process exited; scheduler stops")
+                return False
+        return True
+
+    def on_batch(self, batch: ScheduleBatch) -> None:
+        if self.control is not None:
+            self.control.check_same_tokens(batch)
+            if not self.control.is_leader:
+                return  # batch log lines come from TP0 only
+        self.log_batch(batch)
 
     def handle(self, msg: Any) -> None:
         sched = self.scheduler
@@ -304,40 +347,57 @@ class SchedulerProcess:
         )
 
 
-def run_scheduler_process(server_args: Any, port_args: Any, pipe: Any, parent_pid: int) -> None:
-    """Process entry: load, report readiness through `pipe`, then serve until the parent exits."""
+def run_scheduler_process(
+    server_args: Any,
+    port_args: Any,
+    pipe: Any,
+    parent_pid: int,
+    placement: Optional[RankPlacement] = None,
+) -> None:
+    """Process entry for one TP rank: load, report readiness through `pipe`, then serve until
+    the parent exits (or TP rank 0 stops the group). Only TP rank 0 opens the ZMQ sockets."""
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    configure_child_logging(server_args.log_level, "TP0")
+    rank = TpRank(placement or RankPlacement(), server_args)
+    configure_child_logging(server_args.log_level, rank.tag)
     try:
-        import torch
-
-        if server_args.device == "cpu":
-            # Leave a core for the HTTP server and the detokenizer.
-            torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+        rank.setup()
+    except ParallelConfigError as e:
+        logger.error("%s", e)
+        pipe.send({"status": "error", "error": str(e)})
+        raise SystemExit(1)
+    p = rank.placement
+    error = None
+    try:
         from sglang.srt.hf_transformers_utils import get_tokenizer
         from sglang.srt.model_executor.model_runner import build_model_runner
 
-        runner = build_model_runner(server_args)
+        runner = build_model_runner(server_args, tp_rank=p.tp_rank, tp_size=p.tp_size)
         tokenizer = None
         if not server_args.skip_tokenizer_init:
+            # Every rank needs it: stop strings decide when requests finish.
             tokenizer = get_tokenizer(
                 server_args.tokenizer_path,
                 tokenizer_mode=server_args.tokenizer_mode,
                 trust_remote_code=server_args.trust_remote_code,
             )
         scheduler = Scheduler(server_args, runner, tokenizer)
-        ctx = zmq.Context(2)
-        recv = ctx.socket(zmq.PULL)
-        recv.bind(port_args.scheduler_input_ipc_name)
-        to_detok = ctx.socket(zmq.PUSH)
-        to_detok.connect(port_args.detokenizer_ipc_name)
-        to_tok = ctx.socket(zmq.PUSH)
-        to_tok.connect(port_args.tokenizer_ipc_name)
+        recv, to_detok, to_tok = None, NullSocket(), NullSocket()
+        if p.is_leader:
+            ctx = zmq.Context(2)
+            recv = ctx.socket(zmq.PULL)
+            recv.bind(port_args.scheduler_input_ipc_name)
+            to_detok = ctx.socket(zmq.PUSH)
+            to_detok.connect(port_args.detokenizer_ipc_name)
+            to_tok = ctx.socket(zmq.PUSH)
+            to_tok.connect(port_args.tokenizer_ipc_name)
     except Exception as e:  # any load failure is reported to the parent verbatim
         logger.error("Scheduler failed to start:\n%s", traceback.format_exc())
-        pipe.send({"status": "error", "error": f"{type(e).__name__}: {e}"})
-        return
+        error = f"{type(e).__name__}: {e}"
+    error = rank.agree_on_startup(error)
+    if error is not None:
+        pipe.send({"status": "error", "error": error})
+        raise SystemExit(1)
     pipe.send(
         {
             "status": "ready",
@@ -347,6 +407,9 @@ def run_scheduler_process(server_args: Any, port_args: Any, pipe: Any, parent_pi
             "context_len": scheduler.context_len,
         }
     )
+    control = ControlPlane(p) if p.tp_size > 1 else None
+    if control is not None and p.is_leader:
+        control.install_sigterm()
     proc = SchedulerProcess(
         scheduler,
         recv,
@@ -356,9 +419,16 @@ def run_scheduler_process(server_args: Any, port_args: Any, pipe: Any, parent_pi
         decode_log_interval=server_args.decode_log_interval,
         parent_pid=parent_pid,
         report_first_token=server_args.enable_metrics,
+        control=control,
     )
     try:
         proc.event_loop()
-    except Exception:
-        logger.error("Scheduler hit an exception:\n%s", traceback.format_exc())
+    except Exception as e:
+        peer = describe_peer_failure(e, rank.tag) if control is not None else None
+        if peer is not None and control.stop_reason is not None:
+            return  # told to stop, and the other ranks were stopped first: nothing went wrong
+        if peer is not None:
+            logger.error(peer)
+        else:
+            logger.error("Scheduler hit an exception:\n%s", traceback.format_exc())
         raise SystemExit(1)

@@ -16,6 +16,11 @@ import torch
 
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.distributed.parallel_state import (
+    all_reduce_min_int,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from sglang.srt.layers.attention import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler, SamplerOutput
@@ -93,6 +98,10 @@ class ModelRunner:
         fraction = self.server_args.mem_fraction_static
         if fraction is None:
             fraction = 0.88 if self.device.startswith("cuda") else 0.25
+        if not self.device.startswith("cuda"):
+            # NOTE: every rank on this host draws from the same RAM.
+            args = self.server_args
+            fraction /= max(1, args.dp_size * self.tp_size // args.nnodes)
         budget = memory_before * fraction - self.weight_bytes
         if budget < cell * 64:
             raise RuntimeError(
@@ -108,6 +117,8 @@ class ModelRunner:
             max_tokens = int(args.max_total_tokens)
         else:
             max_tokens = self.profile_max_num_token(memory_before)
+            # NOTE: TP ranks must agree on the pool size, or their schedulers would diverge.
+            max_tokens = all_reduce_min_int(max_tokens)
         max_tokens = max_tokens // self.page_size * self.page_size
         if max_tokens < self.page_size * 2:
             raise ValueError(
@@ -186,5 +197,14 @@ class ModelRunner:
             torch.cuda.synchronize()
 
 
-def build_model_runner(server_args: Any, model_config: Optional[ModelConfig] = None) -> ModelRunner:
-    return ModelRunner(model_config or ModelConfig.from_server_args(server_args), server_args)
+def build_model_runner(
+    server_args: Any,
+    model_config: Optional[ModelConfig] = None,
+    tp_rank: Optional[int] = None,
+    tp_size: Optional[int] = None,
+) -> ModelRunner:
+    """The runner of one TP rank; rank and size default to the initialized TP group's."""
+    model_config = model_config or ModelConfig.from_server_args(server_args)
+    tp_rank = get_tensor_model_parallel_rank() if tp_rank is None else tp_rank
+    tp_size = get_tensor_model_parallel_world_size() if tp_size is None else tp_size
+    return ModelRunner(model_config, server_args, tp_rank=tp_rank, tp_size=tp_size)

@@ -4,11 +4,11 @@
   * on, unused: the flag on (buffers allocated), no request asks;
   * last layer: every request asks, k=10, the last layer;
   * all layers: every request asks, k=10, the mean over all 30 layers.
-Both sides are the real in-process engine (ModelRunner + Scheduler): 16 seeded random prompts are
-prefilled first, then each `Scheduler.step()` of the decode phase is timed, sampling,
-output processing and the capture's host copy included. Configurations alternate within each of
-`--repeat` rounds so drift on a shared machine hits all alike; each number is the median decode
-step of the best round. Results (markdown, the command, the machine, the date) go to
+Each configuration is its own real in-process engine (ModelRunner + Scheduler) with the same 16
+seeded random prompts; after their prefills, the four batches decode in lockstep (step i of every
+configuration back to back) and each `Scheduler.step()` is timed, sampling, output processing and
+the capture's host copy included, so drift on a shared machine lands on all alike. Each number is
+the median decode step over `--repeat` rounds. Results (markdown, the command, the machine, the date) go to
 `benchmark/results/attention_capture_cpu.md`, with every sample beside it as JSON.
 """
 
@@ -65,23 +65,38 @@ def attention_for(config: str, k: int) -> Optional[AttentionRequest]:
     return None
 
 
-def decode_steps(runner: SRTRunner, config: str, args: argparse.Namespace) -> list[float]:
-    """Prefill the batch, then time every decode step until all requests finish."""
+def start_batch(runner: SRTRunner, config: str, args: argparse.Namespace) -> None:
+    """Queue the batch and run its prefill (maybe several chunks) until all 16 are decoding."""
     sched = runner.scheduler
     for i, ids in enumerate(prompts(args.batch_size, args.input_len)):
         params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
         sched.add_request(Req(f"{config}-{i}-{time.time_ns()}", ids, params,
                               attention=attention_for(config, args.top_k)))  # fmt: skip
-    while len(sched.running_batch.reqs) < args.batch_size:  # prefill (maybe in chunks)
+    while len(sched.running_batch.reqs) < args.batch_size:
         sched.step()
-    times = []
-    while not sched.is_idle():
-        start = time.perf_counter()
-        sched.step()
-        times.append(time.perf_counter() - start)
+
+
+def finish_batch(runner: SRTRunner) -> None:
+    sched = runner.scheduler
+    sched.run_until_idle()
     sched.tree_cache.evict(sched.tree_cache.evictable_size())  # the next round prefills again
     sched.check_memory()
-    return times[:-1]  # the last step only finishes requests
+
+
+def lockstep_round(runners: dict[str, SRTRunner], args: argparse.Namespace) -> dict[str, list]:
+    """One batch per configuration, decoded in lockstep: step i of every configuration runs
+    back to back, so machine drift lands on all of them alike. Returns decode step times."""
+    for config, runner in runners.items():
+        start_batch(runner, config, args)
+    times: dict[str, list[float]] = {c: [] for c in runners}
+    for _ in range(args.output_len - 2):  # the last step only finishes requests
+        for config, runner in runners.items():
+            begin = time.perf_counter()
+            runner.scheduler.step()
+            times[config].append(time.perf_counter() - begin)
+    for runner in runners.values():
+        finish_batch(runner)
+    return times
 
 
 def build(dtype: str, on: bool) -> SRTRunner:
@@ -94,19 +109,19 @@ def build(dtype: str, on: bool) -> SRTRunner:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for dtype in args.dtypes:
-        runners = {False: build(dtype, False), True: build(dtype, True)}
-        for config in CONFIGS:  # warm-up: one short round each
-            decode_steps(runners[config != "off"], config, args)
+        # One engine per configuration: "off" without the flag, the others with it.
+        runners = {c: build(dtype, c != "off") for c in CONFIGS}
+        lockstep_round(runners, args)  # warm-up
         samples: dict[str, list[list[float]]] = {c: [] for c in CONFIGS}
         for _ in range(args.repeat):
-            for config in CONFIGS:
-                samples[config].append(decode_steps(runners[config != "off"], config, args))
+            for config, times in lockstep_round(runners, args).items():
+                samples[config].append(times)
         for config in CONFIGS:
-            best = min(statistics.median(s) for s in samples[config])
-            rows.append({"dtype": dtype, "config": config, "step_s": best,
-                         "tok_s": args.batch_size / best, "samples": samples[config]})  # fmt: skip
-            print(f"{dtype:9s} {config:11s} decode step {best * 1e3:7.2f} ms  "
-                  f"{args.batch_size / best:8.1f} tok/s", flush=True)  # fmt: skip
+            step = statistics.median(t for s in samples[config] for t in s)
+            rows.append({"dtype": dtype, "config": config, "step_s": step,
+                         "tok_s": args.batch_size / step, "samples": samples[config]})  # fmt: skip
+            print(f"{dtype:9s} {config:11s} decode step {step * 1e3:7.2f} ms  "
+                  f"{args.batch_size / step:8.1f} tok/s", flush=True)  # fmt: skip
         del runners
     return rows
 
@@ -141,7 +156,8 @@ def write(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         f"- Date: {datetime.date.today().isoformat()}",
         f"- Model: SmolLM2-135M-Instruct ({NUM_LAYERS} layers), batch {args.batch_size}, "
         f"input {args.input_len}, output {args.output_len}, k={args.top_k}; median decode "
-        f"step of the best of {args.repeat} alternating rounds (in-process Scheduler.step).",
+        f"step over {args.repeat} rounds, configurations decoding in lockstep (in-process "
+        "Scheduler.step, one engine per configuration).",
         "- Targets (issue 4, CPU): on-but-unused within 1 % of off; last layer within 5 %.",
         "",
         table(rows),

@@ -368,10 +368,16 @@ def test_two_nodes_on_loopback(folders, tp1, node0_exit):
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url1}/health", timeout=5)
         node1_family = descendants(node1.pid)
-        if node0_exit == "sigterm":  # node 0 ends the TP group: node 1 follows, exit 0
+        if node0_exit == "sigterm":  # node 0 ends the TP group: node 1 follows
             assert terminate(node0, signal.SIGTERM, timeout=60) == 0
-            assert node1.wait(60) == 0
-            assert "node 0 ended the TP group; node 1 exits" in "\n".join(node1.log_lines)
+            code = node1.wait(60)
+            log1 = "\n".join(node1.log_lines)
+            # NOTE: normally exit 0 after TP0's stop broadcast; on a starved machine node 0's
+            # shutdown can kill TP0 first, and node 1 then stops with exit 1 and says why.
+            if code == 0:
+                assert "node 0 ended the TP group; node 1 exits" in log1
+            else:
+                assert code == 1 and "node 1 stops: lost the TP group" in log1
         else:  # node 0 vanishes: node 1 notices at once and stops, exit 1
             kill_process_tree(node0.pid)
             assert node1.wait(60) == 1

@@ -60,6 +60,7 @@ class BenchArgs:
     log_decode_step: int = 0
     profile: bool = False
     profile_filename_prefix: str = "profile"
+    request_attention_tokens: bool = False
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +95,13 @@ class BenchArgs:
             default=BenchArgs.profile_filename_prefix,
             help="Chrome traces go to PREFIX_bs{B}_in{I}_out{O}.trace.json.",
         )
+        group.add_argument(
+            "--request-attention-tokens",
+            action="store_true",
+            help="Every request asks for attention tokens (the server's top-k, all captured "
+            "layers, mean); needs --return-attention-tokens. Records are copied to the host "
+            "every step, as the scheduler does.",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> BenchArgs:
@@ -108,6 +116,7 @@ class BenchArgs:
             log_decode_step=args.log_decode_step,
             profile=args.profile,
             profile_filename_prefix=args.profile_filename_prefix,
+            request_attention_tokens=args.request_attention_tokens,
         )
 
     def runs(self) -> list[tuple[int, int, int]]:
@@ -193,6 +202,20 @@ def check_pool(bench: BenchArgs, model_runner: Any) -> None:
             )
 
 
+def bench_attention_request(
+    bench: BenchArgs, server_args: ServerArgs, model_config: ModelConfig
+) -> Any:
+    """The AttentionRequest of --request-attention-tokens (None without it)."""
+    if not bench.request_attention_tokens:
+        return None
+    from sglang.srt.attention_capture import AttentionRequest, resolve_capture_layers
+
+    layers = resolve_capture_layers(
+        server_args.attention_capture_layers, model_config.num_hidden_layers
+    )
+    return AttentionRequest(top_k=int(server_args.attention_tokens_top_k), layers=layers)
+
+
 def load_runner(server_args: ServerArgs, model_config: ModelConfig):
     from sglang.srt.model_executor.model_runner import build_model_runner
 
@@ -205,8 +228,9 @@ def load_runner(server_args: ServerArgs, model_config: ModelConfig):
 class BatchDriver:
     """Runs extend + decode steps of a static batch on a model runner and frees it afterwards."""
 
-    def __init__(self, model_runner: Any) -> None:
+    def __init__(self, model_runner: Any, attention: Any = None) -> None:
         self.runner = model_runner
+        self.attention = attention  # AttentionRequest every request carries, or None
         self.cache = ChunkCache(
             model_runner.req_to_token_pool,
             model_runner.token_to_kv_pool_allocator,
@@ -221,7 +245,7 @@ class BatchDriver:
             params = SamplingParams(
                 max_new_tokens=output_len, temperature=0.0, ignore_eos=True
             ).normalize()
-            req = Req(f"bench-{self._counter}", ids, params)
+            req = Req(f"bench-{self._counter}", ids, params, attention=self.attention)
             req.init_next_round_input()
             reqs.append(req)
         runner = self.runner
@@ -239,6 +263,12 @@ class BatchDriver:
         next_ids = self.runner.sample(logits_output, fb).next_token_ids.tolist()
         for req, tok in zip(batch.reqs, next_ids):
             req.output_ids.append(tok)
+        if logits_output.attention_capture is not None:
+            from sglang.srt.attention_capture.records import result_to_records
+
+            records = result_to_records(logits_output.attention_capture)
+            for row, record in zip(logits_output.attention_capture.spec.batch_rows, records):
+                batch.reqs[row].attention_records.append(record)
 
     def prefill(self, batch: ScheduleBatch) -> float:
         self.runner.synchronize()
@@ -411,6 +441,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise BenchError(
                 "bench_one_batch runs a single rank; use --tp-size/--dp-size/--pp-size 1"
             )
+        if bench.request_attention_tokens and not server_args.return_attention_tokens:
+            raise BenchError("--request-attention-tokens needs --return-attention-tokens")
         model_config = ModelConfig.from_server_args(server_args)
         check_fits(bench, model_config, server_args)
         model_runner = load_runner(server_args, model_config)
@@ -423,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
-    driver = BatchDriver(model_runner)
+    driver = BatchDriver(model_runner, bench_attention_request(bench, server_args, model_config))
     if bench.correctness_test == "simple":
         correctness_test(driver, server_args, bench)
         return 0

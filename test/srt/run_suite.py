@@ -47,10 +47,13 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_data_parallel.py", 60),
         TestFile("test_topk_attention.py", 60),
         TestFile("test_attention_tokens.py", 120),
+        TestFile("test_cuda_graph_runner.py", 20),
         TestFile("test_deploy_examples.py", 75),
     ],
     "per-commit-1-gpu": [
+        TestFile("test_cuda_graph_runner.py", 60),
         TestFile("test_triton_kernels.py", 30),
+        TestFile("test_triton_backend.py", 60),
     ],
 }
 
@@ -61,7 +64,8 @@ def run_file(test: TestFile, timeout: float) -> tuple[bool, float, str]:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)]
     try:
         proc = subprocess.run(cmd, cwd=HERE, timeout=timeout, env=os.environ.copy())
-        ok = proc.returncode == 0
+        # NOTE: 5 is pytest's "no tests collected": the file skipped itself (e.g. no GPU/Triton).
+        ok = proc.returncode in (0, 5)
         why = "" if ok else f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
         ok, why = False, f"timed out after {timeout:.0f}s"

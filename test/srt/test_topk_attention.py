@@ -265,3 +265,56 @@ def test_smollm2_against_hf_gguf() -> None:
         ref, rows = hf.greedy_with_attention(prompt, 8)
         assert req.output_ids == ref.output_ids
         check_records(req, rows, f"smollm2 request {i}")
+
+
+# ------------------------------------------------- graph mode: the static path equals the eager one
+
+
+@pytest.mark.parametrize("window", [-1, 6])
+def test_static_graph_path_equals_eager(window: int) -> None:
+    """The fixed-shape path CUDA graphs record, run eagerly, gives the eager path's results."""
+    prefix = [9, 20, 3, 40, 17]
+    case = make_case(11, hq=8, hkv=2, d=16, prefix_lens=prefix, extend_lens=[1] * 5,
+                     mode=ForwardMode.DECODE, num_layers=3, page_size=2)  # fmt: skip
+    requests = [
+        AttentionRequest(top_k=5, layers=(2,)),
+        AttentionRequest(top_k=8, layers=(0, 1, 2), exclude_sink=2),
+        AttentionRequest(top_k=16, layers=(0, 2)),
+    ]
+    spec = CaptureSpec([3, 0, 4], requests)  # rows 1 and 2 do not capture
+    cap = AttentionCapture((0, 1, 2), 3, NUM_ROWS, MAX_CONTEXT, 16, case.hq, device="cpu")
+    layers = [make_layer(case, i, window) for i in range(3)]
+
+    def forward_layers() -> None:
+        for i, layer in enumerate(layers):
+            _out, lse = case.backend.forward(
+                case.q[i], case.k[i], case.v[i], layer, case.fb, return_lse=True
+            )
+            if cap.wants_layer(i):
+                cap.record(layer, case.q[i], lse, case.fb)
+
+    cap.begin(spec, case.fb)
+    forward_layers()
+    eager = cap.finish()
+
+    cap.init_static(NUM_ROWS, width=MAX_CONTEXT)
+    bs = case.fb.batch_size
+    cap.load_static(spec, bs)
+    cap.static_begin(bs)
+    forward_layers()
+    cap.static_finish(case.fb, bs)
+    static = cap.static_result(spec, case.fb.seq_lens_cpu)
+    assert not cap.graph_active and not cap.active
+
+    assert static.values.shape == eager.values.shape
+    torch.testing.assert_close(static.values, eager.values, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(static.excluded, eager.excluded, rtol=1e-6, atol=1e-7)
+    # Positions of score 0 (outside a window) tie, and ties may rank in any order.
+    ranked = eager.values > 0
+    assert torch.equal(static.indices[ranked], eager.indices[ranked])
+    for a, b in zip(result_to_records(static), result_to_records(eager)):
+        assert len(a.positions) == len(b.positions)
+        assert [p for p, s in zip(a.positions, a.scores) if s > 0] == [
+            p for p, s in zip(b.positions, b.scores) if s > 0
+        ]
+        assert a.scores == pytest.approx(b.scores, rel=1e-6, abs=1e-7)

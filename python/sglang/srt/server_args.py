@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import random
 import sys
 from dataclasses import dataclass
@@ -258,8 +259,12 @@ class ServerArgs:
         for name, choices in _CHOICES.items():
             _check_choice(name, getattr(self, name), choices)
         if self.device == "cpu":
+            # NOTE: SGLANG_TRITON_INTERPRET_OK=1 (tests only) runs the triton backend on CPU
+            # tensors through Triton's interpreter (TRITON_INTERPRET=1).
+            interpret_ok = os.environ.get("SGLANG_TRITON_INTERPRET_OK") == "1"
             for name in _ATTENTION_BACKEND_FIELDS:
-                if getattr(self, name) != "torch_native":
+                value = getattr(self, name)
+                if value != "torch_native" and not (interpret_ok and value == "triton"):
                     raise ValueError(
                         f"{name}={getattr(self, name)!r} needs a GPU; on --device cpu use "
                         "torch_native"

@@ -1,13 +1,15 @@
 """The capture itself: exact attention probabilities of the rows that asked, then top-k.
 
-Owns the device side of the feature (the torch path; the fused GPU kernel is a drop-in for
-`record`). `AttentionCapture` is created once per model runner when the server runs with
-`--return-attention-tokens` and allocates its buffers then: one float32 score row per running
-request over the whole context, and per-layer top-k outputs. Each forward that has capturing rows
-goes through `begin` (per-forward indices: which query token each row takes, which KV slots its
-keys sit in), `record` from every captured layer (one extra read of K: q.K, exp(s - lse) with the
-kernel's log-sum-exp, summed over query heads, weighted into the row), and `finish` (all-reduce over
-the TP group, sink exclusion, top-k). Rows are gathered by tensor indexing: there is no Python loop
+Owns the device side of the feature: the torch path (the CPU default and the reference) and,
+when the attention backend runs Triton kernels (`use_kernel`), sgl_kernel's fused
+`capture_scores` as the drop-in for `record`'s arithmetic. `AttentionCapture` is created once
+per model runner when the server runs with `--return-attention-tokens` and allocates its
+buffers then: one float32 score row per running request over the whole context, and per-layer
+top-k outputs. Each forward that has capturing rows goes through `begin` (per-forward indices:
+which query token each row takes, which KV slots its keys sit in), `record` from every captured
+layer (one extra read of K: q.K, exp(s - lse) with the kernel's log-sum-exp, summed over query
+heads, weighted into the row), and `finish` (all-reduce over the TP group, sink exclusion,
+top-k). Rows are gathered by tensor indexing: there is no Python loop
 over requests and no host sync in the forward. The scheduler's batch says which rows capture
 through a `CaptureSpec`; a forward with no capturing row never reaches this module.
 """
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from sglang.srt.attention_capture.config import AttentionRequest
+from sglang.srt.attention_capture.static import StaticCaptureMixin
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -95,7 +98,7 @@ class CaptureResult:
     layer_excluded: Optional[torch.Tensor] = None  # [C, R]
 
 
-class AttentionCapture:
+class AttentionCapture(StaticCaptureMixin):
     """Runner-owned capture state: buffers allocated at start-up, reused by every forward."""
 
     def __init__(
@@ -107,6 +110,7 @@ class AttentionCapture:
         max_top_k: int,
         num_q_heads_total: int,
         device: str | torch.device,
+        use_kernel: bool = False,
     ) -> None:
         self.layers = tuple(captured_layers)
         self.slot_of_layer = [-1] * num_layers
@@ -115,6 +119,11 @@ class AttentionCapture:
         self.max_rows, self.max_context, self.max_top_k = max_rows, max_context, max_top_k
         self.num_q_heads_total = num_q_heads_total
         self.device = torch.device(device)
+        self.use_kernel = use_kernel
+        if use_kernel:
+            from sgl_kernel.attention_capture import capture_scores
+
+            self._capture_scores = capture_scores
         num_cap = len(self.layers)
         f32 = torch.float32
         self.rows = torch.zeros(max_rows, max_context, dtype=f32, device=self.device)
@@ -150,6 +159,7 @@ class AttentionCapture:
             max_top_k=int(runner.server_args.attention_tokens_top_k),
             num_q_heads_total=mc.num_attention_heads,
             device=runner.device,
+            use_kernel=bool(getattr(runner.attn_backend, "uses_triton_kernels", False)),
         )
 
     # ---- per forward -------------------------------------------------------------------------
@@ -171,6 +181,9 @@ class AttentionCapture:
         slots = fb.req_to_token_pool.req_to_token[fb.req_pool_indices[rows], :max_kv]
         self.kv_slots = torch.where(valid, slots, 0).reshape(-1)
         self.valid, self.seq_lens, self.q_index, self.max_kv = valid, seq_lens, q_index, max_kv
+        if self.use_kernel:
+            self.row_pool_indices = fb.req_pool_indices[rows]
+            self.row_mask = torch.ones(num, dtype=torch.int32, device=dev)
         self.exclude = torch.tensor([r.exclude_sink for r in spec.requests], dtype=torch.int64).to(
             dev, non_blocking=True
         )
@@ -191,6 +204,8 @@ class AttentionCapture:
         self.spec, self.active = spec, True
 
     def wants_layer(self, layer_id: int) -> bool:
+        if self.graph_active:  # static mode: every captured layer is in the graph
+            return self.slot_of_layer[layer_id] >= 0
         return self.active and self.layer_wanted[layer_id]
 
     def _allowed(self, window: int) -> torch.Tensor:
@@ -216,24 +231,62 @@ class AttentionCapture:
         q: [num_tokens, Hq * D] (after rotary), lse: [num_tokens, Hq] natural-log log-sum-exp of
         the scaled scores, both for this rank's heads.
         """
+        if self.graph_active:
+            return self.record_static(layer, q, lse, forward_batch)
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         num = self.spec.num_rows
-        qr = q.view(-1, hq, d)[self.q_index].float().view(num, hkv, hq // hkv, d)
-        lr = lse[self.q_index].float().view(num, hkv, hq // hkv, 1)
-        keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
-        keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
-        scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * layer.scaling
-        probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [R, max_kv]
-        probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
-        probs = probs / self.num_q_heads_total
         c = self.slot_of_layer[layer.layer_id]
-        self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
+        if self.use_kernel:
+            probs = self._record_fused(layer, q, lse, forward_batch, c)
+        else:
+            qr = q.view(-1, hq, d)[self.q_index].float().view(num, hkv, hq // hkv, d)
+            lr = lse[self.q_index].float().view(num, hkv, hq // hkv, 1)
+            keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
+            scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * layer.scaling
+            probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [R, max_kv]
+            probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
+            probs = probs / self.num_q_heads_total
+            self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
         if self.spec.per_layer:
             probs = tensor_model_parallel_all_reduce(probs)
             vals, idx, excl = self._rank(probs)
             self.layer_values[c, :num, : self.k] = vals
             self.layer_indices[c, :num, : self.k] = idx
             self.layer_excluded[c, :num] = excl
+
+    def _record_fused(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+        c: int,
+    ) -> Optional[torch.Tensor]:
+        """`record`'s arithmetic in sgl_kernel's fused kernel (same numbers; K read once per KV
+        head, window and padding masked in-kernel). Returns the unweighted [R, max_kv] rows when
+        some row wants per-layer lists, else None."""
+        num = self.spec.num_rows
+        layer_rows = None
+        if self.spec.per_layer:
+            layer_rows = torch.zeros(num, self.max_kv, dtype=torch.float32, device=self.device)
+        self._capture_scores(
+            q if q.stride(-1) == 1 else q.contiguous(),
+            lse.contiguous(),
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            forward_batch.req_to_token_pool.req_to_token,
+            self.row_pool_indices,
+            self.seq_lens,
+            self.q_index,
+            self.row_mask,
+            self.weights[:, c],
+            self.rows[:num, : self.max_kv],
+            layer.scaling,
+            self.num_q_heads_total,
+            sliding_window=layer.sliding_window_size,
+            layer_rows=layer_rows,
+        )
+        return layer_rows
 
     def _rank(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k of score rows after leaving out padding and the excluded leading positions."""

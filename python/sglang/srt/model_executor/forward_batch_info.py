@@ -98,7 +98,10 @@ class ForwardBatch:
         req_to_token_pool: "ReqToTokenPool",
         token_to_kv_pool: "MHATokenToKVPool",
         attn_backend: "AttentionBackend",
+        init_attn_metadata: bool = True,
     ) -> "ForwardBatch":
+        """Device tensors of `batch`; `init_attn_metadata=False` leaves the backend's metadata
+        alone (a CUDA-graph replay sets it from the graph runner's static buffers instead)."""
         prefix = torch.tensor(batch.extend_prefix_lens, dtype=torch.int64)
         ext = torch.tensor(batch.extend_seq_lens, dtype=torch.int64)
         start_loc = torch.cumsum(ext, 0) - ext
@@ -138,5 +141,6 @@ class ForwardBatch:
             input_logprob_targets=opt(batch.input_logprob_targets),
             input_logprob_top_nums=batch.input_logprob_top_nums,
         )
-        attn_backend.init_forward_metadata(fb)
+        if init_attn_metadata:
+            attn_backend.init_forward_metadata(fb)
         return fb

@@ -21,7 +21,7 @@ from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
-from sglang.srt.layers.attention import create_attention_backend
+from sglang.srt.layers.attention import create_model_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.layers.sampler import Sampler, SamplerOutput
 from sglang.srt.mem_cache.allocator import create_allocator
@@ -78,11 +78,14 @@ class ModelRunner:
             self.weight_bytes / 2**30,
         )
         self.init_memory_pool(memory_before)
-        self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        self.attn_backend = create_model_attention_backend(self)
         self.sampler = Sampler()
         self.attention_capture: Optional[Any] = None
         if getattr(server_args, "return_attention_tokens", False):
             self.init_attention_capture()
+        self.cuda_graph_runner: Optional[Any] = None
+        if self.device.startswith("cuda") and not server_args.disable_cuda_graph:
+            self.init_cuda_graphs()
 
     # ---- memory -------------------------------------------------------------------------------
     @property
@@ -157,15 +160,31 @@ class ModelRunner:
         )
         self.attention_capture = AttentionCapture.from_model_runner(self, layers)
 
+    def init_cuda_graphs(self) -> None:
+        """Capture the decode CUDA graphs; backends without graph support run eagerly."""
+        from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+        try:
+            self.cuda_graph_runner = CudaGraphRunner(self)
+        except NotImplementedError as e:
+            logger.warning("CUDA graphs disabled: %s", e)
+            self.cuda_graph_runner = None
+
     # ---- one step -----------------------------------------------------------------------------
     def forward(self, batch: ModelWorkerBatch) -> tuple[LogitsProcessorOutput, ForwardBatch]:
+        graphs = self.cuda_graph_runner
+        use_graph = graphs is not None and graphs.can_run(batch)
         fb = ForwardBatch.init_new(
             batch,
             device=torch.device(self.device),
             req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool=self.token_to_kv_pool,
             attn_backend=self.attn_backend,
+            init_attn_metadata=not use_graph,
         )
+        if use_graph:
+            with torch.inference_mode():
+                return graphs.replay(fb, batch.attention_capture), fb
         capture = self.attention_capture
         if batch.attention_capture is None or capture is None:
             with torch.inference_mode():

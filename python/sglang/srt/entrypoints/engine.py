@@ -173,6 +173,19 @@ class Engine:
             **kwargs,
         )
 
+    def _generate_request(
+        self,
+        prompt: Optional[Union[str, list[str]]],
+        sampling_params: Optional[Union[dict, list[dict]]],
+        input_ids: Optional[Union[list[int], list[list[int]]]],
+        stream: bool,
+        kwargs: dict[str, Any],
+    ) -> AsyncIterator[Any]:
+        """The tokenizer manager's generator for one generate call (sync and async share it)."""
+        return self.tokenizer_manager.generate_request(
+            self._make_input(prompt, sampling_params, input_ids, stream, kwargs)
+        )
+
     def generate(
         self,
         prompt: Optional[Union[str, list[str]]] = None,
@@ -190,9 +203,7 @@ class Engine:
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
         )
-        agen = self.tokenizer_manager.generate_request(
-            self._make_input(prompt, sampling_params, input_ids, stream, kwargs)
-        )
+        agen = self._generate_request(prompt, sampling_params, input_ids, stream, kwargs)
         if stream:
             return self._sync_stream(agen)
         return self._run(_first(agen))
@@ -214,9 +225,7 @@ class Engine:
             logprob_start_len=logprob_start_len,
             top_logprobs_num=top_logprobs_num,
         )
-        agen = self.tokenizer_manager.generate_request(
-            self._make_input(prompt, sampling_params, input_ids, stream, kwargs)
-        )
+        agen = self._generate_request(prompt, sampling_params, input_ids, stream, kwargs)
         if stream:
             return self._async_stream(agen)
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_first(agen), self._loop))

@@ -21,7 +21,6 @@ from sglang.srt.attention_capture.config import (
 from sglang.srt.attention_capture.records import (
     AttentionRecord,
     format_content,
-    format_report,
     report_header,
     result_to_records,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "CaptureSpec",
     "build_capture_spec",
     "format_content",
-    "format_report",
     "parse_attention_request",
     "report_header",
     "resolve_capture_layers",

@@ -3,8 +3,9 @@
 Owns the two host-side forms of a capture. `AttentionRecord` is one generated token's ranked
 positions and scores (per layer too, when asked); the scheduler makes one per sampled token from a
 `CaptureResult` (a single transfer per forward, with the sampled ids) and they travel to the
-detokenizer and the tokenizer manager with the tokens. `format_report` builds the object of
-COMPAT.md section 9 (token text, source, captured and excluded mass) from records and token ids.
+detokenizer and the tokenizer manager with the tokens. `report_header` and `format_content` build
+the object of COMPAT.md section 9 (token text, source, captured and excluded mass) from records and
+token ids.
 """
 
 from __future__ import annotations
@@ -122,19 +123,3 @@ def format_content(
             entry["top_attention"] = attended(rec.positions, rec.scores)
         content.append(entry)
     return content
-
-
-def format_report(
-    records: list[AttentionRecord],
-    options: AttentionRequest,
-    prompt_ids: list[int],
-    output_ids: list[int],
-    token_text: Callable[[int], str],
-    first_index: int = 0,
-) -> dict[str, Any]:
-    """The full response object: header fields plus content for the given records."""
-    report = report_header(options, len(prompt_ids))
-    report["content"] = format_content(
-        records, first_index, options, prompt_ids, output_ids, token_text
-    )
-    return report

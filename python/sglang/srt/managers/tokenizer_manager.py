@@ -33,7 +33,7 @@ import zmq
 import zmq.asyncio
 
 from sglang.srt.attention_capture.config import parse_attention_request
-from sglang.srt.attention_capture.records import format_report
+from sglang.srt.attention_capture.records import format_content, report_header
 from sglang.srt.managers.io_struct import (
     ATTENTION_FIELDS,
     AbortReq,
@@ -83,6 +83,7 @@ class ReqState:
     attention_options: Any = None
     prompt_ids: list[int] = field(default_factory=list)
     attention_records: list[Any] = field(default_factory=list)
+    attention_content: list[dict[str, Any]] = field(default_factory=list)  # formatted once each
     yielded_attention: int = 0
 
 
@@ -450,17 +451,26 @@ class TokenizerManager:
                 self._fmt(x, with_text) for x in state.output_top_logprobs
             ]
         if state.attention_options is not None:
-            first = state.yielded_attention if incremental else 0
-            state.yielded_attention = len(state.attention_records)
-            meta["attention_tokens"] = format_report(
-                state.attention_records[first:],
-                state.attention_options,
-                state.prompt_ids,
-                state.output_ids,
-                self.token_text,
-                first_index=first,
-            )
+            meta["attention_tokens"] = self._attention_report(state, incremental)
         return {"text": text, "output_ids": output_ids, "meta_info": meta}
+
+    def _attention_report(self, state: ReqState, incremental: bool) -> dict[str, Any]:
+        """The report so far (only the new entries with --stream-output). Each record is
+        formatted once, when it arrives, so a long stream does not re-format its history."""
+        done = len(state.attention_content)
+        state.attention_content += format_content(
+            state.attention_records[done:],
+            done,
+            state.attention_options,
+            state.prompt_ids,
+            state.output_ids,
+            self.token_text,
+        )
+        first = state.yielded_attention if incremental else 0
+        state.yielded_attention = len(state.attention_content)
+        report = report_header(state.attention_options, len(state.prompt_ids))
+        report["content"] = state.attention_content[first:]
+        return report
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as it reads on its own (cached; '' without a tokenizer)."""

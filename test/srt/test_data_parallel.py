@@ -50,7 +50,7 @@ SERVER_ARGS = [
     "--dtype",
     "float32",
     "--max-total-tokens",
-    "20000",
+    "65536",
     "--dp",
     "2",
 ]
@@ -117,9 +117,10 @@ def test_combine_answers():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
-    # A long context, so streams outlast the time it takes to start them all.
+    # A long context, so streams outlast the time it takes to start them all, even when a busy
+    # machine delays the first chunks (CI once saw a 4000-token stream finish before the last start).
     folder = str(tmp_path_factory.mktemp("tiny_dp"))
-    return make_tiny_model("llama", folder, max_position_embeddings=8192)
+    return make_tiny_model("llama", folder, max_position_embeddings=32768)
 
 
 @pytest.fixture(scope="module", params=METHODS)
@@ -142,7 +143,7 @@ def _loads(url: str) -> list[dict]:
 
 def test_concurrent_requests_use_both_replicas(dp_server):
     method, url, proc = dp_server
-    params = {"max_new_tokens": 4000, "temperature": 0.0, "ignore_eos": True}
+    params = {"max_new_tokens": 30000, "temperature": 0.0, "ignore_eos": True}
     ready = next(i for i, line in enumerate(proc.log_lines) if "ready to roll" in line)
     streams = []
     try:

@@ -30,7 +30,8 @@ def fused_add_rmsnorm(
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x = [gate, up] along the last dim; returns silu(gate) * up."""
     d = x.shape[-1] // 2
-    return F.silu(x[..., :d]) * x[..., d:]
+    out = F.silu(x[..., :d])  # a new contiguous tensor: multiplying into it saves a pass
+    return out.mul_(x[..., d:])
 
 
 def rotary_cos_sin(
@@ -50,7 +51,9 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     half = rot // 2
     rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
-    out = x_rot * cos + rotated * sin
+    # Same operations and roundings as x_rot * cos + rotated * sin, in fewer temporaries.
+    out = x_rot * cos
+    out.add_(rotated.mul_(sin))
     if x_pass.shape[-1] == 0:
         return out
     return torch.cat((out, x_pass), dim=-1)

@@ -41,7 +41,6 @@ def record_launches(tests: list[str]) -> list[tuple[str, str, tuple, dict]]:
     """Run `tests` under the interpreter; return (module, kernel, args, kwargs) per launch, each
     tensor replaced by `_TensorFacts`."""
     import pytest
-    import torch
     from triton.runtime.interpreter import InterpretedFunction
 
     import sgl_kernel.triton_common as common
@@ -49,32 +48,38 @@ def record_launches(tests: list[str]) -> list[tuple[str, str, tuple, dict]]:
     launches: list[tuple[str, str, tuple, dict]] = []
     original_run = InterpretedFunction.run
 
+    def record(self: Any, args: tuple, kwargs: dict) -> None:
+        launches.append((self.fn.__module__, self.fn.__name__, _facts(args), _facts(kwargs)))
+
     def run(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> Any:
-        fn = self.fn
-        launches.append((fn.__module__, fn.__name__, _facts(args), _facts(kwargs)))
+        record(self, args, kwargs)
         return original_run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    def gpu_dot_dtypes(*dtypes: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-        first = dtypes[0]
-        if first in (torch.float16, torch.bfloat16) and all(d == first for d in dtypes):
-            return first, first
-        return torch.float32, torch.float32
+    original_dot_dtypes = common.dot_dtypes
 
-    patched = []
-    for name, module in list(sys.modules.items()):
-        if name.startswith("sgl_kernel") and getattr(module, "dot_dtypes", None) is not None:
-            patched.append((module, module.dot_dtypes))
-            module.dot_dtypes = gpu_dot_dtypes
-    common.dot_dtypes = gpu_dot_dtypes
+    def gpu_dot_dtypes(*dtypes: Any) -> Any:
+        """`dot_dtypes` as it answers on a GPU (not interpreting)."""
+        interpreting, common.interpreting = common.interpreting, lambda: False
+        try:
+            return original_dot_dtypes(*dtypes)
+        finally:
+            common.interpreting = interpreting
+
+    # Modules imported later copy the patched name from triton_common.
+    patched = [
+        (module, module.dot_dtypes)
+        for name, module in list(sys.modules.items())
+        if name.startswith("sgl_kernel") and getattr(module, "dot_dtypes", None) is not None
+    ]
+    for module, _ in patched:
+        module.dot_dtypes = gpu_dot_dtypes
     InterpretedFunction.run = run
     try:
         pytest.main(["-q", "--no-header", "-p", "no:cacheprovider", *tests])
         # The tests' shapes are small; real models give other constexprs (head dim 128, GQA
         # groups) and other specializations (strides divisible by 16). Record those launches
         # without running them: only their arguments matter.
-        InterpretedFunction.run = lambda self, *a, grid, warmup, **kw: launches.append(
-            (self.fn.__module__, self.fn.__name__, _facts(a), _facts(kw))
-        )
+        InterpretedFunction.run = lambda self, *a, grid, warmup, **kw: record(self, a, kw)
         model_shaped_launches()
     finally:
         InterpretedFunction.run = original_run
@@ -180,8 +185,6 @@ def _facts(values: Any) -> Any:
         return type(values)(_facts(v) for v in values)
     if isinstance(values, torch.Tensor):
         return _TensorFacts(values.dtype, values.data_ptr() % 64)
-    if isinstance(values, torch.dtype):
-        return values
     return values
 
 

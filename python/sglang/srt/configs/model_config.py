@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from sglang.srt.hf_transformers_utils import get_config, get_context_length
+from sglang.srt.model_loader.quantization import check_quantization_config
 from sglang.srt.model_loader.resolve import is_gguf_path, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class ModelConfig:
         self.device = str(device).split(":")[0]
 
         self.hf_config = get_config(self.model_path, trust_remote_code=trust_remote_code)
+        check_quantization_config(self.hf_config, self.model_path)
         # Multimodal configs nest the language model's fields; the engine only serves the text part.
         text_config = getattr(self.hf_config, "text_config", None) or self.hf_config
         self.hf_text_config = text_config

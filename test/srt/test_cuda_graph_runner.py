@@ -200,3 +200,51 @@ def test_graph_replay_equals_eager_every_bucket(tiny_path: str, capture: bool) -
         mr.cuda_graph_runner = graphs
         replay = lockstep(mr, prompts, STEPS, att, tokens=eager[1])
         compare(replay, eager, 1e-4)
+
+
+def test_disable_cuda_graph_padding_runs_unmatched_sizes_eagerly(tiny_path: str) -> None:
+    """--disable-cuda-graph-padding: sizes with their own bucket replay, the others run eagerly."""
+    srt = SRTRunner(tiny_path, max_running_requests=8, cuda_graph_max_bs=8,
+                    disable_cuda_graph_padding=True)  # fmt: skip
+    mr = srt.model_runner
+    mr.attn_backend = GraphHookTorchNative(mr)
+    graphs = CudaGraphRunner(mr, use_graphs=False)
+    decode = [SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs,
+                              attention_capture=None) for bs in range(1, 10)]  # fmt: skip
+    assert [b.batch_size for b in decode if graphs.can_run(b)] == [1, 2, 4, 8]
+    graphs.disable_padding = False
+    assert [b.batch_size for b in decode if graphs.can_run(b)] == list(range(1, 9))
+
+
+def test_static_path_returns_hidden_states(tiny_path: str) -> None:
+    """--enable-return-hidden-states: the padded static (graph) decode hands back the same
+    final hidden states as eager decode, sliced to the real rows."""
+    srt = SRTRunner(tiny_path, max_running_requests=8, cuda_graph_max_bs=8,
+                    enable_return_hidden_states=True)  # fmt: skip
+    mr = srt.model_runner
+    mr.attn_backend = GraphHookTorchNative(mr)
+    graphs = CudaGraphRunner(mr, use_graphs=False)
+    prompts = prompts_for(3, seed=7)
+
+    def decode_hidden(graph_runner: Optional[CudaGraphRunner]) -> torch.Tensor:
+        mr.cuda_graph_runner = graph_runner
+        driver = BatchDriver(mr)
+        batch = driver.make_batch(prompts, 4)
+        for req in batch.reqs:
+            req.return_hidden_states = True
+        try:
+            out, _ = mr.forward(batch.prepare_for_extend())
+            for req, tok in zip(batch.reqs, out.next_token_logits.argmax(-1).tolist()):
+                req.output_ids.append(tok)
+            work = batch.prepare_for_decode()
+            assert work.capture_hidden_states and graphs.can_run(work)
+            out, _ = mr.forward(work)
+            for req, tok in zip(batch.reqs, out.next_token_logits.argmax(-1).tolist()):
+                req.output_ids.append(tok)  # so release frees exactly the slots written
+            return out.hidden_states.clone()
+        finally:
+            driver.release(batch)
+
+    eager, static = decode_hidden(None), decode_hidden(graphs)
+    assert static.shape == (3, mr.model_config.hidden_size)
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,8 @@
 
 Covers chat and completions (streaming and not), usage (with `--enable-cache-report`),
 `stream_options.include_usage`, `n=2`, logprobs (chat `top_logprobs`, completions `logprobs=k`),
-echo, stop strings, length finish, any model name, `extra_body` extras, 400s raised as
+echo, stop strings, length finish, any model name, `extra_body` extras (hidden states, with
+`--enable-return-hidden-states`), 400s raised as
 `openai.BadRequestError` with the server healthy afterwards, and Prometheus `/metrics`
 (`--enable-metrics`).
 """
@@ -40,6 +41,7 @@ METRIC_NAMES = (
 @pytest.fixture(scope="module")
 def server():
     args = ["--max-total-tokens", "4096", "--enable-metrics", "--enable-cache-report"]
+    args.append("--enable-return-hidden-states")
     with running_server(other_args=args) as url:
         yield url
 
@@ -216,6 +218,25 @@ def test_attention_tokens_need_the_server_flag(server, client):
     assert r.status_code == 400 and "--return-attention-tokens" in r.json()["message"]
     assert requests.get(f"{server}/health", timeout=5).status_code == 200
     assert "attention_tokens" not in chat(client, max_tokens=2).choices[0].model_dump()
+
+
+def test_hidden_states_extra_body(client):
+    """As upstream: `choices[i].hidden_states` is the last token's final hidden state (576 for
+    SmolLM2); streaming sends it alone after the finishing chunk (chat: in the delta)."""
+    extra = {"return_hidden_states": True}
+    resp = chat(client, temperature=0, max_tokens=4, extra_body=extra)
+    hidden = resp.choices[0].model_dump()["hidden_states"]
+    assert len(hidden) == 576 and all(isinstance(x, float) for x in hidden)
+    assert "hidden_states" not in chat(client, max_tokens=2).choices[0].model_dump()
+    single = complete(client, temperature=0, max_tokens=1, extra_body=extra).choices[0]
+    assert single.model_dump()["hidden_states"] == []  # one token: no decode step
+    chunks = list(chat(client, temperature=0, max_tokens=4, stream=True, extra_body=extra))
+    deltas = [c.choices[0].delta.model_dump() for c in chunks if c.choices]
+    with_hidden = [i for i, d in enumerate(deltas) if d.get("hidden_states")]
+    assert with_hidden == [len(deltas) - 1] and deltas[-1]["hidden_states"] == hidden
+    assert chunks[-2].choices[0].finish_reason == "length"
+    chunks = list(complete(client, temperature=0, max_tokens=4, stream=True, extra_body=extra))
+    assert len(chunks[-1].choices[0].model_dump()["hidden_states"]) == 576
 
 
 # ---------------------------------------------------------------------------- metrics

@@ -125,6 +125,19 @@ def test_bad_requests_are_400(server, body):
     assert requests.get(f"{url}/health").status_code == 200
 
 
+def test_hidden_states_need_the_server_flag(server):
+    """This server runs without --enable-return-hidden-states: asking is a 400 naming the field."""
+    url, _ = server
+    body = {"text": PROMPT, "sampling_params": GREEDY, "return_hidden_states": True}
+    r = requests.post(f"{url}/generate", json=body, timeout=30)
+    assert r.status_code == 400 and "return_hidden_states" in r.json()["message"]
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
+    r = requests.post(
+        f"{url}/v1/chat/completions", json={**chat, "return_hidden_states": True}, timeout=30
+    )
+    assert r.status_code == 400 and "--enable-return-hidden-states" in r.json()["message"]
+
+
 def test_info_routes(server):
     url, _ = server
     info = requests.get(f"{url}/get_model_info").json()

@@ -37,6 +37,13 @@ LOAD_BALANCE_METHODS = ["round_robin", "total_requests", "total_tokens"]
 DEVICES = ["cuda", "cpu"]
 TOKENIZER_MODES = ["auto", "slow"]
 GRAMMAR_BACKENDS = ["xgrammar", "outlines", "llguidance", "none"]
+KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1"]
+# Upstream's method names, so a known name gets the "not supported yet" refusal below and a typo
+# gets argparse's "invalid choice".
+QUANTIZATION_METHODS = (
+    "awq fp8 gptq marlin gptq_marlin awq_marlin bitsandbytes gguf modelopt modelopt_fp4 "
+    "petit_nvfp4 w8a8_int8 w8a8_fp8 moe_wna16 qoq w4afp8 mxfp4 compressed-tensors"
+).split()
 CAPTURE_LAYER_KEYWORDS = ("last", "all", "auto")
 
 # Field -> allowed values; argparse enforces them on the command line, `check_server_args` on
@@ -53,6 +60,8 @@ _CHOICES: dict[str, list[str]] = {
     "decode_attention_backend": ATTENTION_BACKENDS,
     "sampling_backend": SAMPLING_BACKENDS,
     "grammar_backend": GRAMMAR_BACKENDS,
+    "kv_cache_dtype": KV_CACHE_DTYPES,
+    "quantization": QUANTIZATION_METHODS,
 }
 
 _ATTENTION_BACKEND_FIELDS = (
@@ -66,7 +75,57 @@ _POSITIVE_FIELDS = (
     "max_prefill_tokens cuda_graph_max_bs torch_compile_max_bs triton_attention_num_kv_splits "
     "attention_tokens_top_k"
 ).split()
-_OPTIONAL_POSITIVE_FIELDS = ("context_length", "max_running_requests", "max_total_tokens")
+_OPTIONAL_POSITIVE_FIELDS = (
+    "context_length",
+    "max_running_requests",
+    "max_queued_requests",
+    "max_total_tokens",
+)
+LOG_REQUESTS_LEVELS = (0, 1, 2, 3)
+
+# NOTE: every flag either does what upstream SGLang's does, or is listed in exactly one of the
+# three tables below; test/srt/test_server_args.py walks the flag table to enforce it, and
+# `--help` prints each reason, so the tables are the one place that says what is not done.
+#
+# Flags refused at start-up (exit 2) when set to anything but their default.
+REFUSED_FLAGS: dict[str, str] = {
+    "quantization": (
+        "quantized weights are not supported yet; serve an unquantized (fp16/bf16/fp32) "
+        "checkpoint or a GGUF file, which is dequantized at load"
+    ),
+    "pp_size": "pipeline parallelism is not supported; use --tp across GPUs and nodes",
+}
+# Values of otherwise working flags that are refused at start-up (exit 2).
+REFUSED_VALUES: dict[str, dict[str, str]] = {
+    "sampling_backend": {
+        "flashinfer": "this build samples with PyTorch only; use --sampling-backend pytorch",
+    },
+    "schedule_policy": {
+        "dfs-weight": "dfs-weight scheduling is not implemented; use lpm (longest cached "
+        "prefix first) or fcfs",
+    },
+    "kv_cache_dtype": {
+        "fp4_e2m1": "FP4 KV cache needs Blackwell kernels that are not built here; use auto, "
+        "bf16, fp8_e4m3 or fp8_e5m2",
+    },
+}
+# Flags accepted although nothing reads them, because what upstream does with them already holds.
+ACCEPTED_AS_IS: dict[str, str] = {
+    "disable_overlap_schedule": (
+        "there is no overlap scheduler: scheduling and the forward pass always run one after "
+        "the other"
+    ),
+    "grammar_backend": (
+        "no grammar backend is built in yet: requests with json_schema, regex, ebnf or a "
+        "response_format are refused with HTTP 400 whatever the value"
+    ),
+    "disable_flashinfer": (
+        "legacy switch: flashinfer attention backends fall back to triton (torch_native on CPU) "
+        "while the flags are parsed"
+    ),
+    "disable_flashinfer_sampling": "legacy switch: sampling always runs in PyTorch here",
+    "sampling_backend": "sampling always runs in PyTorch here, which is what 'pytorch' asks for",
+}
 
 # Chunk size when --chunked-prefill-size is not given: GPUs amortise launches over big chunks,
 # CPUs want short chunks so decode steps of running requests are not starved.
@@ -121,6 +180,7 @@ class ServerArgs:
     # Memory and scheduling
     mem_fraction_static: Optional[float] = None
     max_running_requests: Optional[int] = None
+    max_queued_requests: Optional[int] = None
     max_total_tokens: Optional[int] = None
     chunked_prefill_size: Optional[int] = None
     max_prefill_tokens: int = 16384
@@ -154,6 +214,7 @@ class ServerArgs:
     log_level: str = "info"
     log_level_http: Optional[str] = None
     log_requests: bool = False
+    log_requests_level: int = 2
     decode_log_interval: int = 40
     enable_metrics: bool = False
     enable_cache_report: bool = False
@@ -257,6 +318,8 @@ class ServerArgs:
     def check_server_args(self) -> None:
         """Raise ValueError naming the flag when a setting is out of range or inconsistent."""
         for name, choices in _CHOICES.items():
+            if name == "quantization" and self.quantization is None:
+                continue  # the one choice field whose default is "none given"
             _check_choice(name, getattr(self, name), choices)
         if self.device == "cpu":
             # NOTE: SGLANG_TRITON_INTERPRET_OK=1 (tests only) runs the triton backend on CPU
@@ -269,9 +332,10 @@ class ServerArgs:
                         f"{name}={getattr(self, name)!r} needs a GPU; on --device cpu use "
                         "torch_native"
                     )
-            if self.sampling_backend == "flashinfer":
-                raise ValueError("sampling_backend='flashinfer' needs a GPU; use pytorch on CPU")
 
+        _check_refused(self)
+        if self.enable_torch_compile:
+            _check_torch_compile(self)
         _check_port("port", self.port)
         if self.nccl_port is not None:
             _check_port("nccl_port", self.nccl_port)
@@ -282,6 +346,10 @@ class ServerArgs:
             if getattr(self, name) is not None:
                 _check_at_least(name, getattr(self, name), 1)
         _check_at_least("base_gpu_id", self.base_gpu_id, 0)
+        if self.log_requests_level not in LOG_REQUESTS_LEVELS:
+            raise ValueError(
+                f"log_requests_level must be one of 0, 1, 2, 3, got {self.log_requests_level!r}"
+            )
         if self.schedule_conservativeness < 0:
             raise ValueError(
                 f"schedule_conservativeness must be >= 0, got {self.schedule_conservativeness}"
@@ -340,6 +408,9 @@ class ServerArgs:
         return cls(**{name: getattr(args, name) for name in names if hasattr(args, name)})
 
 
+_FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
+
+
 def _detect_device() -> str:
     import torch  # lazy: most callers pass --device or never need detection
 
@@ -352,6 +423,34 @@ def _default_mem_fraction(tp_size: int) -> float:
         if tp_size >= min_tp:
             return fraction
     return 0.88
+
+
+def _check_refused(args: ServerArgs) -> None:
+    """ValueError for a refused flag or value; the message names the flag and says why."""
+    for name, reason in REFUSED_FLAGS.items():
+        value = getattr(args, name)
+        if value != _FIELD_DEFAULTS[name]:
+            raise ValueError(f"{_flag(name)} {value} is refused: {reason}")
+    for name, values in REFUSED_VALUES.items():
+        value = getattr(args, name)
+        if value in values:
+            raise ValueError(f"{_flag(name)} {value} is refused: {values[value]}")
+
+
+def _check_torch_compile(args: ServerArgs) -> None:
+    # NOTE: the model runner compiles the eager decode forward; CUDA-graph capture of a compiled
+    # forward and compiled TP collectives are not built, so those combinations are refused.
+    if args.device == "cuda" and not args.disable_cuda_graph:
+        raise ValueError(
+            "--enable-torch-compile is refused with CUDA graphs on (compiled graph capture is "
+            "not built); add --disable-cuda-graph to compile the eager decode forward"
+        )
+    if args.tp_size > 1:
+        raise ValueError("--enable-torch-compile is refused with --tp > 1 (not built yet)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _check_choice(name: str, value: Any, choices: list[str]) -> None:
@@ -405,7 +504,8 @@ _HELP: dict[str, str] = {
     "context_length": "Maximum context length (default: from the model config).",
     "dtype": "Weight and activation dtype.",
     "quantization": "Quantization method of the weights.",
-    "kv_cache_dtype": "KV cache dtype ('auto' = the model dtype).",
+    "kv_cache_dtype": "KV cache dtype: 'auto' = the model dtype; bf16/bfloat16; fp8_e4m3 and "
+    "fp8_e5m2 store K/V in one byte per element (twice the tokens per GB, per-tensor scale 1.0).",
     "served_model_name": "Model name the OpenAI API reports (default: the model path).",
     "chat_template": "Chat template name or file (default: the tokenizer's own).",
     "host": "Address the HTTP server binds.",
@@ -414,6 +514,10 @@ _HELP: dict[str, str] = {
     "skip_server_warmup": "Skip the warm-up generation at startup.",
     "mem_fraction_static": "Share of device memory for weights plus KV pool (default: by TP size).",
     "max_running_requests": "Cap on concurrently running requests (default: from the KV pool).",
+    "max_queued_requests": (
+        "Cap on requests waiting in the scheduler queue; beyond it new requests get HTTP 503 "
+        "with Retry-After (default: unbounded)."
+    ),
     "max_total_tokens": "KV pool size in tokens (default: from free memory).",
     "chunked_prefill_size": "Longest prefill chunk, -1 = no chunking (default 8192 GPU, 2048 CPU).",
     "max_prefill_tokens": "Token budget of one prefill batch.",
@@ -435,27 +539,37 @@ _HELP: dict[str, str] = {
     "base_gpu_id": "First GPU index to use.",
     "gpu_id_step": "Stride between the GPU indices of consecutive ranks.",
     "random_seed": "Seed (default: random).",
-    "watchdog_timeout": "Seconds a step (or a TP collective) may hang before the server stops.",
+    "watchdog_timeout": (
+        "Seconds a scheduler step may run while work is pending before /health answers 503; "
+        "2 s later the watchdog dumps every thread's stack to the log and stops the server "
+        "(exit 1). Also the timeout of TP collectives."
+    ),
     "stream_interval": "Decode steps between streamed chunks.",
     "stream_output": "Native streaming sends text deltas instead of the whole text so far.",
     "log_level": "Log level of all processes.",
     "log_level_http": "Log level of the HTTP server (default: --log-level).",
-    "log_requests": "Log every request and its output.",
+    "log_requests": "Log every request when it arrives and when it finishes (detail: "
+    "--log-requests-level).",
+    "log_requests_level": "Detail of --log-requests: 0 metadata, 1 + sampling parameters, "
+    "2 + input and output cut to 2048 characters, 3 + everything.",
     "decode_log_interval": "Decode steps between 'Decode batch.' log lines.",
     "enable_metrics": "Serve Prometheus metrics on /metrics.",
     "enable_cache_report": "Report cached prompt tokens in OpenAI usage.",
-    "enable_return_hidden_states": "Allow requests to ask for hidden states.",
+    "enable_return_hidden_states": "Allow requests to ask for return_hidden_states: the "
+    "final-layer hidden states (after the final norm) in meta_info.hidden_states.",
     "attention_backend": "Attention kernels (default: triton on GPU, torch_native on CPU).",
     "prefill_attention_backend": "Attention kernels for prefill (default: --attention-backend).",
     "decode_attention_backend": "Attention kernels for decode (default: --attention-backend).",
     "sampling_backend": "Sampling kernels (default: pytorch).",
     "grammar_backend": "Constrained decoding backend.",
     "disable_cuda_graph": "Run decode without CUDA graphs.",
-    "disable_cuda_graph_padding": "Use CUDA graphs only for exactly captured batch sizes.",
+    "disable_cuda_graph_padding": "Replay CUDA graphs only for batch sizes captured exactly; "
+    "other sizes run eagerly instead of padded to a larger graph.",
     "cuda_graph_max_bs": "Largest decode batch captured in a CUDA graph (default: 160).",
     "cuda_graph_bs": "Explicit list of batch sizes to capture.",
-    "enable_torch_compile": "Compile the model with torch.compile.",
-    "torch_compile_max_bs": "Largest batch size compiled with torch.compile.",
+    "enable_torch_compile": "Run decode batches up to --torch-compile-max-bs through a "
+    "torch.compile'd forward (attention stays eager); compiles on first use.",
+    "torch_compile_max_bs": "Largest decode batch that runs the compiled forward.",
     "triton_attention_num_kv_splits": "KV splits of the Triton decode attention kernel.",
     "disable_flashinfer": "Deprecated: pick a non-flashinfer attention backend instead.",
     "disable_flashinfer_sampling": "Deprecated: same as --sampling-backend pytorch.",
@@ -489,10 +603,21 @@ def _add_cli_args(parser: argparse.ArgumentParser) -> None:
             kwargs["default"] = default
         if f.name in _CHOICES:
             kwargs["choices"] = _CHOICES[f.name]
-        flag = "--" + f.name.replace("_", "-")
         group.add_argument(
-            flag, *_ALIASES.get(f.name, ()), dest=f.name, help=_HELP[f.name], **kwargs
+            _flag(f.name), *_ALIASES.get(f.name, ()), dest=f.name, help=_help(f.name), **kwargs
         )
+
+
+def _help(name: str) -> str:
+    """The flag's help plus what the honesty tables say about it (argparse escapes '%')."""
+    text = _HELP[name]
+    if name in REFUSED_FLAGS:
+        text += f" Refused at start-up: {REFUSED_FLAGS[name]}."
+    if name in ACCEPTED_AS_IS:
+        text += f" Accepted, nothing to do here: {ACCEPTED_AS_IS[name]}."
+    for value, reason in REFUSED_VALUES.get(name, {}).items():
+        text += f" '{value}' is refused at start-up: {reason}."
+    return text.replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:

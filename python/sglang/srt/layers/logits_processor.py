@@ -2,7 +2,8 @@
 
 Owns which positions produce logits: the last token of each request (to sample the next token)
 and, for requests asking for prompt logprobs, the positions listed in the forward batch, whose
-log-probabilities of the following prompt token (and top-n alternatives) it computes here.
+log-probabilities of the following prompt token (and top-n alternatives) it computes here. When the
+batch asks for hidden states it also returns the hidden states it was given.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class LogitsProcessorOutput:
     input_top_logprobs_idx: Optional[torch.Tensor] = None  # [M, k]
     # attention_capture.CaptureResult of this forward, when some row captured.
     attention_capture: Optional[Any] = None
+    # Final hidden states (after the final norm, as fed to the LM head) of every token of the
+    # forward, [num_tokens, hidden]; only when the batch asked (capture_hidden_states).
+    hidden_states: Optional[torch.Tensor] = None
 
 
 class LogitsProcessor(nn.Module):
@@ -54,6 +58,8 @@ class LogitsProcessor(nn.Module):
         else:
             last_hidden = hidden_states
         out = LogitsProcessorOutput(next_token_logits=self.get_logits(last_hidden, lm_head))
+        if forward_batch.capture_hidden_states:
+            out.hidden_states = hidden_states  # a reference: copied only for rows that asked
 
         idx = forward_batch.input_logprob_indices
         if idx is not None and idx.numel() > 0:

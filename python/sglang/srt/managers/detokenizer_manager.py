@@ -167,6 +167,7 @@ class DetokenizerManager:
             input_token_logprobs=batch.input_token_logprobs,
             input_top_logprobs=batch.input_top_logprobs,
             attention_records=attention,
+            hidden_states=batch.hidden_states,
         )
 
 

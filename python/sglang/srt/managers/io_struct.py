@@ -348,6 +348,8 @@ class BatchTokenIDOut:
     input_top_logprobs: list[Optional[list[Optional[list[tuple[float, int]]]]]]
     # New attention_capture.AttentionRecord per new output token (None: not asked).
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
+    # New hidden-state entries, float32 CPU tensors (None: not asked; managers/hidden_states.py).
+    hidden_states: list[Optional[list[Any]]] = field(default_factory=list)
 
 
 @dataclass
@@ -371,3 +373,4 @@ class BatchStrOut:
     input_top_logprobs: list[Optional[list[Optional[list[tuple[float, int]]]]]]
     # Attention records of tokens whose text is final (trimmed with the text on a stop string).
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
+    hidden_states: list[Optional[list[Any]]] = field(default_factory=list)  # as BatchTokenIDOut

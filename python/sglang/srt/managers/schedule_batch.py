@@ -80,6 +80,7 @@ class Req:
         stream: bool = False,
         eos_token_ids: Optional[set[int]] = None,
         attention: Optional["AttentionRequest"] = None,
+        return_hidden_states: bool = False,
     ) -> None:
         self.rid = rid
         self.origin_input_text = origin_input_text
@@ -124,6 +125,12 @@ class Req:
         self.attention = attention
         self.attention_records: list[Any] = []
 
+        # Hidden states (managers/hidden_states.py): the whole prompt's [N, hidden] first, then
+        # one [hidden] vector per decode step; chunks of a prompt still being prefilled.
+        self.return_hidden_states = return_hidden_states
+        self.hidden_states: list[torch.Tensor] = []
+        self.prompt_hidden_chunks: list[torch.Tensor] = []
+
     # ---- derived sizes ------------------------------------------------------------------------
     @property
     def seqlen(self) -> int:
@@ -131,6 +138,10 @@ class Req:
 
     def finished(self) -> bool:
         return self.finished_reason is not None
+
+    def wants_prompt_hidden(self) -> bool:
+        """The prompt's hidden states are still to be computed (no prefix may come from cache)."""
+        return self.return_hidden_states and not self.hidden_states
 
     def wants_prompt_logprobs(self) -> bool:
         return self.return_logprob and self.logprob_start_len >= 0 and not self.input_logprobs_done
@@ -251,6 +262,7 @@ class ScheduleBatch:
             input_logprob_targets=targets,
             input_logprob_top_nums=tops,
             attention_capture=self._capture_spec(extend=True),
+            capture_hidden_states=any(r.return_hidden_states for r in self.reqs),
         )
 
     def _prompt_logprob_positions(self, prefix_lens: list[int], ext_lens: list[int]):
@@ -308,6 +320,7 @@ class ScheduleBatch:
             return_logprob=any(r.return_logprob for r in self.reqs),
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in self.reqs],
             attention_capture=self._capture_spec(extend=False),
+            capture_hidden_states=any(r.return_hidden_states for r in self.reqs),
         )
 
     def _capture_spec(self, extend: bool) -> Any:

@@ -35,6 +35,8 @@ class SchedulePolicy:
         limit = len(tokens) - 1
         if req.wants_prompt_logprobs():
             limit = min(limit, max(req.logprob_start_len - 1, 0))
+        if req.wants_prompt_hidden():
+            limit = 0  # hidden states of the whole prompt are returned: compute all of it
         match = self.tree_cache.match_prefix(tokens)
         indices = match.device_indices
         if len(indices) > limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req, ScheduleBatch
 from sglang.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglang.srt.managers.scheduler_output_processor import OutputProcessor
@@ -114,6 +115,9 @@ class Scheduler:
                 error = (
                     "return_attention_tokens needs a server started with --return-attention-tokens"
                 )
+        if error is None and req.return_hidden_states:
+            if not self.server_args.enable_return_hidden_states:
+                error = HIDDEN_STATES_OFF
         if error is not None:
             req.finished_reason = FINISH_ABORT(error)
             self.output.emit_finished(req)

@@ -1,7 +1,7 @@
 """Turns one forward's sampled tokens into request state: outputs, logprobs, finish, caching.
 
 Owns the end of every scheduler step: appending sampled tokens, collecting output and prompt
-logprobs, deciding when a request is finished (length, EOS, stop token ids, stop strings, abort),
+logprobs (and hidden states, through hidden_states.py), deciding when a request is finished (length, EOS, stop token ids, stop strings, abort),
 handing finished requests' KV to the prefix cache, moving prefilled requests into the running batch,
 and telling the listener (the serving layer's sender, or a test) which requests advanced.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from sglang.srt.managers import hidden_states
 from sglang.srt.managers.schedule_batch import (
     FINISH_ABORT,
     FINISH_LENGTH,
@@ -39,6 +40,7 @@ class OutputProcessor:
     ) -> None:
         sched = self.scheduler
         self._collect_prompt_logprobs(batch, logits_output)
+        hidden_states.collect_prefill(batch, logits_output.hidden_states)
         next_ids = sample.next_token_ids.tolist()
         out_logprobs = self._output_logprob_lists(batch, sample)
         records = self._attention_records(logits_output)
@@ -75,6 +77,7 @@ class OutputProcessor:
         next_ids = sample.next_token_ids.tolist()
         out_logprobs = self._output_logprob_lists(batch, sample)
         records = self._attention_records(logits_output)
+        hidden_states.collect_decode(batch, getattr(logits_output, "hidden_states", None))
         for i, req in enumerate(batch.reqs):
             self._append_token(req, next_ids[i], out_logprobs, i, records)
             if self.check_finished(req):

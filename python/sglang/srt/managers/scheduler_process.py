@@ -78,6 +78,7 @@ class _SendState:
     sent_input_logprobs: bool = False
     options_sent: bool = False
     sent_attention: int = 0  # attention records already sent
+    sent_hidden: int = 0  # hidden-state entries already sent
 
 
 @dataclass
@@ -170,6 +171,7 @@ class SchedulerProcess:
                 top_logprobs_num=msg.top_logprobs_num,
                 stream=msg.stream,
                 attention=msg.attention_options,
+                return_hidden_states=msg.return_hidden_states,
             )
             self.send_state[req.rid] = _SendState()
             sched.add_request(req)
@@ -287,6 +289,11 @@ class SchedulerProcess:
             state.sent_attention = len(req.attention_records)
         else:
             out.attention_records.append(None)
+        if req.return_hidden_states:
+            out.hidden_states.append(req.hidden_states[state.sent_hidden :])
+            state.sent_hidden = len(req.hidden_states)
+        else:
+            out.hidden_states.append(None)
         if req.return_logprob:
             lo = state.sent_out_logprobs
             out.output_token_logprobs.append(req.output_token_logprobs[lo:])

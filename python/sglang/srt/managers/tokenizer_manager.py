@@ -34,6 +34,7 @@ import zmq.asyncio
 
 from sglang.srt.attention_capture.config import parse_attention_request
 from sglang.srt.attention_capture.records import format_content, report_header
+from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.io_struct import (
     ATTENTION_FIELDS,
     AbortReq,
@@ -51,6 +52,7 @@ from sglang.srt.managers.io_struct import (
     recv_msg_async,
     send_msg,
 )
+from sglang.srt.managers.request_logger import RequestLogger
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -85,6 +87,9 @@ class ReqState:
     attention_records: list[Any] = field(default_factory=list)
     attention_content: list[dict[str, Any]] = field(default_factory=list)  # formatted once each
     yielded_attention: int = 0
+    # Hidden states (return_hidden_states): entries as JSON-ready lists, and how many were yielded.
+    hidden_states: list[Any] = field(default_factory=list)
+    yielded_hidden: int = 0
 
 
 class TokenizerManager:
@@ -137,6 +142,9 @@ class TokenizerManager:
             except ValueError:
                 pass  # the scheduler refuses to start with the same message
         self._token_text: dict[int, str] = {}
+        self.request_logger: Optional[RequestLogger] = None
+        if server_args.log_requests:
+            self.request_logger = RequestLogger(server_args.log_requests_level)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def set_scheduler_info(self, info: dict[str, Any]) -> None:
@@ -203,6 +211,8 @@ class TokenizerManager:
                 state.output_top_logprobs.extend(out.output_top_logprobs[i])
             if out.attention_records and out.attention_records[i]:
                 state.attention_records.extend(out.attention_records[i])
+            if out.hidden_states and out.hidden_states[i]:
+                state.hidden_states.extend(h.tolist() for h in out.hidden_states[i])
             if out.input_token_logprobs[i] is not None:
                 state.input_token_logprobs = list(out.input_token_logprobs[i])
                 state.input_top_logprobs = list(out.input_top_logprobs[i] or [])
@@ -304,8 +314,8 @@ class TokenizerManager:
             )
         if not isinstance(obj.top_logprobs_num, int) or obj.top_logprobs_num < 0:
             raise ValueError(f"top_logprobs_num must be >= 0, got {obj.top_logprobs_num!r}")
-        if obj.return_hidden_states:
-            raise ValueError("return_hidden_states is not supported by this server yet")
+        if obj.return_hidden_states and not self.server_args.enable_return_hidden_states:
+            raise ValueError(HIDDEN_STATES_OFF)
         if obj.lora_path:
             raise ValueError("LoRA adapters are not supported by this server")
         attention = parse_attention_request(
@@ -363,6 +373,8 @@ class TokenizerManager:
             state.prompt_ids = tokenized.input_ids
         self.rid_to_state[rid] = state
         send_msg(self.send_to_scheduler, tokenized)
+        if self.request_logger is not None:
+            self.request_logger.received(obj)
         try:
             while True:
                 if request is None:
@@ -379,7 +391,10 @@ class TokenizerManager:
                 if self.dead_reason is not None:
                     raise RuntimeError(self.dead_reason)
                 if state.finished:
-                    yield self._make_output(state)
+                    out = self._make_output(state)
+                    if self.request_logger is not None:
+                        self.request_logger.finished(obj, out)
+                    yield out
                     return
                 if obj.stream:
                     yield self._make_output(state)
@@ -452,6 +467,10 @@ class TokenizerManager:
             ]
         if state.attention_options is not None:
             meta["attention_tokens"] = self._attention_report(state, incremental)
+        if obj.return_hidden_states:
+            first = state.yielded_hidden if incremental else 0
+            state.yielded_hidden = len(state.hidden_states)
+            meta["hidden_states"] = state.hidden_states[first:]
         return {"text": text, "output_ids": output_ids, "meta_info": meta}
 
     def _attention_report(self, state: ReqState, incremental: bool) -> dict[str, Any]:

@@ -14,7 +14,7 @@ rows (token 0 at position fill-1, the backend's seq_len fill value, req_to_token
 into the pool's reserved padding slot 0, so no real slot is touched), lets the backend refresh its
 metadata (`init_forward_metadata_replay_cuda_graph`), replays, and returns the logits sliced to
 the real batch size. Extends, batches above the largest bucket and per-layer capture lists run
-eagerly. `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
+eagerly, and so do sizes without their own bucket under `--disable-cuda-graph-padding`. `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
 """
 
 from __future__ import annotations
@@ -61,6 +61,10 @@ class CudaGraphRunner:
         if not self.batch_sizes:
             raise ValueError("no CUDA-graph batch sizes (check --cuda-graph-max-bs)")
         self.max_bs = self.batch_sizes[-1]
+        self.disable_padding = bool(getattr(args, "disable_cuda_graph_padding", False))
+        # With --enable-return-hidden-states the graphs keep the final hidden states as an output
+        # (a tensor the forward computes anyway), so such requests replay too.
+        self.capture_hidden = bool(getattr(args, "enable_return_hidden_states", False))
         self.device = torch.device(model_runner.device)
         self.fill = int(self.backend.get_cuda_graph_seq_len_fill_value())
 
@@ -94,6 +98,8 @@ class CudaGraphRunner:
         """A decode batch within the largest bucket whose capture (if any) the graphs hold."""
         if not batch.forward_mode.is_decode() or not 0 < batch.batch_size <= self.max_bs:
             return False
+        if self.disable_padding and batch.batch_size not in self.batch_sizes:
+            return False  # --disable-cuda-graph-padding: run eagerly rather than pad
         spec = batch.attention_capture  # the worker batch's CaptureSpec, or None
         if spec is None:
             return True
@@ -121,6 +127,7 @@ class CudaGraphRunner:
             req_to_token_pool=mr.req_to_token_pool,
             token_to_kv_pool=mr.token_to_kv_pool,
             attn_backend=self.backend,
+            capture_hidden_states=self.capture_hidden,
         )
 
     def _run_static(self, bs: int, with_capture: bool) -> LogitsProcessorOutput:
@@ -215,6 +222,8 @@ class CudaGraphRunner:
         else:
             full = self._run_static(pbs, with_capture)
         out = LogitsProcessorOutput(next_token_logits=full.next_token_logits[:bs])
+        if fb.capture_hidden_states:
+            out.hidden_states = full.hidden_states[:bs]
         if with_capture:
             out.attention_capture = self.capture_obj.static_result(spec, fb.seq_lens_cpu)
         return out

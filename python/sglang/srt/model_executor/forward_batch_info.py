@@ -56,6 +56,9 @@ class ModelWorkerBatch:
     # Seam for the attention-capture feature: a CaptureSpec naming the rows that capture in this
     # forward (srt/attention_capture); None when no request in the batch captures now.
     attention_capture: Any = None
+    # Some request asked for return_hidden_states: the logits processor hands back the final
+    # hidden states of every token of this forward (managers/hidden_states.py slices them).
+    capture_hidden_states: bool = False
 
     @property
     def batch_size(self) -> int:
@@ -88,6 +91,7 @@ class ForwardBatch:
     input_logprob_top_nums: Optional[list[int]] = None
     # The runner's AttentionCapture while this forward captures (set by the model runner).
     attention_capture: Any = None
+    capture_hidden_states: bool = False  # see ModelWorkerBatch
 
     @classmethod
     def init_new(
@@ -140,6 +144,7 @@ class ForwardBatch:
             input_logprob_indices=opt(batch.input_logprob_indices),
             input_logprob_targets=opt(batch.input_logprob_targets),
             input_logprob_top_nums=batch.input_logprob_top_nums,
+            capture_hidden_states=batch.capture_hidden_states,
         )
         if init_attn_metadata:
             attn_backend.init_forward_metadata(fb)

@@ -336,10 +336,12 @@ class ChatCompletionResponse(_WireModel):
 
 
 class DeltaMessage(_WireModel):
-    _omit_if_none = frozenset({"role", "content"})
+    _omit_if_none = frozenset({"role", "content", "hidden_states"})
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    # Sent alone in a chunk after the finishing one, as upstream (return_hidden_states).
+    hidden_states: Optional[list[Any]] = None
 
 
 class ChatCompletionResponseStreamChoice(_WireModel):
@@ -350,7 +352,6 @@ class ChatCompletionResponseStreamChoice(_WireModel):
     logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
     matched_stop: Optional[Union[int, str]] = None
-    hidden_states: Optional[list[Any]] = None
     attention_tokens: Optional[dict[str, Any]] = None
 
 

@@ -343,10 +343,15 @@ class ServingBase:
         return text if self.incremental_text else cursor.text_delta(text)
 
     def extras(self, request: RequestBase, meta: dict[str, Any]) -> dict[str, Any]:
-        """Choice-level extras the client asked for: hidden states and attention tokens."""
+        """Choice-level extras the client asked for: hidden states and attention tokens.
+
+        As upstream, the OpenAI routes return only the last token's hidden state (the one that
+        produced the final token), or [] when a single token was generated; the full list is in
+        native /generate's meta_info.hidden_states."""
         out: dict[str, Any] = {}
         if request.return_hidden_states and meta.get("hidden_states") is not None:
-            out["hidden_states"] = meta["hidden_states"]
+            entries = meta["hidden_states"]
+            out["hidden_states"] = entries[-1] if entries and meta["completion_tokens"] > 1 else []
         if request.return_attention_tokens and meta.get("attention_tokens") is not None:
             out["attention_tokens"] = meta["attention_tokens"]
         return out

@@ -194,8 +194,6 @@ class OpenAIServingChat(ServingBase):
                 extras["attention_tokens"] = cursor.attention_delta(
                     meta.get("attention_tokens"), self.incremental_text
                 )
-            if finish.reason is not None:
-                extras["hidden_states"] = self.extras(request, meta).get("hidden_states")
             if piece or logprobs or finish.reason or extras.get("attention_tokens"):
                 chunks.append(
                     chunk(
@@ -209,6 +207,10 @@ class OpenAIServingChat(ServingBase):
                         )
                     )
                 )
+            if finish.reason is not None and request.return_hidden_states:
+                hidden = self.extras(request, meta).get("hidden_states")
+                delta = DeltaMessage(hidden_states=hidden)
+                chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
             return chunks
 
         on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)

@@ -176,12 +176,9 @@ class OpenAIServingCompletion(ServingBase):
                 extras["attention_tokens"] = cursor.attention_delta(
                     meta.get("attention_tokens"), self.incremental_text
                 )
-            if finish.reason is not None:
-                hidden = self.extras(request, meta).get("hidden_states")
-                extras["hidden_states"] = hidden
             if not (piece or logprobs or finish.reason or extras.get("attention_tokens")):
                 return []
-            return [
+            chunks = [
                 chunk(
                     CompletionResponseStreamChoice(
                         index=index,
@@ -193,6 +190,12 @@ class OpenAIServingCompletion(ServingBase):
                     )
                 )
             ]
+            if finish.reason is not None and request.return_hidden_states:
+                # As upstream: the last token's hidden state in its own chunk after the finish.
+                hidden = self.extras(request, meta).get("hidden_states")
+                choice = CompletionResponseStreamChoice(index=index, text="", hidden_states=hidden)
+                chunks.append(chunk(choice))
+            return chunks
 
         on_usage = self.usage_chunk_builder(request, plan, model, CompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)

@@ -39,7 +39,7 @@ from typing import NamedTuple, Optional
 DEFAULT_MODEL = os.environ.get("MODEL_PATH", "smollm2-135m-instruct")
 STOP_TIMEOUT_S = 60.0
 TOKEN_KEYS = {"output": "output_throughput", "total": "total_throughput"}
-# Fallback when a tool wrote no record: the labels of its printed result block (COMPAT section 8).
+# Fallback when a tool wrote no record: the labels of its printed result block (docs/compat.md).
 BLOCK_LABELS = {
     "request_throughput": "Request throughput (req/s):",
     "output_throughput": "Output token throughput (tok/s):",

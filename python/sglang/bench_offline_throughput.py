@@ -6,9 +6,10 @@ engine with a few short requests (unless `--skip-warmup`), submits every request
 times until the last finishes. No HTTP is involved, so this measures the scheduler and model alone.
 
 It prints the ` Offline Throughput Benchmark Result ` block and appends one JSON object (a line) to
-`--result-filename` with request/input/output/total throughput and total latency (COMPAT
-section 8). Bad input ends with one `error:` line and exit status 1. Every server flag is accepted;
-only the log level defaults differently (error), so per-batch log lines do not bury the result.
+`--result-filename` with request/input/output/total throughput and total latency (formats:
+docs/compat.md). Bad input ends with one `error:` line and exit status 1. Every server flag is
+accepted; only the log level defaults differently (error), so per-batch log lines do not bury the
+result.
 """
 
 from __future__ import annotations

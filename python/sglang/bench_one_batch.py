@@ -3,7 +3,7 @@
 `python -m sglang.bench_one_batch` owns the benchmark loop: for every (batch size, input length,
 output length) it builds that many requests of seeded random token ids, runs one extend batch
 (prefill) and then one greedy decode step per further output token, timing each with a device
-synchronize. It prints the COMPAT section 8 lines (`Prefill.`, `Decode.`, `Total.`) and appends one
+synchronize. It prints upstream's `Prefill.`, `Decode.`, `Total.` lines (docs/compat.md) and appends a
 JSON line per run to `--result-filename`. Between runs every request is released, so the KV pool
 returns to empty.
 

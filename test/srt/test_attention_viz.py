@@ -1,6 +1,6 @@
 """Tests for sglang.attention_tokens, the client-side module for attention-token reports.
 
-Reports are built by hand in the server's format (COMPAT.md section 9) from made-up per-layer
+Reports are built by hand in the server's format (docs/attention_tokens.md) from made-up per-layer
 attention rows, so the expected rows, merged streams, HTML and bertviz arrays are known exactly.
 No server, no model; the whole file runs in about a second.
 """

@@ -1,7 +1,8 @@
 """`python -m sglang.bench_one_batch` end to end on a tiny random llama: output formats and errors.
 
-Each case runs the module as a subprocess, as users do, and checks the COMPAT section 8 lines, the
-JSONL records, and that bad input ends with a readable one-line error instead of a traceback.
+Each case runs the module as a subprocess, as users do, and checks upstream's printed lines
+(docs/compat.md), the JSONL records, and that bad input ends with a readable one-line error instead
+of a traceback.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The benchmark programs end to end: `sglang.bench_serving` against a real server on SmolLM2, and
 `sglang.bench_offline_throughput` on an in-process Engine.
 
-Every case runs the module as a subprocess, as users do, on a tiny workload, and checks the COMPAT
-section 8 result blocks, the JSONL records, that every request succeeded, and that the token
+Every case runs the module as a subprocess, as users do, on a tiny workload, and checks the
+result blocks of docs/compat.md, the JSONL records, that every request succeeded, and that the token
 counts match what was asked for (requests ignore EOS, so each one generates exactly its length).
 """
 

@@ -25,7 +25,7 @@ from sglang.srt.server_args import (
     prepare_server_args,
 )
 
-# Every flag of COMPAT section 2 and section 9, by its canonical spelling.
+# Every upstream flag and the attention-token flags (docs/compat.md), canonical spelling.
 COMPAT_FLAGS = """
 --model-path --tokenizer-path --tokenizer-mode --skip-tokenizer-init --load-format
 --trust-remote-code --context-length --host --port --dtype --quantization --kv-cache-dtype

@@ -9,7 +9,7 @@ count (`meta_info.completion_tokens` or OpenAI `usage`) and otherwise from re-to
 
 Backends: `sglang` (native `/generate`), `sglang-oai` and `vllm` (`/v1/completions`),
 `sglang-oai-chat` (`/v1/chat/completions`). Results print as the ` Serving Benchmark Result `
-block and, with `--output-file`, append one JSON line per run (COMPAT section 8).
+block and, with `--output-file`, append one JSON line per run (formats: docs/compat.md).
 
 A failed request is counted, never fatal; an unreachable server or bad input ends with one
 `error:` line and exit status 1, as does a run in which no request succeeded.

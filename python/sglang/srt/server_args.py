@@ -237,7 +237,7 @@ class ServerArgs:
     disable_flashinfer: bool = False
     disable_flashinfer_sampling: bool = False
 
-    # Attention tokens (this fork's feature, COMPAT section 9)
+    # Attention tokens (this fork's feature, docs/attention_tokens.md)
     return_attention_tokens: bool = False
     attention_tokens_top_k: int = 10
     attention_capture_layers: str = "last"

@@ -1,4 +1,4 @@
-"""Attention-token capture: the fork's feature, in one package (DESIGN.md section 4).
+"""Attention-token capture: the fork's feature, in one package (docs/attention_tokens.md).
 
 `config` validates what a request asks for and maps `--attention-capture-layers` to layer ids;
 `capture` computes exact head-mean probabilities from the attention backends' log-sum-exp and

@@ -4,8 +4,8 @@ Owns the two host-side forms of a capture. `AttentionRecord` is one generated to
 positions and scores (per layer too, when asked); the scheduler makes one per sampled token from a
 `CaptureResult` (a single transfer per forward, with the sampled ids) and they travel to the
 detokenizer and the tokenizer manager with the tokens. `report_header` and `format_content` build
-the object of COMPAT.md section 9 (token text, source, captured and excluded mass) from records and
-token ids.
+the report object of docs/attention_tokens.md (token text, source, captured and excluded mass)
+from records and token ids.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Static-shape attention capture: the graph mode of `AttentionCapture` (DESIGN.md section 4, rule 3).
+"""Static-shape attention capture, the graph mode (docs/attention_tokens.md, rule 3).
 
 Owns the capture path that CUDA graphs record. Everything it touches is allocated once by
 `init_static(max_bs, width)`: a per-row capture mask, the excluded-sink counts and the layer

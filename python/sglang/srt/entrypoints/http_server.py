@@ -1,6 +1,6 @@
 """The HTTP server: FastAPI routes over a TokenizerManager, served by uvicorn on uvloop.
 
-Owns the native routes (COMPAT section 4: health, model/server info, load, `/generate` with SSE,
+Owns the native routes (docs/compat.md: health, model/server info, load, `/generate` with SSE,
 flush, abort, models, tokenize, `/metrics` with --enable-metrics), the error body and status
 mapping (validation -> 400, missing API key -> 401), and the startup sequence: start the
 children, serve HTTP at once (health answers 503), wait for the model, run the warm-up

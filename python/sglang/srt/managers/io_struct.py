@@ -22,7 +22,7 @@ import zmq
 
 from sglang.srt.sampling.sampling_params import SamplingParams
 
-# The request fields of the fork's attention tokens (COMPAT section 9; srt/attention_capture).
+# The request fields of the fork's attention tokens (docs/attention_tokens.md).
 ATTENTION_FIELDS = (
     "return_attention_tokens",
     "attention_tokens_top_k",

@@ -8,7 +8,7 @@ messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
 `--enable-metrics`, also the first token of every request, so the tokenizer manager can time it).
 Control answers (flush, load, metrics stats, health) go straight to the tokenizer manager. When
 there is no work it blocks on the socket. It also writes the `Prefill batch.` / `Decode batch.`
-log lines (COMPAT section 3) and keeps the scheduler gauges that `/metrics` asks for.
+log lines (format: docs/compat.md) and keeps the scheduler gauges that `/metrics` asks for.
 Under tensor parallelism there is one such process per TP rank: rank 0 owns the sockets and
 broadcasts what it reads, so every rank runs the same steps (see managers/tp_worker.py).
 """

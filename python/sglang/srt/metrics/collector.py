@@ -1,4 +1,4 @@
-"""Prometheus metrics behind `--enable-metrics` (COMPAT section 4) and their scheduler side.
+"""Prometheus metrics behind `--enable-metrics` (names: docs/compat.md) and their scheduler side.
 
 Design: one registry, in the main process, served on `/metrics`; no prometheus multiprocess mode.
 - Request metrics (`prompt_tokens_total`, `generation_tokens_total`, `time_to_first_token_seconds`,

@@ -1,6 +1,6 @@
 """Per-request sampling parameters: the `sampling_params` object of `/generate`.
 
-Owns the field set and defaults (COMPAT section 5), range validation (`verify`, whose ValueError
+Owns the field set and defaults (docs/compat.md), range validation (`verify`, whose ValueError
 becomes an HTTP 400 naming the field), and canonicalisation (`normalize`) into the shapes the
 scheduler and `SamplingBatchInfo` read: `stop` as a list of strings, `stop_token_ids` as a set,
 `logit_bias` keyed by int token ids.

@@ -2,7 +2,7 @@
 
 The HTTP server calls `register_openai_routes(app, tokenizer_manager)` once at startup. Bodies are
 parsed here rather than by FastAPI so every client mistake (malformed JSON, a failed pydantic check,
-a ValueError from conversion or from the TokenizerManager) becomes the COMPAT section 4 error body
+a ValueError from conversion or from the TokenizerManager) becomes the docs/compat.md error body
 with status 400 instead of FastAPI's 422. Streams are primed up to their first event before the
 response starts, so a request the engine rejects still gets a 400 rather than a broken 200 stream.
 """

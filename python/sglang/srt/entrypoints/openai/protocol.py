@@ -1,6 +1,7 @@
 """Pydantic models for the OpenAI-compatible routes: request bodies, responses, stream chunks, errors.
 
-Owns the wire format of `/v1/completions` and `/v1/chat/completions` (COMPAT sections 4, 6, 9).
+Owns the wire format of `/v1/completions` and `/v1/chat/completions` (docs/compat.md,
+docs/attention_tokens.md).
 The serving classes parse bodies into the request models and build responses from the response
 models; nothing here talks to the engine.
 
@@ -117,7 +118,7 @@ class RequestBase(BaseModel):
     return_hidden_states: bool = False
     rid: Optional[Union[str, list[str]]] = None
 
-    # This fork's attention-token report (COMPAT section 9)
+    # This fork's attention-token report (docs/attention_tokens.md)
     return_attention_tokens: bool = False
     attention_tokens_top_k: Optional[int] = Field(
         default=None, validation_alias=AliasChoices("attention_tokens_top_k", "top_k_attention")

@@ -4,7 +4,7 @@ Owns the contract between RadixAttention and a backend: `init_forward_metadata` 
 then `forward_extend` / `forward_decode` per layer, writing the new K/V into the paged pool and
 returning the attention output. With `return_lse=True` a backend also returns each head's
 log-sum-exp of the scaled scores for the queries it computed ([num_tokens, num_heads], float32):
-the attention-capture feature turns q.K into exact probabilities with it (DESIGN.md section 4).
+the attention-capture feature turns q.K into exact probabilities with it (docs/attention_tokens.md).
 The three CUDA-graph hooks carry upstream's names; backends without graph support refuse them.
 """
 

@@ -6,7 +6,7 @@ new tokens' K/V go into the pool with `store_kv_cache`, then `extend_attention_f
 over their cached prefix, causal) or `decode_attention_fwd` (one query per request, split over the
 KV length into `--triton-attention-num-kv-splits` pieces) reads every key through `req_to_token`.
 Both kernels return each head's natural-log LSE, which `return_lse=True` hands to the attention
-capture (DESIGN.md section 4).
+capture (docs/attention_tokens.md).
 
 CUDA graphs (decode only): `init_cuda_graph_state` allocates static index buffers and the
 split-softmax scratch for the largest batch; the capture and replay hooks copy the graph runner's

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 
 import zmq
 
-from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.sampling.sampling_params import MAX_N, SamplingParams
 
 # The request fields of the fork's attention tokens (docs/attention_tokens.md).
 ATTENTION_FIELDS = (
@@ -30,6 +30,9 @@ ATTENTION_FIELDS = (
     "attention_layer_aggregation",
     "attention_exclude_sink",
 )
+# The most top logprobs a native request may ask per position (docs/request_fields.md); OpenAI's
+# top_logprobs stops at 20.
+MAX_TOP_LOGPROBS_NUM = 100
 
 
 # --------------------------------------------------------------------------- codec
@@ -141,8 +144,8 @@ class GenerateReqInput:
         if len(ns) != 1:
             raise ValueError("every prompt of a batch must use the same n")
         n = ns.pop()
-        if not _is_int(n) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        if not _is_int(n) or not 1 <= n <= MAX_N:
+            raise ValueError(f"n must be an integer in [1, {MAX_N}], got {n!r}")
 
         rids = self.rid
         if rids is None:
@@ -167,6 +170,15 @@ class GenerateReqInput:
                 *ATTENTION_FIELDS,
             )
         }
+
+        for value in per_req["top_logprobs_num"]:
+            if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS_NUM:
+                raise ValueError(
+                    f"top_logprobs_num must be an integer in [0, {MAX_TOP_LOGPROBS_NUM}], "
+                    f"got {value!r}"
+                )
+        if any(path is not None for path in per_req["lora_path"]):
+            raise ValueError("lora_path is not supported yet: this server has no LoRA adapters")
 
         # Expand n: prompt-major, every sample its own rid and (when seeded) its own seed.
         def expand(values: list[Any]) -> list[Any]:

@@ -1,14 +1,14 @@
 """Per-request sampling parameters: the `sampling_params` object of `/generate`.
 
-Owns the field set and defaults (docs/compat.md), range validation (`verify`, whose ValueError
-becomes an HTTP 400 naming the field), and canonicalisation (`normalize`) into the shapes the
-scheduler and `SamplingBatchInfo` read: `stop` as a list of strings, `stop_token_ids` as a set,
-`logit_bias` keyed by int token ids.
+Owns the field set and defaults (docs/compat.md), type and range validation (`verify`, whose
+ValueError becomes an HTTP 400 naming the field; the bounds are in docs/request_fields.md), and
+canonicalisation (`normalize`) into the shapes the scheduler and `SamplingBatchInfo` read: `stop`
+as a list of strings, `stop_token_ids` as a set, `logit_bias` keyed by int token ids.
 
 Greedy decoding is exposed as the `is_greedy` property (temperature below 1e-6, or top_k == 1);
 `normalize` leaves `temperature` and `top_k` as the client sent them so they can be echoed back.
-`json_schema` / `regex` / `ebnf` are stored and checked for mutual exclusion only; constrained
-decoding is not implemented.
+`json_schema` / `regex` / `ebnf` are refused ("not supported yet"): constrained decoding is not
+implemented, and sampling without the constraint would answer 200 with unconstrained text.
 """
 
 from __future__ import annotations
@@ -19,6 +19,14 @@ from typing import Any
 
 # Temperatures below this are treated as greedy: dividing logits by ~0 overflows float32.
 GREEDY_TEMPERATURE_EPS = 1e-6
+# Upper bounds (docs/request_fields.md). n: OpenAI's documented maximum for chat.
+MAX_N = 128
+# Every stop string is searched for in the text after each token.
+MAX_STOP_STRINGS = 64
+# OpenAI's documented logit_bias range; larger biases only overflow the logits.
+LOGIT_BIAS_LIMIT = 100.0
+_GRAMMARS = ("json_schema", "regex", "ebnf")
+_FLAGS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 
 
 @dataclass
@@ -53,13 +61,7 @@ class SamplingParams:
             return cls()
         if not isinstance(d, dict):
             raise ValueError(f"sampling_params must be an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(str(k) for k in d if k not in known)
-        if unknown:
-            raise ValueError(
-                f"Unknown sampling parameter(s): {', '.join(unknown)}. "
-                f"Allowed: {', '.join(sorted(known))}"
-            )
+        check_sampling_keys(d)
         return cls(**d)
 
     @property
@@ -112,17 +114,21 @@ class SamplingParams:
                 f"got {self.min_new_tokens}"
             )
         _integer("n", self.n)
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.sampling_seed is not None:
             _integer("sampling_seed", self.sampling_seed)
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         self._verify_stop(vocab_size)
         self._verify_logit_bias(vocab_size)
-        grammars = [k for k in ("json_schema", "regex", "ebnf") if getattr(self, k) is not None]
-        if len(grammars) > 1:
-            raise ValueError(
-                f"At most one of json_schema, regex, ebnf may be set, got {', '.join(grammars)}"
-            )
+        for name in _GRAMMARS:
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name} is not supported yet: structured output (json_schema, regex, ebnf) "
+                    "is not implemented by this server"
+                )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise ValueError("custom_params must be an object or null")
 
@@ -132,6 +138,12 @@ class SamplingParams:
             listed = isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)
             if not listed:
                 raise ValueError("stop must be a string or a list of strings")
+            if len(stop) > MAX_STOP_STRINGS:
+                raise ValueError(
+                    f"stop may hold at most {MAX_STOP_STRINGS} strings, got {len(stop)}"
+                )
+        if stop == "" or (isinstance(stop, (list, tuple)) and "" in stop):
+            raise ValueError("stop strings must not be empty")
         if self.stop_token_ids is None:
             return
         if not isinstance(self.stop_token_ids, (list, tuple, set, frozenset)):
@@ -153,6 +165,11 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids in [0, {upper}), got {key!r}")
             if isinstance(bias, bool) or not isinstance(bias, (int, float)) or math.isnan(bias):
                 raise ValueError(f"logit_bias[{key!r}] must be a number, got {bias!r}")
+            if abs(bias) > LOGIT_BIAS_LIMIT:
+                raise ValueError(
+                    f"logit_bias[{key!r}] must be in [-{LOGIT_BIAS_LIMIT:g}, "
+                    f"{LOGIT_BIAS_LIMIT:g}], got {bias!r}"
+                )
 
     def normalize(self) -> SamplingParams:
         """Canonicalise in place (idempotent) after `verify`; returns self for chaining."""
@@ -169,6 +186,25 @@ class SamplingParams:
         return self
 
 
+def check_sampling_keys(d: dict[str, Any]) -> None:
+    """ValueError naming every key that is not a sampling parameter (with a likely fix)."""
+    from sglang.srt.entrypoints.request_fields import did_you_mean
+
+    known = {f.name for f in fields(SamplingParams)}
+    unknown = sorted(str(k) for k in d if k not in known)
+    if unknown:
+        hints = []
+        for name in unknown:
+            guess = did_you_mean(name, known)
+            # OpenAI's name for the same knob is the usual slip on /generate.
+            guess = guess or {"max_tokens": "max_new_tokens", "seed": "sampling_seed"}.get(name)
+            hints.append(f"{name} (did you mean {guess!r}?)" if guess else name)
+        raise ValueError(
+            f"Unknown sampling parameter(s): {', '.join(hints)}. "
+            f"Allowed: {', '.join(sorted(known))}"
+        )
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -180,8 +216,8 @@ def _integer(name: str, value: Any) -> None:
 
 def _number(name: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not ok or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def _token_key(key: Any) -> int | None:

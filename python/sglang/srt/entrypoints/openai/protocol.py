@@ -5,10 +5,12 @@ docs/attention_tokens.md).
 The serving classes parse bodies into the request models and build responses from the response
 models; nothing here talks to the engine.
 
-Requests accept any `model` string, ignore unknown fields (clients send vendor extras), and take the
-SGLang extras (`top_k`, `regex`, `rid`, the attention-token fields, ...) at the top level, which is
-where the openai client's `extra_body` puts them. Range checks on sampling values are left to
-`SamplingParams.verify` so the native and OpenAI routes reject the same values with the same words.
+Requests accept any `model` string and take the SGLang extras (`top_k`, `rid`, the attention-token
+fields, ...) at the top level, which is where the openai client's `extra_body` puts them. Unknown
+fields are dropped here; before validation the route screens the body with request_fields.py
+(upstream fields this server does not implement, misspellings). Range checks on sampling values
+are left to `SamplingParams.verify` so the native and OpenAI routes reject the same values with the
+same words; `n` and `top_logprobs` carry OpenAI's documented maxima (128 and 20).
 
 Responses omit optional extras (`matched_stop`, `hidden_states`, `attention_tokens`, usage details)
 when they are None, while standard nullable fields (`logprobs`, `finish_reason`) stay as `null`.
@@ -28,7 +30,10 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
+
+from sglang.srt.sampling.sampling_params import MAX_N
 
 
 def random_id(prefix: str) -> str:
@@ -92,7 +97,7 @@ class RequestBase(BaseModel):
     model: Optional[str] = None
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = Field(default=1, ge=1)
+    n: int = Field(default=1, ge=1, le=MAX_N)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -169,6 +174,12 @@ class ContentPart(BaseModel):
             raise ValueError(f"content part type {value!r} is not supported; only 'text' is")
         return value
 
+    @model_validator(mode="after")
+    def _has_text(self) -> ContentPart:
+        if self.text is None:
+            raise ValueError("a text content part needs its text")
+        return self
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -178,6 +189,19 @@ class ChatMessage(BaseModel):
     name: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower_role(cls, value: Any) -> Any:
+        # Upstream matches roles case-insensitively ("User" is "user").
+        return value.lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        # Only an assistant turn that made tool calls may come without content (as upstream).
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self) -> str:
         """The content as one string: text parts joined by newlines, None as empty."""

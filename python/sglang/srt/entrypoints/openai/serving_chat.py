@@ -1,17 +1,18 @@
 """`/v1/chat/completions`: chat messages to prompt ids, and engine outputs to chat responses.
 
 Owns message rendering (the tokenizer's chat template with `add_generation_prompt`, or the
-`--chat-template` override, plus `chat_template_kwargs` and `continue_final_message`),
-`response_format` (mapped to the engine's `json_schema` field), the chat logprobs object and the
-`chat.completion.chunk` stream, whose first chunk per choice carries `role: assistant`.
+`--chat-template` override, plus `chat_template_kwargs` and `continue_final_message`), the chat
+logprobs object and the `chat.completion.chunk` stream, whose first chunk per choice carries
+`role: assistant`. Rendering and tokenizing long conversations runs in a worker thread.
 
-Tools are accepted and passed to the template, but calls are not parsed out of the output, so a
-`tool_choice` that demands a call ("required" or a named function) is rejected with 400.
+Not supported yet, so refused with 400 rather than answered with unconstrained text:
+`response_format` other than `{"type": "text"}` (structured output), and tool calling: `tools`
+unless `tool_choice` is "none" (upstream's default with tools is "auto"), and a `tool_choice`
+that demands a call. With `tool_choice: "none"` the tools are not shown to the model, as upstream.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -73,9 +74,12 @@ class OpenAIServingChat(ServingBase):
             template_kwargs=request.chat_template_kwargs,
         )
 
+    def prompt_chars(self, request: ChatCompletionRequest) -> int:
+        return sum(len(m.text()) for m in request.messages)
+
     def plan(self, request: ChatCompletionRequest) -> ChatPlan:
         """Validate and convert; raises ValueError (HTTP 400) for requests we cannot serve."""
-        _check_tools(request)
+        _check_unsupported(request)
         if request.top_logprobs and not request.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         prompt_ids = self.tokenizer.encode(self.render_prompt(request), add_special_tokens=False)
@@ -88,11 +92,6 @@ class OpenAIServingChat(ServingBase):
             # rejected by the manager's length check).
             max_new = max(self.context_len - len(prompt_ids), 0)
         params = sampling_params_for(request, max_new)
-        schema = _response_format_schema(request)
-        if schema is not None:
-            if request.json_schema or request.regex or request.ebnf:
-                raise ValueError("response_format cannot be combined with json_schema/regex/ebnf")
-            params["json_schema"] = schema
         extra_stops = self.template.stop_token_ids(self.tokenizer)
         if extra_stops:
             params["stop_token_ids"] = sorted(
@@ -217,23 +216,27 @@ class OpenAIServingChat(ServingBase):
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
 
 
-def _check_tools(request: ChatCompletionRequest) -> None:
-    choice = request.tool_choice
-    if choice is None or choice in ("auto", "none"):
-        return
-    if choice == "required" or isinstance(choice, dict):
-        raise ValueError(
-            "tool_choice that requires a tool call is not supported: tool calls are not parsed"
-        )
-    raise ValueError(f"tool_choice must be 'none', 'auto', 'required' or an object, got {choice!r}")
-
-
-def _response_format_schema(request: ChatCompletionRequest) -> str | None:
+def _check_unsupported(request: ChatCompletionRequest) -> None:
+    """400 for what would otherwise be answered without the constraint the client asked for."""
     fmt = request.response_format
-    if fmt is None or fmt.type == "text":
-        return None
-    if fmt.type == "json_object":
-        return json.dumps({"type": "object"})
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise ValueError("response_format of type json_schema needs json_schema.schema")
-    return json.dumps(fmt.json_schema.schema_)
+    if fmt is not None and fmt.type != "text":
+        raise ValueError(
+            f"response_format of type {fmt.type!r} is not supported yet: structured output is "
+            "not implemented by this server"
+        )
+    choice = request.tool_choice
+    if (
+        choice is not None
+        and choice not in ("auto", "none", "required")
+        and not isinstance(choice, dict)
+    ):
+        raise ValueError(
+            f"tool_choice must be 'none', 'auto', 'required' or an object, got {choice!r}"
+        )
+    if request.tools and choice != "none":
+        raise ValueError(
+            "tools are not supported yet: tool calls are not parsed out of the output; send "
+            "tool_choice 'none' (the tools are then not shown to the model) or leave tools out"
+        )
+    if choice == "required" or isinstance(choice, dict):
+        raise ValueError("tool_choice that requires a tool call is not supported yet")

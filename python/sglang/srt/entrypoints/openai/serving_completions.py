@@ -3,7 +3,8 @@
 Owns the prompt forms (string, list of strings, token ids, list of token-id lists), `echo`
 (the prompt text, and with `logprobs` the prompt-token logprobs via `logprob_start_len=0`, which is
 how lm-eval scores loglikelihood with `max_tokens` 0 or 1), the legacy logprobs object and the
-`text_completion` stream. `suffix` is rejected. `best_of` is accepted and ignored.
+`text_completion` stream. `suffix` is rejected, and so is a `best_of` other than `n` (ranking
+samples is not implemented; `best_of` equal to `n`, as bench_serving sends, changes nothing).
 
 `text_offset` entries are character offsets into the choice's returned `text` (so with echo they
 start at 0 on the prompt), computed from the decoded token strings.
@@ -58,6 +59,11 @@ class OpenAIServingCompletion(ServingBase):
         """Validate and convert; raises ValueError (HTTP 400) for requests we cannot serve."""
         if request.suffix:
             raise ValueError("suffix is not supported")
+        if request.best_of is not None and request.best_of != request.n:
+            raise ValueError(
+                f"best_of={request.best_of} with n={request.n} is not supported yet: this server "
+                "returns every sample, so best_of must equal n (or be left out)"
+            )
         prompts = normalize_prompts(request.prompt)
         max_new = 16 if request.max_tokens is None else request.max_tokens
         params = sampling_params_for(request, max_new)

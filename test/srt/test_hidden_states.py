@@ -1,8 +1,8 @@
 """return_hidden_states: final-layer hidden states per token, against HuggingFace float32.
 
 The in-process scheduler covers the paths that decide which rows a request gets: a mixed batch,
-a prompt prefilled in chunks and a prompt whose prefix sits in the radix cache (it must still get
-the whole prompt's states). The Engine covers the serving path (scheduler -> detokenizer ->
+a prompt prefilled in chunks, a prompt whose prefix sits in the radix cache (it must still get
+the whole prompt's states) and a request retracted when the KV pool runs dry. The Engine covers the serving path (scheduler -> detokenizer ->
 tokenizer manager -> `meta_info.hidden_states`), streaming and a request that does not ask (it
 also runs with `--log-requests`, whose lines are checked). The refusal without the flag is
 checked here for the scheduler and in test_srt_endpoint.py for HTTP. Reference: HF `output_hidden_states=True`,
@@ -86,6 +86,24 @@ def test_scheduler_batch_chunked_and_prefix_hit(tiny_path: str, hf: HFRunner) ->
     assert again.output_ids == reqs[2].output_ids
     check(hf, PROMPTS[2], again.output_ids, again.hidden_states)
     assert again.cached_tokens == 0
+
+
+def test_scheduler_retraction_keeps_one_entry_per_token(tiny_path: str, hf: HFRunner) -> None:
+    """A KV pool too small for all four requests retracts one; its re-prefill (in chunks) adds
+    just the state of the token it stands in for."""
+    srt = SRTRunner(tiny_path, enable_return_hidden_states=True, max_total_tokens=96,
+                    chunked_prefill_size=8)  # fmt: skip
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (12, 9, 15, 10)]
+    params = dict(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    reqs = [Req(f"r{i}", p, SamplingParams(**params), return_hidden_states=True)
+            for i, p in enumerate(prompts)]  # fmt: skip
+    for req in reqs:
+        srt.scheduler.add_request(req)
+    srt.scheduler.run_until_idle()
+    assert srt.scheduler.num_retractions > 0
+    for req, prompt in zip(reqs, prompts):
+        check(hf, prompt, req.output_ids, req.hidden_states)
 
 
 def test_scheduler_refuses_without_the_flag(tiny_path: str) -> None:

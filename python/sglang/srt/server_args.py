@@ -500,7 +500,8 @@ _HELP: dict[str, str] = {
     "tokenizer_mode": "'auto' prefers the fast tokenizer, 'slow' forces the Python one.",
     "skip_tokenizer_init": "Load no tokenizer: requests carry input_ids, outputs are token ids.",
     "load_format": "Weight format; 'dummy' builds random weights from config.json alone.",
-    "trust_remote_code": "Accepted for compatibility.",
+    "trust_remote_code": "Let transformers run code shipped in the model folder (custom config "
+    "or tokenizer classes); model architectures still come from the built-in registry.",
     "context_length": "Maximum context length (default: from the model config).",
     "dtype": "Weight and activation dtype.",
     "quantization": "Quantization method of the weights.",

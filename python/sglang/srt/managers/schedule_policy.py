@@ -55,7 +55,7 @@ class SchedulePolicy:
             waiting_queue.sort(key=lambda r: -r.sampling_params.max_new_tokens)
         elif self.policy == "random":
             random.shuffle(waiting_queue)
-        # fcfs and dfs-weight keep arrival order (dfs-weight needs tree stats; fcfs is its fallback)
+        # fcfs keeps arrival order; dfs-weight is refused at start-up (server_args.REFUSED_VALUES)
 
 
 class PrefillAdder:

@@ -117,15 +117,20 @@ class HFRunner:
 
     @torch.no_grad()
     def greedy_with_attention(
-        self, input_ids: list[int], max_new_tokens: int, attentions: bool = True
+        self,
+        input_ids: list[int],
+        max_new_tokens: int,
+        attentions: bool = True,
+        cache: Any = None,
     ) -> tuple[GenOutput, list[torch.Tensor]]:
         """Greedy decoding plus, per generated token t, the eager attention of the query that
         produced it: a float64 [num_layers, context] tensor of the head-mean softmax row
-        (`attentions[layer][0, :, -1, :]` averaged over heads, as in generate(output_attentions))."""
+        (`attentions[layer][0, :, -1, :]` averaged over heads, as in generate(output_attentions)).
+        `cache`: an empty transformers Cache to decode with (e.g. one that rounds K/V)."""
         ids: list[int] = []
         lps: list[float] = []
         rows: list[torch.Tensor] = []
-        past = None
+        past = cache
         step_input = torch.tensor([input_ids])
         for _ in range(max_new_tokens):
             out = self.model(

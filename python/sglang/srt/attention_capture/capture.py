@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from sglang.srt.attention_capture.config import AttentionRequest
-from sglang.srt.attention_capture.static import StaticCaptureMixin
+from sglang.srt.attention_capture.static import StaticCaptureMixin, score_scale
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -243,7 +243,7 @@ class AttentionCapture(StaticCaptureMixin):
             lr = lse[self.q_index].float().view(num, hkv, hq // hkv, 1)
             keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
             keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
-            scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * layer.scaling
+            scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
             probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [R, max_kv]
             probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
             probs = probs / self.num_q_heads_total
@@ -281,7 +281,7 @@ class AttentionCapture(StaticCaptureMixin):
             self.row_mask,
             self.weights[:, c],
             self.rows[:num, : self.max_kv],
-            layer.scaling,
+            score_scale(layer, forward_batch),
             self.num_q_heads_total,
             sliding_window=layer.sliding_window_size,
             layer_rows=layer_rows,

@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
 
+def score_scale(layer: "RadixAttention", forward_batch: "ForwardBatch") -> float:
+    """The scale that turns q . K read from the pool into the layer's scaled scores: its softmax
+    scale times the key scale a float8 pool stores K under (the backend's LSE is of these)."""
+    k_scale, _ = forward_batch.token_to_kv_pool.kv_scales(layer)
+    return layer.scaling * k_scale
+
+
 class StaticCaptureMixin:
     """Graph-mode methods of AttentionCapture (uses its rows, layers, slot_of_layer, max_*)."""
 
@@ -151,7 +158,7 @@ class StaticCaptureMixin:
                 self.g_row_mask[:bs],
                 self.g_weights[:bs, c],
                 self.rows,
-                layer.scaling,
+                score_scale(layer, forward_batch),
                 self.num_q_heads_total,
                 sliding_window=layer.sliding_window_size,
                 accumulate=True,
@@ -166,7 +173,7 @@ class StaticCaptureMixin:
         slots = req_to_token[forward_batch.req_pool_indices[:bs], :width]
         slots = torch.where(valid, slots, 0).reshape(-1)
         keys = keys_all.index_select(0, slots).view(bs, width, hkv, d).float()
-        scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * layer.scaling
+        scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
         probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [bs, width]
         window = layer.sliding_window_size
         if window > 0:

@@ -3,6 +3,9 @@
 Owns a layer's attention geometry (heads on this rank, head dim, scaling, sliding window) and the
 hand-off to `forward_batch.attn_backend`. When the attention-capture feature asks for this layer,
 the backend also returns per-head log-sum-exp and the capture object receives (q, lse).
+`k_scale`/`v_scale` are the per-tensor scales of its K/V in a float8 KV pool; they stay 1.0, as
+upstream's do for a checkpoint without scales (checkpoints that carry scales are quantized ones,
+which the loader refuses).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class RadixAttention(nn.Module):
         self.scaling = scaling
         self.layer_id = layer_id
         self.sliding_window_size = sliding_window_size if sliding_window_size else -1
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,

@@ -5,11 +5,17 @@ running request and writes the slots the allocator hands out into it, and the at
 read it. `MHATokenToKVPool` owns the K and V tensors of every layer, indexed by slot; attention
 layers write the new tokens' K/V through `set_kv_buffer` and read whole buffers. Which slots are
 free is not known here: that is the allocator's job (allocator.py).
+
+Float8 pools (`--kv-cache-dtype fp8_e4m3|fp8_e5m2`) hold one byte per element. A layer's K/V are
+stored divided by its per-tensor scale (`k_scale`/`v_scale`, 1.0 unless a checkpoint provides
+one) and saturated to the format's largest finite value; readers get the float8 view, widen it
+and apply the scales (`kv_scales`) by folding them into the softmax scale and the output.
 """
 
 from __future__ import annotations
 
 import bisect
+from typing import Any
 
 import torch
 
@@ -17,6 +23,21 @@ import torch
 _BYTE_STORED_DTYPES = tuple(
     d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d
 )
+
+
+def is_float8(dtype: torch.dtype) -> bool:
+    return dtype in _BYTE_STORED_DTYPES
+
+
+def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """`x / scale` in `dtype`; float8 saturates at its largest finite value (e4m3fn has no
+    infinity, and an outlier key must not turn into NaN or inf for every later query)."""
+    if not is_float8(dtype):
+        return x.to(dtype)
+    if scale != 1.0:
+        x = x / scale
+    limit = torch.finfo(dtype).max
+    return x.clamp(-limit, limit).to(dtype)
 
 
 class ReqToTokenPool:
@@ -121,16 +142,30 @@ class MHATokenToKVPool:
     def get_kv_buffer(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.get_key_buffer(layer_id), self.get_value_buffer(layer_id)
 
+    def kv_scales(self, layer: Any) -> tuple[float, float]:
+        """(k_scale, v_scale) that `layer`'s stored K/V carry: its own scales in a float8 pool,
+        1.0 otherwise (wider pools store K/V as they are, as upstream does)."""
+        if not is_float8(self.dtype):
+            return 1.0, 1.0
+        return float(getattr(layer, "k_scale", 1.0)), float(getattr(layer, "v_scale", 1.0))
+
     def set_kv_buffer(
-        self, layer_id: int, loc: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor
+        self,
+        layer_id: int,
+        loc: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Write K/V of `len(loc)` tokens into their slots, cast to the pool dtype.
 
-        `cache_k`/`cache_v` may be [n, head_num, head_dim] or [n, head_num * head_dim].
+        `cache_k`/`cache_v` may be [n, head_num, head_dim] or [n, head_num * head_dim]; a float8
+        pool stores them divided by `k_scale`/`v_scale` (the layer's per-tensor scales).
         """
         shape = (-1, self.head_num, self.head_dim)
-        k = cache_k.reshape(shape).to(self.dtype)
-        v = cache_v.reshape(shape).to(self.dtype)
+        k = quantize_kv(cache_k.reshape(shape), self.dtype, k_scale)
+        v = quantize_kv(cache_v.reshape(shape), self.dtype, v_scale)
         if self.store_dtype != self.dtype:
             k, v = k.view(self.store_dtype), v.view(self.store_dtype)
         self.k_buffer[layer_id][loc] = k

@@ -2,7 +2,10 @@
 
 Owns start-up of the execution side (load weights, size and allocate the KV pool from
 `--max-total-tokens` or `--mem-fraction-static`, pick the attention backend) and the two per-step
-calls the scheduler's worker makes: `forward(ModelWorkerBatch)` and `sample(...)`. It imports
+calls the scheduler's worker makes: `forward(ModelWorkerBatch)` and `sample(...)`. With
+`--enable-torch-compile`, decode batches up to `--torch-compile-max-bs` run the compiled forward
+(torch_compile.py); the KV pool's dtype follows `--kv-cache-dtype` (float8: one byte per element,
+so the same memory holds twice the tokens of bf16). It imports
 nothing from the serving stack, so `bench_one_batch` and GPU tests run on bare machines.
 """
 
@@ -31,11 +34,13 @@ from sglang.srt.model_loader import get_model
 
 logger = logging.getLogger(__name__)
 
+# `--kv-cache-dtype` values this runner builds (server_args refuses the others); None = model dtype.
 _KV_DTYPES = {
     "auto": None,
-    "float32": torch.float32,
+    "bf16": torch.bfloat16,
     "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
 }
 
 
@@ -86,12 +91,20 @@ class ModelRunner:
         self.cuda_graph_runner: Optional[Any] = None
         if self.device.startswith("cuda") and not server_args.disable_cuda_graph:
             self.init_cuda_graphs()
+        self.compiled_forward: Optional[Any] = None
+        self.torch_compile_max_bs = int(server_args.torch_compile_max_bs)
+        if server_args.enable_torch_compile:
+            from sglang.srt.model_executor.torch_compile import compile_decode_forward
+
+            self.compiled_forward = compile_decode_forward(self.model, self.device)
 
     # ---- memory -------------------------------------------------------------------------------
     @property
     def kv_dtype(self) -> torch.dtype:
-        kv = _KV_DTYPES.get(self.server_args.kv_cache_dtype or "auto")
-        return kv or self.dtype
+        name = self.server_args.kv_cache_dtype or "auto"
+        if name not in _KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype {name!r} is not supported")
+        return _KV_DTYPES[name] or self.dtype
 
     def profile_max_num_token(self, memory_before: int) -> int:
         mc = self.model_config
@@ -145,10 +158,11 @@ class ModelRunner:
         )
         self.token_to_kv_pool_allocator = create_allocator(max_tokens, self.page_size, self.device)
         logger.info(
-            "Memory pool end. max_total_num_tokens=%d, max_running_requests=%d, kv=%.2f GB",
+            "Memory pool end. max_total_num_tokens=%d, max_running_requests=%d, kv=%.2f GB (%s)",
             max_tokens,
             self.max_running_requests,
             self.token_to_kv_pool.get_kv_size_bytes() / 2**30,
+            self.kv_dtype,
         )
 
     def init_attention_capture(self) -> None:
@@ -185,16 +199,23 @@ class ModelRunner:
         if use_graph:
             with torch.inference_mode():
                 return graphs.replay(fb, batch.attention_capture), fb
+        model = self.model
+        if (
+            self.compiled_forward is not None
+            and fb.forward_mode.is_decode()
+            and fb.batch_size <= self.torch_compile_max_bs
+        ):
+            model = self.compiled_forward
         capture = self.attention_capture
         if batch.attention_capture is None or capture is None:
             with torch.inference_mode():
-                return self.model(fb.input_ids, fb.positions, fb), fb
+                return model(fb.input_ids, fb.positions, fb), fb
         # Rows that asked for attention tokens: the capture rides along the forward.
         with torch.inference_mode():
             try:
                 capture.begin(batch.attention_capture, fb)
                 fb.attention_capture = capture
-                out = self.model(fb.input_ids, fb.positions, fb)
+                out = model(fb.input_ids, fb.positions, fb)
                 out.attention_capture = capture.finish()
             finally:
                 capture.abort()

@@ -6,6 +6,8 @@ flat token each padded query is, and an additive causal/padding mask. Every laye
 K/V through those slots and runs one batched softmax attention that also yields each head's
 log-sum-exp. Grouped-query heads are folded into the query axis so K/V are never repeated. There is
 no Python loop over requests; extend and decode share the path (decode is a 1-token extend).
+K/V are read in the query dtype; a float8 pool (`--kv-cache-dtype fp8_*`) is widened on the
+gather, its per-tensor scales folded into the softmax scale and the output.
 """
 
 from __future__ import annotations
@@ -144,9 +146,11 @@ class TorchNativeAttnBackend(AttentionBackend):
         pool = forward_batch.token_to_kv_pool
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         group = hq // hkv
+        k_scale, v_scale = pool.kv_scales(layer)
         if save_kv_cache:
+            loc = forward_batch.out_cache_loc
             pool.set_kv_buffer(
-                layer.layer_id, forward_batch.out_cache_loc, k.view(-1, hkv, d), v.view(-1, hkv, d)
+                layer.layer_id, loc, k.view(-1, hkv, d), v.view(-1, hkv, d), k_scale, v_scale
             )
         bs, max_q = md.batch_size, md.max_q
         window = layer.sliding_window_size
@@ -165,7 +169,11 @@ class TorchNativeAttnBackend(AttentionBackend):
             .reshape(bs, hkv, group * max_q, d)
         )
         mask = self._mask(md, group, layer.sliding_window_size, q.dtype)
-        out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling)
+        # A float8 pool's per-tensor scales fold into the softmax scale and the output: exact,
+        # and the LSE stays that of the true scores.
+        out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling * k_scale)
+        if v_scale != 1.0:
+            out = out * v_scale
 
         out = out.view(bs, hkv, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(bs * max_q, hq * d)
         lse = lse.view(bs, hkv, group, max_q).permute(0, 3, 1, 2).reshape(bs * max_q, hq)

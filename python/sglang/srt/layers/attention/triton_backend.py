@@ -6,7 +6,9 @@ new tokens' K/V go into the pool with `store_kv_cache`, then `extend_attention_f
 over their cached prefix, causal) or `decode_attention_fwd` (one query per request, split over the
 KV length into `--triton-attention-num-kv-splits` pieces) reads every key through `req_to_token`.
 Both kernels return each head's natural-log LSE, which `return_lse=True` hands to the attention
-capture (docs/attention_tokens.md).
+capture (docs/attention_tokens.md). A float8 pool is stored through the pool's scaled cast;
+the kernels read its float8 view and widen it, with the per-tensor scales folded into the softmax
+scale and the output.
 
 CUDA graphs (decode only): `init_cuda_graph_state` allocates static index buffers and the
 split-softmax scratch for the largest batch; the capture and replay hooks copy the graph runner's
@@ -42,6 +44,14 @@ class TritonMetadata:
     max_extend_len: int = 0  # host int: sizes the extend grid
     mid_o: Optional[torch.Tensor] = None  # [bs, Hq, splits, D] float32 decode scratch
     mid_lse: Optional[torch.Tensor] = None  # [bs, Hq, splits] float32
+
+
+def _scaled(out: torch.Tensor, v_scale: float, lse: torch.Tensor, return_lse: bool) -> AttnOutput:
+    """The kernel output times a float8 pool's value scale (the key scale is folded into the
+    softmax scale the kernel gets, so its LSE is already that of the true scores)."""
+    if v_scale != 1.0:
+        out = out * v_scale
+    return (out, lse) if return_lse else out
 
 
 class TritonAttnBackend(AttentionBackend):
@@ -117,8 +127,9 @@ class TritonAttnBackend(AttentionBackend):
     ) -> None:
         pool = forward_batch.token_to_kv_pool
         if pool.store_dtype != pool.dtype:
-            # Byte-stored pool dtypes (float8) go through the pool's own cast.
-            pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k, v)
+            # Byte-stored pool dtypes (float8) go through the pool's own scaled, saturating cast.
+            k_scale, v_scale = pool.kv_scales(layer)
+            pool.set_kv_buffer(layer.layer_id, forward_batch.out_cache_loc, k, v, k_scale, v_scale)
             return
         k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
         self._store_kv(k, v, k_buf, v_buf, forward_batch.out_cache_loc)
@@ -138,7 +149,9 @@ class TritonAttnBackend(AttentionBackend):
         # NOTE: the extend kernel reads every key from the pool, the new ones included.
         if save_kv_cache:
             self._store(k, v, layer, forward_batch)
-        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        pool = forward_batch.token_to_kv_pool
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        k_scale, v_scale = pool.kv_scales(layer)
         out, lse = self._extend_fwd(
             q,
             k_buf,
@@ -148,11 +161,11 @@ class TritonAttnBackend(AttentionBackend):
             md.seq_lens,
             md.extend_seq_lens,
             md.extend_start_loc,
-            layer.scaling,
+            layer.scaling * k_scale,
             md.max_extend_len,
             sliding_window=layer.sliding_window_size,
         )
-        return (out, lse) if return_lse else out
+        return _scaled(out, v_scale, lse, return_lse)
 
     def forward_decode(
         self,
@@ -172,7 +185,9 @@ class TritonAttnBackend(AttentionBackend):
             assert tuple(md.mid_o.shape[1:]) == want, f"decode scratch {md.mid_o.shape} != {want}"
         if save_kv_cache:
             self._store(k, v, layer, forward_batch)
-        k_buf, v_buf = forward_batch.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+        pool = forward_batch.token_to_kv_pool
+        k_buf, v_buf = pool.get_kv_buffer(layer.layer_id)
+        k_scale, v_scale = pool.kv_scales(layer)
         out, lse = self._decode_fwd(
             q,
             k_buf,
@@ -180,13 +195,13 @@ class TritonAttnBackend(AttentionBackend):
             self.req_to_token,
             md.req_pool_indices,
             md.seq_lens,
-            layer.scaling,
+            layer.scaling * k_scale,
             num_kv_splits=self.num_kv_splits,
             sliding_window=layer.sliding_window_size,
             mid_o=md.mid_o,
             mid_lse=md.mid_lse,
         )
-        return (out, lse) if return_lse else out
+        return _scaled(out, v_scale, lse, return_lse)
 
     # ---- CUDA graphs (decode) ------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:

@@ -1,0 +1,47 @@
+"""The header every CPU benchmark result carries: command, machine, date, load before the run.
+
+Used by bench_kv_cache_dtype.py and bench_torch_compile.py. `load_average()` is read when the
+benchmark starts (before any model loads), so the header says how busy the machine already was.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(title: str, threads: int, load_before: str) -> list[str]:
+    """Markdown lines: title, command, machine, date, load average before the run."""
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return [
+        f"# {title}",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {cpu_model()}, {threads} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- Date: {now.strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Load average before the run (`/proc/loadavg`): `{load_before}`",
+    ]

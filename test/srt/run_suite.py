@@ -72,6 +72,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 90, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_deploy_examples.py", 75),
+        TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),
     ],
     "per-commit-1-gpu": [

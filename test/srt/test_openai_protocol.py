@@ -507,8 +507,9 @@ def test_error_after_stream_started_is_an_event(tm, client):
     tm.fail_after = 1
     events = sse_events(client.post("/v1/completions", json={"prompt": "ab", "stream": True}))
     assert events[0]["choices"][0]["text"] == "Hel"
-    assert events[1]["object"] == "error" and "engine died" in events[1]["message"]
-    assert events[1]["code"] == 500 and events[2] == "[DONE]"
+    error = events[1]["error"]  # upstream's shape: the error body under "error"
+    assert error["object"] == "error" and "engine died" in error["message"]
+    assert error["code"] == 500 and events[2] == "[DONE]"
 
 
 def test_official_openai_client(client):

@@ -4,7 +4,9 @@
 data parallel controller under `--dp`; see rank_launcher.py) and the detokenizer (spawn context,
 daemon, and each child exits on its own when its parent disappears), creates the main-process
 `TokenizerManager`, and returns a `Subprocesses` handle that watches the children: if one dies
-unexpectedly, its `on_death` callback runs with a message that says which and how.
+unexpectedly, its `on_death` callback runs with a message that says which and how. The handle
+also reads each scheduler's heartbeat: `scheduler_stall` says which one has been stuck in a step
+with work pending for longer than `--watchdog-timeout` (what `/health` reports).
 
 `Engine(**server_args_fields)` runs a TokenizerManager on a private event loop in a background
 thread, so `generate` (blocking) and `async_generate` (from any event loop) both work.
@@ -34,9 +36,15 @@ READY_TIMEOUT_S = 600.0
 class Subprocesses:
     """The scheduler and detokenizer processes of one server, and a watcher for their deaths."""
 
-    def __init__(self, procs: dict[str, mp.process.BaseProcess], port_args: PortArgs) -> None:
+    def __init__(
+        self,
+        procs: dict[str, mp.process.BaseProcess],
+        port_args: PortArgs,
+        heartbeats: Optional[dict[str, Any]] = None,
+    ) -> None:
         self.procs = procs
         self.port_args = port_args
+        self.heartbeats = heartbeats or {}
         self.stopping = False
         self.on_death: Optional[Callable[[str], None]] = None
         self._watcher: Optional[threading.Thread] = None
@@ -63,6 +71,19 @@ class Subprocesses:
         logger.error(msg)
         if self.on_death is not None:
             self.on_death(msg)
+
+    def scheduler_stall(self, timeout: float) -> Optional[str]:
+        """Why /health must fail: a scheduler stuck in one step with work pending, or None."""
+        from sglang.srt.managers.scheduler_watchdog import stall_seconds
+
+        for name, shared in self.heartbeats.items():
+            stall = stall_seconds(shared)
+            if stall > timeout:
+                return (
+                    f"the {name} has not finished a step for {stall:.1f} s with work pending "
+                    f"(--watchdog-timeout {timeout:g})"
+                )
+        return None
 
     def shutdown(self, timeout: float = 5.0) -> None:
         self.stopping = True
@@ -100,8 +121,9 @@ def launch_subprocesses(
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")
     parent = os.getpid()
+    heartbeats: dict[str, Any] = {}
     try:
-        children, readers = start_scheduler_ranks(server_args, port_args, ctx, parent)
+        children, readers = start_scheduler_ranks(server_args, port_args, ctx, parent, heartbeats)
     except BaseException:
         port_args.cleanup()
         raise
@@ -112,7 +134,7 @@ def launch_subprocesses(
         daemon=True,
     )
     detokenizer.start()
-    procs = Subprocesses({**children, "detokenizer": detokenizer}, port_args)
+    procs = Subprocesses({**children, "detokenizer": detokenizer}, port_args, heartbeats)
     try:
         tm = TokenizerManager(server_args, port_args)
     except BaseException:

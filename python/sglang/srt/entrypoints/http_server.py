@@ -6,7 +6,10 @@ mapping (validation -> 400, missing API key -> 401), and the startup sequence: s
 children, serve HTTP at once (health answers 503), wait for the model, run the warm-up
 generation, then log the ready line and answer 200.
 OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
-If a child process dies or the model fails to load, the server stops with a non-zero exit code.
+If a child process dies or the model fails to load, the server stops with a non-zero exit code;
+how requests in flight end then, and on SIGTERM, is http_lifecycle.py's. Failed requests answer
+with the status their error carries (request_errors.py: 500, or 503 with Retry-After); a client
+that disconnected gets nothing built for it and no traceback is logged.
 On nodes with `--node-rank > 0` the command runs only model ranks (`rank_launcher.run_worker_node`).
 """
 
@@ -26,7 +29,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from sglang.srt.entrypoints.http_lifecycle import DrainingServer, on_child_death
 from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.managers.request_errors import ClientDisconnected, error_headers, error_status
 from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,20 @@ class ServerState:
         self.exit_code = 0
         self.uvicorn_server: Any = None
         self.startup_task: Optional[asyncio.Task] = None
+        self.procs: Any = None  # engine.Subprocesses: heartbeats for /health
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.accepting = True  # False once SIGTERM draining began
+
+    def unhealthy_reason(self) -> Optional[str]:
+        if not self.ready:
+            return "the server is starting"
+        if self.tm.dead_reason is not None:
+            return self.tm.dead_reason
+        if not self.accepting:
+            return "the server is shutting down"
+        if self.procs is not None:
+            return self.procs.scheduler_stall(self.server_args.watchdog_timeout)
+        return None
 
     def fail(self, message: str, log: bool = True) -> None:
         """Stop serving and exit non-zero (called from any thread)."""
@@ -87,11 +106,14 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
     @app.get("/health")
     async def health() -> Response:
-        return Response(status_code=200 if state.ready else 503)
+        reason = state.unhealthy_reason()
+        if reason is None:
+            return Response(status_code=200)
+        return Response(content=reason + "\n", status_code=503)
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
-        if not state.ready:
+        if state.unhealthy_reason() is not None:
             return Response(status_code=503)
         obj = GenerateReqInput(
             input_ids=[0] if tm.tokenizer is None else None,
@@ -102,6 +124,8 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         try:
             async for _ in tm.generate_request(obj, request):
                 pass
+        except ClientDisconnected:
+            return Response(status_code=499)
         except Exception as e:
             logger.error("health_generate failed: %s", e)
             return Response(status_code=503)
@@ -170,8 +194,12 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
             first = await gen.__anext__()
         except ValueError as e:
             return bad_request(str(e))
+        except ClientDisconnected:
+            return Response(status_code=499)  # nobody reads it: client closed request
         except RuntimeError as e:
-            return bad_request(str(e), 503)
+            status = error_status(e, 503)
+            body = error_body(str(e), status, _err_type(status))
+            return JSONResponse(body, status_code=status, headers=error_headers(e))
         except StopAsyncIteration:
             return bad_request("the request produced no output", 500)
         if not obj.stream:
@@ -254,13 +282,23 @@ async def _json_body(request: Any) -> Any:
     return body
 
 
+def _err_type(status: int) -> str:
+    if status == 503:
+        return "ServiceUnavailableError"
+    return "BadRequestError" if status < 500 else "InternalServerError"
+
+
 async def _sse(first: Any, gen: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     try:
         yield b"data: " + json.dumps(first).encode() + b"\n\n"
         async for out in gen:
             yield b"data: " + json.dumps(out).encode() + b"\n\n"
+    except ClientDisconnected:
+        return  # aborted; there is no one to send the end of the stream to
     except (ValueError, RuntimeError) as e:
-        yield b"data: " + json.dumps({"error": error_body(str(e))}).encode() + b"\n\n"
+        status = error_status(e, 400 if isinstance(e, ValueError) else 500)
+        body = error_body(str(e), status, _err_type(status))
+        yield b"data: " + json.dumps({"error": body}).encode() + b"\n\n"
     finally:
         # On client disconnect Starlette cancels us; closing the generator aborts the request.
         await gen.aclose()
@@ -284,7 +322,7 @@ async def _startup(state: ServerState, procs: Any, reader: Any) -> None:
     except RuntimeError as e:
         state.fail(str(e))
         return
-    procs.start_watch(lambda msg: _on_child_death(state, msg))
+    procs.start_watch(lambda msg: on_child_death(state, msg))
     if not state.server_args.skip_server_warmup:
         obj = GenerateReqInput(
             text=WARMUP_PROMPT if state.tm.tokenizer is not None else None,
@@ -301,11 +339,6 @@ async def _startup(state: ServerState, procs: Any, reader: Any) -> None:
     logger.info(READY_LINE)
 
 
-def _on_child_death(state: ServerState, msg: str) -> None:
-    state.tm.dead_reason = msg  # new requests fail fast while uvicorn drains
-    state.fail(msg, log=False)  # the watcher already logged which child died and how
-
-
 def launch_server(server_args: ServerArgs) -> int:
     """Run the server until SIGTERM/SIGINT or a fatal error; returns the process exit code."""
     import uvicorn
@@ -320,9 +353,11 @@ def launch_server(server_args: ServerArgs) -> int:
     )
     tm, procs, reader = launch_subprocesses(server_args, wait_ready=False)
     state = ServerState(server_args, tm)
+    state.procs = procs
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        state.loop = asyncio.get_running_loop()
         state.startup_task = asyncio.create_task(_startup(state, procs, reader))
         yield
         state.startup_task.cancel()
@@ -339,7 +374,7 @@ def launch_server(server_args: ServerArgs) -> int:
             timeout_keep_alive=5,
             timeout_graceful_shutdown=3,
         )
-        server = uvicorn.Server(config)
+        server = DrainingServer(config, state)
         state.uvicorn_server = server
         # uvicorn re-raises the signal that stopped it once it is done; a no-op handler lets
         # that happen without killing us before the children are stopped below.

@@ -48,11 +48,17 @@ def process_name(placement: RankPlacement) -> str:
 
 
 def start_scheduler_ranks(
-    server_args: Any, port_args: Any, ctx: Any, parent_pid: int
+    server_args: Any,
+    port_args: Any,
+    ctx: Any,
+    parent_pid: int,
+    heartbeats: Optional[dict[str, Any]] = None,
 ) -> tuple[dict[str, mp.process.BaseProcess], dict[str, Any]]:
-    """Spawn this node's ranks (and the DP controller); returns (processes, readiness readers)."""
+    """Spawn this node's ranks (and the DP controller); returns (processes, readiness readers).
+    With `heartbeats`, fills it with each scheduler's shared heartbeat (for /health)."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.managers.scheduler_process import run_scheduler_process
+    from sglang.srt.managers.scheduler_watchdog import new_shared_heartbeat
 
     model_config = ModelConfig.from_server_args(server_args)
     check_parallel_model(model_config, server_args.tp_size, server_args.pp_size)
@@ -65,9 +71,19 @@ def start_scheduler_ranks(
     for placement in plan:
         reader, writer = ctx.Pipe(duplex=False)
         name = process_name(placement)
+        heartbeat = None
+        if heartbeats is not None:
+            heartbeat = heartbeats[name] = new_shared_heartbeat(ctx)
         proc = ctx.Process(
             target=run_scheduler_process,
-            args=(server_args, replicas[placement.dp_rank], writer, parent_pid, placement),
+            args=(
+                server_args,
+                replicas[placement.dp_rank],
+                writer,
+                parent_pid,
+                placement,
+                heartbeat,
+            ),
             name=f"sglang-{name.replace(' ', '-')}",
             daemon=True,
         )

@@ -176,11 +176,13 @@ def run_detokenizer_process(server_args: Any, port_args: Any, parent_pid: int) -
     from sglang.srt.managers.scheduler_process import (
         PARENT_CHECK_MS,
         configure_child_logging,
+        set_process_name,
         watch_parent,
     )
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_child_logging(server_args.log_level, "Detokenizer")
+    set_process_name("sglang-detok")
     tokenizer = None
     if not server_args.skip_tokenizer_init:
         from sglang.srt.hf_transformers_utils import get_tokenizer

@@ -56,9 +56,15 @@ class FINISH_LENGTH(BaseFinishReason):
 @dataclass
 class FINISH_ABORT(BaseFinishReason):
     message: str = "Aborted"
+    # Set when the server, not the client, ended the request (500: its batch failed, 503: the
+    # queue was full); the tokenizer manager turns it into that HTTP error (request_errors.py).
+    status_code: Optional[int] = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "abort", "message": self.message}
+        out: dict[str, Any] = {"type": "abort", "message": self.message}
+        if self.status_code is not None:
+            out["status_code"] = self.status_code
+        return out
 
 
 class Req:
@@ -106,7 +112,6 @@ class Req:
         self.retraction_count = 0
 
         self.finished_reason: Optional[BaseFinishReason] = None
-        self.to_abort_message: Optional[str] = None
 
         # Logprobs (filled by the output processor).
         self.return_logprob = return_logprob

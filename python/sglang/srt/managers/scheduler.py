@@ -4,6 +4,10 @@ Owns the waiting queue, the running (decoding) batch, the chunked-prefill reques
 the choice each step makes: a prefill batch of newly admitted requests if any fit, else one decode
 step of everything running (retracting requests back to the queue when the KV pool runs dry).
 `step()` runs one iteration; `run_until_idle()` drives everything to completion (tests, benches).
+Aborts take effect at once: between steps no forward is in flight, so an aborted request leaves
+its batch and frees its KV before the next chunk or decode step. When a step raises,
+`fail_current_batch` ends that batch's requests with a server error and frees their memory, and
+`check_accounting` says whether the KV bookkeeping still adds up (then serving can go on).
 The process wrapper (ZMQ in/out) wraps this class in the serving layer; nothing here does I/O.
 """
 
@@ -16,6 +20,7 @@ from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req, ScheduleBatch
 from sglang.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglang.srt.managers.scheduler_output_processor import OutputProcessor
+from sglang.srt.mem_cache.base_prefix_cache import committed_kv_len
 from sglang.srt.mem_cache.chunk_cache import ChunkCache
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -25,6 +30,7 @@ logger = logging.getLogger(__name__)
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
 NEW_TOKEN_RATIO_DECAY = 0.001
+ABORTED_BY_CLIENT = "aborted by the client"
 
 
 class Scheduler:
@@ -66,6 +72,14 @@ class Scheduler:
         self.num_retractions = 0
         self.last_batch_info: dict[str, Any] = {}
         self.on_batch: Optional[Callable[[ScheduleBatch], None]] = None  # hook for logging/tests
+        # Called with each batch just before its forward (the process wrapper's test-only faults).
+        self.before_forward: Optional[Callable[[ScheduleBatch], None]] = None
+        self.max_queued_requests: Optional[int] = getattr(server_args, "max_queued_requests", None)
+        # The batch of the step in progress, the KV length of each of its requests once
+        # prepared (None before), and whether its results are being recorded (see fail_current_batch).
+        self.cur_batch: Optional[ScheduleBatch] = None
+        self.cur_kv_lens: Optional[list[int]] = None
+        self.cur_recording = False
 
     # ---- requests ------------------------------------------------------------------------------
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
@@ -122,23 +136,47 @@ class Scheduler:
             req.finished_reason = FINISH_ABORT(error)
             self.output.emit_finished(req)
             return
+        limit = self.max_queued_requests
+        if limit is not None and len(self.waiting_queue) >= limit:
+            req.finished_reason = FINISH_ABORT(
+                f"The request queue is full ({limit} waiting, --max-queued-requests); retry later",
+                status_code=503,
+            )
+            self.output.emit_finished(req)
+            return
         self.waiting_queue.append(req)
 
     def abort_request(self, rid: str) -> bool:
+        """Finish `rid` now and free what it holds (call between steps, never during one)."""
         for i, req in enumerate(self.waiting_queue):
             if req.rid == rid:
                 self.waiting_queue.pop(i)
                 if req.req_pool_idx is not None:
                     self.running_batch.release_req(req)
-                req.finished_reason = FINISH_ABORT("aborted by the client")
+                self._finish_aborted(req, ABORTED_BY_CLIENT)
+                return True
+        req = self.chunked_req
+        if req is not None and req.rid == rid:
+            # Mid chunked prefill: its KV so far covers `fill_ids`; drop it before the next chunk.
+            self.chunked_req = None
+            self.tree_cache.release_req(req, len(req.fill_ids))
+            self._finish_aborted(req, ABORTED_BY_CLIENT)
+            return True
+        for req in self.running_batch.reqs:
+            if req.rid == rid:
+                # Its KV up to the last sampled token is valid: cache it as a finished request's.
+                self.running_batch.reqs.remove(req)
+                req.finished_reason = FINISH_ABORT(ABORTED_BY_CLIENT)
+                self.tree_cache.cache_finished_req(req)
+                req.req_pool_idx = None
                 self.output.emit_finished(req)
                 return True
-        for req in self.running_batch.reqs + ([self.chunked_req] if self.chunked_req else []):
-            if req.rid == rid:
-                # Finished at the next result processing, which releases its memory.
-                req.to_abort_message = "aborted by the client"
-                return True
         return False
+
+    def _finish_aborted(self, req: Req, message: str, status_code: Optional[int] = None) -> None:
+        req.req_pool_idx = None
+        req.finished_reason = FINISH_ABORT(message, status_code)
+        self.output.emit_finished(req)
 
     def is_idle(self) -> bool:
         return not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
@@ -151,18 +189,24 @@ class Scheduler:
             if self.is_idle():
                 self.check_memory()
             return False
+        self.cur_batch, self.cur_kv_lens, self.cur_recording = batch, None, False
         worker_batch = (
             batch.prepare_for_extend()
             if batch.forward_mode.is_extend()
             else batch.prepare_for_decode()
         )
+        self.cur_kv_lens = list(worker_batch.seq_lens)
+        if self.before_forward is not None:
+            self.before_forward(batch)
         logits_output, forward_batch = self.model_runner.forward(worker_batch)
         sample = self.model_runner.sample(logits_output, forward_batch)
         self.forward_ct += 1
+        self.cur_recording = True
         if batch.forward_mode.is_extend():
             self.output.process_prefill_result(batch, logits_output, sample)
         else:
             self.output.process_decode_result(batch, sample, logits_output)
+        self.cur_batch = None
         if self.on_batch is not None:
             self.on_batch(batch)
         return True
@@ -266,7 +310,67 @@ class Scheduler:
             "KV cache full: retracted %s, %d requests still running", victim.rid, len(batch.reqs)
         )
 
+    # ---- failures ------------------------------------------------------------------------------
+    def fail_current_batch(self, message: str) -> Optional[str]:
+        """The step in progress raised: end its requests with `message` (HTTP 500) and free
+        their memory. Returns why the scheduler state can no longer be trusted, or None."""
+        batch, kv_lens = self.cur_batch, self.cur_kv_lens
+        self.cur_batch = None
+        if batch is None:
+            return "the failure happened outside a batch"
+        if self.cur_recording:
+            return "the failure happened while recording a batch's results"
+        extend = batch.forward_mode.is_extend()
+        for i, req in enumerate(batch.reqs):
+            if kv_lens is not None:
+                kv_len = kv_lens[i]  # prepared: KV slots were written up to the new length
+            else:
+                kv_len = len(req.prefix_indices) if extend else req.seqlen - 1
+            if req.req_pool_idx is not None:
+                self.tree_cache.release_req(req, kv_len)
+            elif req.last_node is not None:
+                self.tree_cache.dec_lock_ref(req.last_node)  # admitted, but got no row
+            if req is self.chunked_req:
+                self.chunked_req = None
+            self._finish_aborted(req, message, status_code=500)
+        self.running_batch.filter_batch()
+        try:
+            self.check_accounting()
+        except RuntimeError as e:
+            return str(e)
+        return None
+
     # ---- invariants ----------------------------------------------------------------------------
+    def check_accounting(self) -> None:
+        """NOTE: check_memory while requests are live: every KV slot is free, cached (evictable or
+        locked) or owned by exactly one live request's uncached tail; every row is free or live."""
+        page = self.page_size
+        live = [
+            r for r in self.running_batch.reqs + self.waiting_queue if r.req_pool_idx is not None
+        ]
+        if self.chunked_req is not None and self.chunked_req.req_pool_idx is not None:
+            live.append(self.chunked_req)
+        owned = 0
+        for req in live:
+            kv_len = len(req.prefix_indices) if req.is_chunked else committed_kv_len(req)
+            pages = -(-kv_len // page) * page  # allocation is page-granular
+            owned += pages - self.tree_cache.cache_owned_len(req)
+        free = self.allocator.available_size()
+        evictable = self.tree_cache.evictable_size()
+        protected = self.tree_cache.protected_size()
+        total = self.max_total_num_tokens
+        if free + evictable + protected + owned != total:
+            raise RuntimeError(
+                f"KV accounting broken: free {free} + evictable {evictable} + locked {protected} "
+                f"+ owned by live requests {owned} != total {total}"
+            )
+        rows = self.req_to_token_pool
+        if rows.available_size() + len(live) != rows.size:
+            raise RuntimeError(
+                f"request-row accounting broken: {rows.available_size()} free + {len(live)} live "
+                f"!= {rows.size}"
+            )
+
     def check_memory(self) -> None:
         """NOTE: when idle every KV slot is free, evictable (cached) or locked: nothing leaked."""
         free = self.allocator.available_size()

@@ -1,7 +1,7 @@
 """Turns one forward's sampled tokens into request state: outputs, logprobs, finish, caching.
 
 Owns the end of every scheduler step: appending sampled tokens, collecting output and prompt
-logprobs (and hidden states, through hidden_states.py), deciding when a request is finished (length, EOS, stop token ids, stop strings, abort),
+logprobs (and hidden states, through hidden_states.py), deciding when a request is finished (length, EOS, stop token ids, stop strings),
 handing finished requests' KV to the prefix cache, moving prefilled requests into the running batch,
 and telling the listener (the serving layer's sender, or a test) which requests advanced.
 """
@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from sglang.srt.managers import hidden_states
 from sglang.srt.managers.schedule_batch import (
-    FINISH_ABORT,
     FINISH_LENGTH,
     FINISH_MATCHED_STR,
     FINISH_MATCHED_TOKEN,
@@ -168,9 +167,6 @@ class OutputProcessor:
 
     def check_finished(self, req: Req) -> bool:
         if req.finished():
-            return True
-        if req.to_abort_message is not None:
-            req.finished_reason = FINISH_ABORT(req.to_abort_message)
             return True
         sp = req.sampling_params
         last = req.output_ids[-1]

@@ -9,6 +9,9 @@ messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
 Control answers (flush, load, metrics stats, health) go straight to the tokenizer manager. When
 there is no work it blocks on the socket. It also writes the `Prefill batch.` / `Decode batch.`
 log lines (format: docs/compat.md) and keeps the scheduler gauges that `/metrics` asks for.
+A step that raises ends its batch's requests with HTTP 500; the loop serves on when the KV
+accounting still adds up, else it exits 1 with a one-line reason. Every iteration beats the
+heartbeat `/health` reads, and a watchdog stops a hung step (managers/scheduler_watchdog.py).
 Under tensor parallelism there is one such process per TP rank: rank 0 owns the sockets and
 broadcasts what it reads, so every rank runs the same steps (see managers/tp_worker.py).
 """
@@ -43,6 +46,7 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler_watchdog import Heartbeat, Watchdog, fault_hook_from_env
 from sglang.srt.managers.tp_worker import (
     ControlPlane,
     NullSocket,
@@ -64,6 +68,15 @@ def configure_child_logging(log_level: str, tag: str) -> None:
         datefmt="%Y-%m-%d %H:%M:%S",
         force=True,
     )
+
+
+def set_process_name(name: str) -> None:
+    """Name the process as `ps`, `top` and psutil show it (Linux; at most 15 characters)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux: the name is cosmetic
 
 
 def watch_parent(parent_pid: int) -> bool:
@@ -99,6 +112,9 @@ class SchedulerProcess:
     last_decode_log: float = field(default_factory=time.perf_counter)
     decode_tokens_since_log: int = 0
     stats: SchedulerStatsTracker = field(default_factory=SchedulerStatsTracker)
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    watchdog: Optional[Watchdog] = None
+    last_parent_check: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.scheduler.output.listener = self.pending.extend
@@ -110,18 +126,56 @@ class SchedulerProcess:
     # ---- loop -------------------------------------------------------------------------------
     def event_loop(self) -> None:
         while True:
+            self.heartbeat.begin()
+            if self.watchdog is not None:
+                self.watchdog.arm_backstop()
             msgs = self.recv_messages()
             if msgs is None:
                 return
             for msg in msgs:
                 self.handle(msg)
             self.flush_outputs()
-            if self.scheduler.step():
-                self.flush_outputs()
-                continue
+            try:
+                ran = self.scheduler.step()
+            except Exception as e:
+                self.recover_from_failed_step(e)
+                ran = True
             self.flush_outputs()
+            if ran:
+                if self.parent_gone():
+                    return
+                continue
             if not self.wait_for_messages():
                 return
+
+    def parent_gone(self) -> bool:
+        """While busy, still notice (about once a second) that the main process went away."""
+        now = time.monotonic()
+        if now - self.last_parent_check < PARENT_CHECK_MS / 1000:
+            return False
+        self.last_parent_check = now
+        if watch_parent(self.parent_pid):
+            return False
+        logger.info("parent process exited; scheduler stops")
+        return True
+
+    def recover_from_failed_step(self, exc: Exception) -> None:
+        """End the failed batch's requests with an error; raise SystemExit(1) if the scheduler's
+        state cannot be trusted afterwards (or under TP, where the ranks cannot agree on it)."""
+        if self.control is not None:
+            raise exc
+        logger.error(
+            "A batch failed; its requests get an error:\n%s",
+            "".join(traceback.format_exception(exc)).rstrip(),
+        )
+        why = self.scheduler.fail_current_batch(
+            f"The server failed while running this request: {type(exc).__name__}: {exc}"
+        )
+        self.flush_outputs()  # the errors reach the clients before any exit
+        if why is not None:
+            logger.error("Scheduler stops after a failed step: %s", why)
+            raise SystemExit(1)
+        logger.info("KV accounting intact after the failed batch; serving on")
 
     def recv_messages(self) -> Optional[list[Any]]:
         """This iteration's messages (the same on every TP rank); None means stop."""
@@ -137,7 +191,10 @@ class SchedulerProcess:
         if not self.scheduler.is_idle():
             # Work is queued but nothing fits right now; wait briefly for a message.
             self.poller.poll(5)
-            return True
+            return not self.parent_gone()
+        self.heartbeat.idle()
+        if self.watchdog is not None:
+            self.watchdog.disarm_backstop()
         if self.control is not None:
             # NOTE: the other ranks wait in a collective: wake at least once a second, so the
             # next broadcast (maybe empty) comes long before their timeout.
@@ -360,13 +417,16 @@ def run_scheduler_process(
     pipe: Any,
     parent_pid: int,
     placement: Optional[RankPlacement] = None,
+    heartbeat: Any = None,
 ) -> None:
     """Process entry for one TP rank: load, report readiness through `pipe`, then serve until
-    the parent exits (or TP rank 0 stops the group). Only TP rank 0 opens the ZMQ sockets."""
+    the parent exits (or TP rank 0 stops the group). Only TP rank 0 opens the ZMQ sockets.
+    `heartbeat` is the shared array the main process reads for /health (None: kept local)."""
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank = TpRank(placement or RankPlacement(), server_args)
     configure_child_logging(server_args.log_level, rank.tag)
+    set_process_name(f"sglang-{rank.tag.replace(' ', '')}")
     try:
         rank.setup()
     except ParallelConfigError as e:
@@ -427,7 +487,11 @@ def run_scheduler_process(
         parent_pid=parent_pid,
         report_first_token=server_args.enable_metrics,
         control=control,
+        heartbeat=Heartbeat(heartbeat),
     )
+    proc.watchdog = Watchdog(proc.heartbeat, server_args.watchdog_timeout, f"scheduler {rank.tag}")
+    proc.watchdog.start()
+    scheduler.before_forward = fault_hook_from_env()
     try:
         proc.event_loop()
     except Exception as e:

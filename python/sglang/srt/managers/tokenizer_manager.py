@@ -17,7 +17,11 @@ Contract of `generate_request(obj, request=None)` (an async generator):
 - batch (list input or n > 1), not streaming: yields exactly one list of final dicts, in input
   order (n samples of prompt i at indices i*n .. i*n+n-1);
 - batch, streaming: yields single dicts from any member as they arrive, each with an `index` key;
-- if the server's processes die, pending and new requests raise RuntimeError.
+- a request the server fails (its batch raised: 500; the queue is full: 503) raises
+  `RequestFailed` carrying the status (see request_errors.py), even mid-stream;
+- once a child process died or the server is shutting down (`set_dead`), pending and new requests
+  raise `RequestFailed` with status 503 at once; while it drains (`closing_reason`), new ones do;
+- when the client disconnects, the request is aborted and `ClientDisconnected` is raised.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     recv_msg_async,
     send_msg,
+)
+from sglang.srt.managers.request_errors import (
+    ClientDisconnected,
+    RequestFailed,
+    from_finish_reason,
 )
 from sglang.srt.managers.request_logger import RequestLogger
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -125,6 +134,8 @@ class TokenizerManager:
         )
         self._handle_task: Optional[asyncio.Task] = None
         self.dead_reason: Optional[str] = None
+        # Set while the server drains for shutdown: new requests get 503, running ones go on.
+        self.closing_reason: Optional[str] = None
         self.metrics: Any = None
         if server_args.enable_metrics:
             from sglang.srt.metrics.collector import TokenizerMetricsCollector
@@ -157,15 +168,19 @@ class TokenizerManager:
             self._handle_task = asyncio.get_running_loop().create_task(self._handle_loop())
 
     def set_dead(self, reason: str) -> None:
-        """A child process died: fail every pending and future request with `reason`."""
+        """Stop serving (a child process died, or shutdown): fail every pending and future
+        request with `reason` (HTTP 503). Call on the event loop's thread."""
         self.dead_reason = reason
         for state in self.rid_to_state.values():
             state.event.set()
         for waiters in self._waiters.values():
             for fut in waiters:
                 if not fut.done():
-                    fut.set_exception(RuntimeError(reason))
+                    fut.set_exception(self._dead_error())
             waiters.clear()
+
+    def _dead_error(self) -> RequestFailed:
+        return RequestFailed(self.dead_reason or "the server is not serving", 503)
 
     def close(self) -> None:
         if self._handle_task is not None:
@@ -188,7 +203,13 @@ class TokenizerManager:
         while True:
             msg = await recv_msg_async(self.recv_from_detokenizer)
             if isinstance(msg, BatchStrOut):
-                self._handle_batch_str_out(msg)
+                try:
+                    self._handle_batch_str_out(msg)
+                except Exception as e:  # one bad output must not stop every request's outputs
+                    logger.exception(
+                        "Failed to process the outputs of %d request(s)", len(msg.rids)
+                    )
+                    self._fail_requests(msg.rids, f"{type(e).__name__}: {e}")
             else:
                 waiters = self._waiters.get(type(msg))
                 if waiters:
@@ -223,6 +244,17 @@ class TokenizerManager:
                 self._observe(state, len(out.new_output_ids[i]))
             state.event.set()
 
+    def _fail_requests(self, rids: list[str], message: str) -> None:
+        """End these requests with HTTP 500 and abort them in the scheduler."""
+        for rid in rids:
+            state = self.rid_to_state.get(rid)
+            if state is None or state.finished:
+                continue
+            send_msg(self.send_to_scheduler, AbortReq(rid=rid))
+            state.finished = True
+            state.finished_reason = {"type": "abort", "message": message, "status_code": 500}
+            state.event.set()
+
     def _observe(self, state: ReqState, num_new: int) -> None:
         now = time.perf_counter()
         if num_new > 0:
@@ -238,7 +270,7 @@ class TokenizerManager:
 
     async def _request(self, msg: Any, resp_type: type) -> Any:
         if self.dead_reason is not None:
-            raise RuntimeError(self.dead_reason)
+            raise self._dead_error()
         self._ensure_handle_loop()
         fut = asyncio.get_running_loop().create_future()
         self._waiters[resp_type].append(fut)
@@ -344,7 +376,9 @@ class TokenizerManager:
     ) -> AsyncIterator[Any]:
         """See the module docstring for the exact contract."""
         if self.dead_reason is not None:
-            raise RuntimeError(self.dead_reason)
+            raise self._dead_error()
+        if self.closing_reason is not None:
+            raise RequestFailed(self.closing_reason, 503)
         self._ensure_handle_loop()
         obj.normalize_batch_and_arguments()
         subs = [obj[i] for i in range(obj.batch_size)]
@@ -377,6 +411,10 @@ class TokenizerManager:
             self.request_logger.received(obj)
         try:
             while True:
+                # NOTE: checked before every wait, so a request registered after set_dead ran
+                # (it was being tokenized) fails at once instead of waiting for nothing.
+                if self.dead_reason is not None:
+                    raise self._dead_error()
                 if request is None:
                     await state.event.wait()
                 else:
@@ -385,12 +423,15 @@ class TokenizerManager:
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             logger.info("client disconnected; aborting request %s", rid)
-                            return  # the finally block aborts it
+                            raise ClientDisconnected(rid) from None  # finally aborts it
                         continue
                 state.event.clear()
                 if self.dead_reason is not None:
-                    raise RuntimeError(self.dead_reason)
+                    raise self._dead_error()
                 if state.finished:
+                    failed = from_finish_reason(state.finished_reason)
+                    if failed is not None:
+                        raise failed
                     out = self._make_output(state)
                     if self.request_logger is not None:
                         self.request_logger.finished(obj, out)

@@ -5,6 +5,8 @@ parsed here rather than by FastAPI so every client mistake (malformed JSON, a fa
 a ValueError from conversion or from the TokenizerManager) becomes the docs/compat.md error body
 with status 400 instead of FastAPI's 422. Streams are primed up to their first event before the
 response starts, so a request the engine rejects still gets a 400 rather than a broken 200 stream.
+A request the server fails answers with its error's status (500, or 503 with Retry-After: see
+managers/request_errors.py); one whose client disconnected is dropped without a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from sglang.srt.entrypoints.openai.protocol import (
 from sglang.srt.entrypoints.openai.serving_base import error_body
 from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglang.srt.managers.request_errors import (
+    ClientDisconnected,
+    RequestFailed,
+    error_headers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +75,11 @@ async def serve(serving: Any, model_cls: type[BaseModel], raw_request: Request) 
         first = await anext(result)
     except ValueError as exc:
         return error_response(str(exc))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it: client closed request
+    except RequestFailed as exc:
+        body = error_body(str(exc), exc.status_code, exc.err_type)
+        return JSONResponse(body, status_code=exc.status_code, headers=error_headers(exc))
     except Exception as exc:
         logger.exception("OpenAI request failed")
         return error_response(f"{type(exc).__name__}: {exc}", 500)

@@ -22,6 +22,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     UsageInfo,
     RequestBase,
 )
+from sglang.srt.managers.request_errors import ClientDisconnected, RequestFailed
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
@@ -313,8 +314,9 @@ class ServingBase:
 
         `on_output(index, output, cursor)` returns the chunks for one engine output; `on_usage`
         (set when the client asked for include_usage) builds the trailing usage chunk.
-        NOTE: an error before the first event propagates (the route still answers 400); after it,
-        the error travels as an error event followed by [DONE].
+        NOTE: an error before the first event propagates (the route answers with its status);
+        after it, the error travels as an error event `{"error": {...}}` (as upstream) followed
+        by [DONE]. A disconnected client gets nothing more.
         """
         cursors = [StreamCursor() for _ in reqs]
         sent = False
@@ -328,14 +330,22 @@ class ServingBase:
                 finals = [c.final or {} for c in cursors]
                 sent = True
                 yield sse(on_usage(finals))
+        except ClientDisconnected:
+            if not sent:
+                raise
+            return
         except ValueError as exc:
             if not sent:
                 raise
-            yield sse(error_body(str(exc), 400))
+            yield sse({"error": error_body(str(exc), 400)})
+        except RequestFailed as exc:
+            if not sent:
+                raise
+            yield sse({"error": error_body(str(exc), exc.status_code, exc.err_type)})
         except Exception as exc:
             if not sent:
                 raise
-            yield sse(error_body(f"{type(exc).__name__}: {exc}", 500))
+            yield sse({"error": error_body(f"{type(exc).__name__}: {exc}", 500)})
         yield SSE_DONE
 
     def text_delta(self, cursor: StreamCursor, out: dict[str, Any]) -> str:

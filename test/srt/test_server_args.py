@@ -456,10 +456,11 @@ SRC = Path(sglang.__file__).parent
 
 
 def _sources_outside_server_args() -> str:
+    # Test helpers (sglang/test) do not count: a flag only they read does nothing for users.
     return "\n".join(
         p.read_text(encoding="utf-8")
         for p in sorted(SRC.rglob("*.py"))
-        if p.name != "server_args.py"
+        if p.name != "server_args.py" and "test" not in p.relative_to(SRC).parts[:1]
     )
 
 

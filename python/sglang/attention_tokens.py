@@ -102,9 +102,10 @@ def merge_stream_chunks(chunks: Iterable[Any], index: int = 0) -> Report:
 
     Header fields come from whichever chunk carries them (the first, for OpenAI streams). Content
     entries are keyed by generated position: a chunk whose content starts at or before the
-    earliest position seen is a cumulative snapshot (native streams) and replaces what was merged;
-    otherwise its entries are appended (OpenAI deltas, `--stream-output`). Native batch streams
-    are filtered by their `index` key, OpenAI chunks by `choices[i].index`.
+    earliest position seen is a cumulative snapshot (as native streams of older servers sent)
+    and replaces what was merged; otherwise its entries are appended (every stream of this
+    server carries only new entries). Native batch streams are filtered by their `index` key,
+    OpenAI chunks by `choices[i].index`.
     """
     header: dict[str, Any] = {}
     entries: dict[int, dict[str, Any]] = {}

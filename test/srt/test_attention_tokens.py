@@ -3,15 +3,16 @@
 The server runs with `--return-attention-tokens --attention-capture-layers 0,14,29`. Checked:
 reports on /v1/completions, /v1/chat/completions and /generate against HF transformers eager
 attention on the same GGUF weights (mean over the selected layers, the last layer alone, per-layer
-lists with an excluded sink); streaming chunks carry exactly their tokens' entries and add up to
-the non-streaming report; the field is absent when not asked; n=2; stop-string trimming drops the
-entries of trimmed tokens; concurrent mixed batches give the same reports as requests alone and
-the same text as without the feature; every validation error is a 400 that says what to change,
-and the server stays healthy.
+lists with an excluded sink); streaming chunks (OpenAI, and a long native stream) carry exactly
+their tokens' entries, each sent once, and add up to the non-streaming report; the field is
+absent when not asked; n=2; stop-string trimming drops the entries of trimmed tokens; concurrent
+mixed batches give the same reports as requests alone and the same text as without the feature;
+every validation error is a 400 that says what to change, and the server stays healthy.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ import openai
 import pytest
 import requests
 
+from sglang.attention_tokens import merge_stream_chunks
 from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.srt.model_loader import resolve_model_path
 from sglang.test.attention_reference import assert_valid_topk, layer_mean
@@ -148,6 +150,36 @@ def test_streaming_equals_non_streaming(client):
         ]
         for x, y in zip(a["top_attention"], b["top_attention"]):
             assert abs(x["score"] - y["score"]) < 1e-6
+
+
+def test_native_stream_sends_each_entry_once(server):
+    """A long /generate stream: every chunk carries only its new tokens' entries (never the
+    history again), the text stays cumulative (no --stream-output), and the entries add up to
+    the non-streamed report."""
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 96, "temperature": 0,
+            "ignore_eos": True}, "return_attention_tokens": True, "attention_tokens_top_k": 2}  # fmt: skip
+    full = requests.post(f"{server}/generate", json=body, timeout=300).json()
+    chunks = []
+    with requests.post(f"{server}/generate", json={**body, "stream": True}, stream=True,
+                       timeout=300) as resp:  # fmt: skip
+        for line in resp.iter_lines():
+            if line.startswith(b"data: ") and line != b"data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    assert len(chunks) > 10, "expected a stream of many chunks"
+    entries = [e for c in chunks for e in c["meta_info"]["attention_tokens"]["content"]]
+    # Sent once each: as many entries in the whole stream as tokens generated, in order.
+    assert len(entries) == full["meta_info"]["completion_tokens"] == 96
+    assert [e["position"] for e in entries] == [e["position"] for e in
+                                                 full["meta_info"]["attention_tokens"]["content"]]  # fmt: skip
+    for a, b in zip(entries, full["meta_info"]["attention_tokens"]["content"]):
+        assert a["token_id"] == b["token_id"]
+        assert [x["position"] for x in a["top_attention"]] == [
+            x["position"] for x in b["top_attention"]
+        ]
+    texts = [c["text"] for c in chunks]
+    assert all(b.startswith(a) for a, b in zip(texts, texts[1:])), "text is cumulative"
+    assert texts[-1] == full["text"]
+    assert merge_stream_chunks(chunks)["content"] == entries
 
 
 def test_absent_when_not_requested(client, server):

@@ -85,7 +85,9 @@ class FakeTokenizerManager:
                         [[-1.0, t, chr(t)]][:top] for t in ids[1:]
                     ]
             if obj.return_attention_tokens:
-                content = [{"token": p, "position": len(ids) + i} for i, p in enumerate(out)]
+                # As the real one: a stream's entries are those of the tokens new in this output.
+                first = k - 1 if obj.stream and k else 0
+                content = [{"token": out[i], "position": len(ids) + i} for i in range(first, k)]
                 meta["attention_tokens"] = {**ATTN, "prompt_tokens": len(ids), "content": content}
             yield {"text": "".join(out), "output_ids": list(range(k)), "meta_info": meta}
 

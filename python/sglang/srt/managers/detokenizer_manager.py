@@ -48,7 +48,8 @@ class DecodeState:
     prefix_offset: int = 0  # ids[prefix_offset:read_offset] is context already in `text`
     read_offset: int = 0  # ids before this are in `text`
     emitted: int = 0  # characters of `text` already sent
-    # Attention records: received, and how many were released; where each token's text starts.
+    # Attention records: received and not yet released (released ones are not kept), how many
+    # were released before them; where each token's text starts.
     attention: list[Any] = field(default_factory=list)
     attention_released: int = 0
     token_starts: list[int] = field(default_factory=list)
@@ -98,7 +99,7 @@ class DecodeState:
         Call after `add` for the same message. Without stop strings every record is final at once.
         """
         self.attention.extend(new_records)
-        count = len(self.attention)
+        count = self.attention_released + len(self.attention)
         matched = finish.get("matched") if finish is not None else None
         trims = finish is None or (finish.get("type") == "stop" and isinstance(matched, str))
         if self.options.stop and not self.options.no_stop_trim and tokenizer is not None and trims:
@@ -107,8 +108,9 @@ class DecodeState:
                 self.token_starts.append(max([start, *self.token_starts[-1:]]))
             # A token is shown once its text starts before what was emitted (the cut, at the end).
             count = min(count, bisect.bisect_left(self.token_starts, self.emitted))
-        out = self.attention[self.attention_released : max(count, self.attention_released)]
-        self.attention_released += len(out)
+        n = max(count - self.attention_released, 0)
+        out, self.attention = self.attention[:n], self.attention[n:]
+        self.attention_released += n
         return out
 
     def _stop_holdback(self) -> int:

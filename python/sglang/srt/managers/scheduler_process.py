@@ -90,7 +90,6 @@ class _SendState:
     sent_out_logprobs: int = 0
     sent_input_logprobs: bool = False
     options_sent: bool = False
-    sent_attention: int = 0  # attention records already sent
     sent_hidden: int = 0  # hidden-state entries already sent
 
 
@@ -342,8 +341,9 @@ class SchedulerProcess:
         out.completion_tokens.append(len(req.output_ids))
         out.cached_tokens.append(req.cached_tokens)
         if req.attention is not None:
-            out.attention_records.append(req.attention_records[state.sent_attention :])
-            state.sent_attention = len(req.attention_records)
+            # Sent records leave the scheduler; the tokenizer manager holds the one copy kept.
+            out.attention_records.append(req.attention_records)
+            req.attention_records = []
         else:
             out.attention_records.append(None)
         if req.return_hidden_states:

@@ -13,7 +13,8 @@ Contract of `generate_request(obj, request=None)` (an async generator):
 - single request, not streaming: yields exactly one final dict;
 - single request, streaming: yields dicts as tokens arrive; each is cumulative (`text`,
   `output_ids`, logprobs) unless `--stream-output`, and the last one has a non-null
-  `meta_info.finish_reason`;
+  `meta_info.finish_reason`; `meta_info.attention_tokens.content` always holds only the entries
+  of tokens new since the previous dict (each token's entry is sent once);
 - batch (list input or n > 1), not streaming: yields exactly one list of final dicts, in input
   order (n samples of prompt i at indices i*n .. i*n+n-1);
 - batch, streaming: yields single dicts from any member as they arrive, each with an `index` key;
@@ -90,12 +91,13 @@ class ReqState:
     yielded_text: int = 0
     yielded_ids: int = 0
     last_token_time: Optional[float] = None  # when the latest output tokens arrived (metrics)
-    # Attention tokens: validated options, the prompt's ids, records so far, records yielded.
+    # Attention tokens: validated options, the prompt's ids, the records not yielded yet (the
+    # only copy: a stream drops them once sent, a non-streaming request holds all until the end),
+    # and how many were yielded before them (the completion index of the first pending one).
     attention_options: Any = None
     prompt_ids: list[int] = field(default_factory=list)
     attention_records: list[Any] = field(default_factory=list)
-    attention_content: list[dict[str, Any]] = field(default_factory=list)  # formatted once each
-    yielded_attention: int = 0
+    attention_yielded: int = 0
     # Hidden states (return_hidden_states): entries as JSON-ready lists, and how many were yielded.
     hidden_states: list[Any] = field(default_factory=list)
     yielded_hidden: int = 0
@@ -507,29 +509,31 @@ class TokenizerManager:
                 self._fmt(x, with_text) for x in state.output_top_logprobs
             ]
         if state.attention_options is not None:
-            meta["attention_tokens"] = self._attention_report(state, incremental)
+            meta["attention_tokens"] = self._attention_report(state)
         if obj.return_hidden_states:
             first = state.yielded_hidden if incremental else 0
             state.yielded_hidden = len(state.hidden_states)
             meta["hidden_states"] = state.hidden_states[first:]
         return {"text": text, "output_ids": output_ids, "meta_info": meta}
 
-    def _attention_report(self, state: ReqState, incremental: bool) -> dict[str, Any]:
-        """The report so far (only the new entries with --stream-output). Each record is
-        formatted once, when it arrives, so a long stream does not re-format its history."""
-        done = len(state.attention_content)
-        state.attention_content += format_content(
-            state.attention_records[done:],
-            done,
+    def _attention_report(self, state: ReqState) -> dict[str, Any]:
+        """The header and the entries of the records not yielded before, which are dropped.
+
+        NOTE: unlike the text, a stream's attention content is never cumulative (with or
+        without --stream-output): re-sending every earlier entry in each chunk made a stream's
+        size quadratic in its length. Each record is formatted once and not kept after."""
+        records, state.attention_records = state.attention_records, []
+        first = state.attention_yielded
+        state.attention_yielded += len(records)
+        report = report_header(state.attention_options, len(state.prompt_ids))
+        report["content"] = format_content(
+            records,
+            first,
             state.attention_options,
             state.prompt_ids,
             state.output_ids,
             self.token_text,
         )
-        first = state.yielded_attention if incremental else 0
-        state.yielded_attention = len(state.attention_content)
-        report = report_header(state.attention_options, len(state.prompt_ids))
-        report["content"] = state.attention_content[first:]
         return report
 
     def token_text(self, token_id: int) -> str:

@@ -374,7 +374,6 @@ class StreamCursor:
         "text_len",
         "char_offset",
         "logprobs_sent",
-        "attention_sent",
         "started_attention",
         "started",
         "final",
@@ -384,7 +383,6 @@ class StreamCursor:
         self.text_len = 0
         self.char_offset = 0  # completions text_offset of the next token
         self.logprobs_sent = 0
-        self.attention_sent = 0
         self.started_attention = False
         self.started = False
         self.final: dict[str, Any] | None = None
@@ -401,20 +399,16 @@ class StreamCursor:
         self.logprobs_sent = len(lps)
         return lps[start:], tops[start:]
 
-    def attention_delta(
-        self, report: dict[str, Any] | None, incremental: bool = False
-    ) -> dict[str, Any] | None:
-        """This chunk's slice of the attention report; header fields only in the first chunk.
+    def attention_delta(self, report: dict[str, Any] | None) -> dict[str, Any] | None:
+        """This chunk's attention entries; header fields only in the first chunk.
 
         The report is cumulative unless `incremental` (--stream-output), where it holds only
         the entries new since the previous output."""
         if not report:
             return None
-        content = report.get("content") or []
-        first = self.attention_sent == 0 and not self.started_attention
+        new = report.get("content") or []
+        first = not self.started_attention
         self.started_attention = True
-        new = content if incremental else content[self.attention_sent :]
-        self.attention_sent = self.attention_sent + len(new)
         if not new and not first:
             return None
         if first:

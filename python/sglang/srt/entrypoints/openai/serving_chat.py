@@ -190,9 +190,7 @@ class OpenAIServingChat(ServingBase):
             finish = finish_of(meta)
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
-                extras["attention_tokens"] = cursor.attention_delta(
-                    meta.get("attention_tokens"), self.incremental_text
-                )
+                extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
             if piece or logprobs or finish.reason or extras.get("attention_tokens"):
                 chunks.append(
                     chunk(

@@ -34,8 +34,10 @@ $(TRITON_STAMP): $(STAMP) Makefile
 	$(TRITON_PY) -c 'import numpy, sglang, sgl_kernel, torch, triton; print("triton", triton.__version__, "numpy", numpy.__version__)'
 	touch $(TRITON_STAMP)
 
+# Attention tokens are why this engine exists: `make serve` answers return_attention_tokens.
 serve: install
-	$(PY) -m sglang.launch_server --model-path $(MODEL) --host 127.0.0.1 --port 30000 $(SERVE_ARGS)
+	$(PY) -m sglang.launch_server --model-path $(MODEL) --host 127.0.0.1 --port 30000 \
+		--return-attention-tokens $(SERVE_ARGS)
 
 test: install
 	$(PY) test/srt/run_suite.py --suite per-commit-cpu

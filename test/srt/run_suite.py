@@ -68,6 +68,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_data_parallel.py", 60),
         TestFile("test_topk_attention.py", 60),
         TestFile("test_attention_tokens.py", 120),
+        TestFile("test_startup.py", 90),
         TestFile("test_cuda_graph_runner.py", 20),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 90, venv=TRITON_VENV),  # Triton interpreter

@@ -4,7 +4,8 @@ Owns the native routes (docs/compat.md: health, model/server info, load, `/gener
 flush, abort, models, tokenize, `/metrics` with --enable-metrics), the error body and status
 mapping (validation -> 400, missing API key -> 401), and the startup sequence: start the
 children, serve HTTP at once (health answers 503), wait for the model, run the warm-up
-generation, then log the ready line and answer 200.
+generation, then log how long each start-up phase took (startup_timing.py) and the ready line,
+and answer 200.
 OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
 If a child process dies or the model fails to load, the server stops with a non-zero exit code;
 how requests in flight end then, and on SIGTERM, is http_lifecycle.py's. Failed requests answer
@@ -33,6 +34,7 @@ from sglang.srt.entrypoints.http_lifecycle import DrainingServer, on_child_death
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.request_errors import ClientDisconnected, error_headers, error_status
 from sglang.srt.server_args import ServerArgs
+from sglang.srt.startup_timing import StartupTimer, format_phases, process_age
 
 logger = logging.getLogger(__name__)
 
@@ -313,15 +315,17 @@ def _describe_validation(exc: Any) -> str:
     return "; ".join(parts) or "invalid request"
 
 
-async def _startup(state: ServerState, procs: Any, reader: Any) -> None:
-    """Wait for the scheduler, warm up, then declare the server ready."""
+async def _startup(state: ServerState, procs: Any, reader: Any, startup: StartupTimer) -> None:
+    """Wait for the scheduler, warm up, log the start-up phase times, declare the server ready."""
     from sglang.srt.entrypoints.engine import wait_scheduler_ready
 
     try:
-        await asyncio.to_thread(wait_scheduler_ready, state.tm, procs, reader)
+        info = await asyncio.to_thread(wait_scheduler_ready, state.tm, procs, reader)
     except RuntimeError as e:
         state.fail(str(e))
         return
+    model_phases = format_phases(info.get("startup_phases") or [])
+    startup.mark(f"wait for the model process ({model_phases})")
     procs.start_watch(lambda msg: on_child_death(state, msg))
     if not state.server_args.skip_server_warmup:
         obj = GenerateReqInput(
@@ -335,6 +339,8 @@ async def _startup(state: ServerState, procs: Any, reader: Any) -> None:
         except Exception as e:
             state.fail(f"Warm-up generation failed: {type(e).__name__}: {e}")
             return
+        startup.mark("warm-up")
+    logger.info(startup.line(total=process_age()))
     state.ready = True
     logger.info(READY_LINE)
 
@@ -351,14 +357,16 @@ def launch_server(server_args: ServerArgs) -> int:
         datefmt="%Y-%m-%d %H:%M:%S",
         force=True,
     )
+    startup = StartupTimer(since_process_start=True)
     tm, procs, reader = launch_subprocesses(server_args, wait_ready=False)
+    startup.mark("start processes and tokenizer")
     state = ServerState(server_args, tm)
     state.procs = procs
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         state.loop = asyncio.get_running_loop()
-        state.startup_task = asyncio.create_task(_startup(state, procs, reader))
+        state.startup_task = asyncio.create_task(_startup(state, procs, reader, startup))
         yield
         state.startup_task.cancel()
 

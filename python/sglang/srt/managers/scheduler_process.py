@@ -54,6 +54,7 @@ from sglang.srt.managers.tp_worker import (
     describe_peer_failure,
 )
 from sglang.srt.metrics.collector import SchedulerStatsTracker
+from sglang.srt.startup_timing import StartupTimer, process_age
 
 logger = logging.getLogger(__name__)
 
@@ -422,6 +423,7 @@ def run_scheduler_process(
     """Process entry for one TP rank: load, report readiness through `pipe`, then serve until
     the parent exits (or TP rank 0 stops the group). Only TP rank 0 opens the ZMQ sockets.
     `heartbeat` is the shared array the main process reads for /health (None: kept local)."""
+    startup = StartupTimer(since_process_start=True)
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     rank = TpRank(placement or RankPlacement(), server_args)
@@ -435,11 +437,17 @@ def run_scheduler_process(
         raise SystemExit(1)
     p = rank.placement
     error = None
+    startup.mark("rank setup")
     try:
+        from sglang.srt.configs.model_config import ModelConfig
         from sglang.srt.hf_transformers_utils import get_tokenizer
         from sglang.srt.model_executor.model_runner import build_model_runner
 
-        runner = build_model_runner(server_args, tp_rank=p.tp_rank, tp_size=p.tp_size)
+        model_config = ModelConfig.from_server_args(server_args)
+        startup.mark("model config")
+        runner = build_model_runner(server_args, model_config, p.tp_rank, p.tp_size)
+        startup.extend(runner.startup.phases)
+        startup.restart()
         tokenizer = None
         if not server_args.skip_tokenizer_init:
             # Every rank needs it: stop strings decide when requests finish.
@@ -448,6 +456,7 @@ def run_scheduler_process(
                 tokenizer_mode=server_args.tokenizer_mode,
                 trust_remote_code=server_args.trust_remote_code,
             )
+            startup.mark("tokenizer")
         scheduler = Scheduler(server_args, runner, tokenizer)
         recv, to_detok, to_tok = None, NullSocket(), NullSocket()
         if p.is_leader:
@@ -465,9 +474,12 @@ def run_scheduler_process(
     if error is not None:
         pipe.send({"status": "error", "error": error})
         raise SystemExit(1)
+    startup.mark("scheduler")
+    logger.info(startup.line(total=process_age()))
     pipe.send(
         {
             "status": "ready",
+            "startup_phases": startup.phases,
             "max_total_num_tokens": scheduler.max_total_num_tokens,
             "max_running_requests": scheduler.max_running_requests,
             "max_req_input_len": min(scheduler.context_len - 1, scheduler.max_total_num_tokens - 1),

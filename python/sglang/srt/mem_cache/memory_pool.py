@@ -115,12 +115,17 @@ class MHATokenToKVPool:
         self.device = torch.device(device)
         self.store_dtype = torch.uint8 if dtype in _BYTE_STORED_DTYPES else dtype
         shape = (size + page_size, head_num, head_dim)
-        self.k_buffer: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=self.store_dtype, device=self.device) for _ in range(layer_num)
-        ]
-        self.v_buffer: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=self.store_dtype, device=self.device) for _ in range(layer_num)
-        ]
+        # NOTE: left uninitialized (zero-filling gigabytes on a CPU took most of a start-up, and
+        # torch.empty commits host pages only as slots are first written): attention reads a slot
+        # only after its K/V were written, except the padding page, which padded key positions
+        # point at behind a mask. A 0 * NaN there would poison whole rows, so it is zeroed.
+        self.k_buffer: list[torch.Tensor] = [self._new_buffer(shape) for _ in range(layer_num)]
+        self.v_buffer: list[torch.Tensor] = [self._new_buffer(shape) for _ in range(layer_num)]
+
+    def _new_buffer(self, shape: tuple[int, int, int]) -> torch.Tensor:
+        buf = torch.empty(shape, dtype=self.store_dtype, device=self.device)
+        buf[: self.page_size].zero_()
+        return buf
 
     @staticmethod
     def cell_size_bytes(head_num: int, head_dim: int, layer_num: int, dtype: torch.dtype) -> int:

@@ -31,6 +31,7 @@ from sglang.srt.mem_cache.allocator import create_allocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ModelWorkerBatch
 from sglang.srt.model_loader import get_model
+from sglang.srt.startup_timing import StartupTimer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,17 @@ _KV_DTYPES = {
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
+
+
+# On CPU the default pool (no --max-total-tokens, no --mem-fraction-static) holds at most this
+# many full contexts: enough for the batches a CPU decodes at a useful speed, without claiming a
+# quarter of the host's RAM (gigabytes, for a 135M model) that a request never touches.
+CPU_DEFAULT_POOL_CONTEXTS = 8
+
+
+def cpu_default_pool_cap(context_len: int) -> int:
+    """Most tokens a default-sized CPU pool holds (docs/server_arguments.md, KV pool size)."""
+    return CPU_DEFAULT_POOL_CONTEXTS * int(context_len)
 
 
 def available_device_memory(device: str) -> int:
@@ -67,6 +79,8 @@ class ModelRunner:
         if server_args.random_seed is not None:
             torch.manual_seed(server_args.random_seed)
 
+        # Phase times of this runner's start-up, for the scheduler's `Start-up` log line.
+        self.startup = StartupTimer()
         memory_before = available_device_memory(self.device)
         start = time.perf_counter()
         self.model = get_model(
@@ -82,21 +96,26 @@ class ModelRunner:
             self.dtype,
             self.weight_bytes / 2**30,
         )
+        self.startup.mark("load weights")
         self.init_memory_pool(memory_before)
+        self.startup.mark("KV pool")
         self.attn_backend = create_model_attention_backend(self)
         self.sampler = Sampler()
         self.attention_capture: Optional[Any] = None
         if getattr(server_args, "return_attention_tokens", False):
             self.init_attention_capture()
+        self.startup.mark("attention backend")
         self.cuda_graph_runner: Optional[Any] = None
         if self.device.startswith("cuda") and not server_args.disable_cuda_graph:
             self.init_cuda_graphs()
+            self.startup.mark("CUDA graphs")
         self.compiled_forward: Optional[Any] = None
         self.torch_compile_max_bs = int(server_args.torch_compile_max_bs)
         if server_args.enable_torch_compile:
             from sglang.srt.model_executor.torch_compile import compile_decode_forward
 
             self.compiled_forward = compile_decode_forward(self.model, self.device)
+            self.startup.mark("torch.compile")
 
     # ---- memory -------------------------------------------------------------------------------
     @property
@@ -112,7 +131,8 @@ class ModelRunner:
             mc.get_num_kv_heads(self.tp_size), mc.head_dim, mc.num_hidden_layers, self.kv_dtype
         )
         fraction = self.server_args.mem_fraction_static
-        if fraction is None:
+        default_fraction = fraction is None
+        if default_fraction:
             fraction = 0.88 if self.device.startswith("cuda") else 0.25
         if not self.device.startswith("cuda"):
             # NOTE: every rank on this host draws from the same RAM.
@@ -125,7 +145,10 @@ class ModelRunner:
                 f"weights take {self.weight_bytes / 2**30:.2f} GB, mem_fraction_static={fraction}; "
                 "raise --mem-fraction-static or set --max-total-tokens"
             )
-        return int(budget // cell)
+        tokens = int(budget // cell)
+        if default_fraction and not self.device.startswith("cuda"):
+            tokens = min(tokens, cpu_default_pool_cap(mc.context_len))
+        return tokens
 
     def init_memory_pool(self, memory_before: int) -> None:
         args, mc = self.server_args, self.model_config

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sglang.srt.model_loader.gguf_index import GGUFIndex
 from sglang.srt.model_loader.resolve import ModelLoadError
 
 if TYPE_CHECKING:
@@ -116,42 +117,22 @@ def _file_key(path: str) -> tuple[str, int, int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_reader(key: tuple[str, int, int]) -> Any:
-    # Parsing the tokenizer arrays dominates open time; config, tokenizer checks and weights all
-    # read the same file, so one parse is shared (the cache key changes when the file does).
-    import gguf
-
-    path = key[0]
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as exc:  # gguf reports truncation as ValueError/IndexError from numpy
-        raise ModelLoadError(f"Cannot read GGUF file {path}: corrupt or truncated ({exc})") from exc
+def _cached_reader(key: tuple[str, int, int]) -> GGUFIndex:
+    # Config and weights read the same file, so one header walk is shared (the cache key changes
+    # when the file does).
+    return GGUFIndex(key[0])
 
 
-def open_gguf(path: str) -> Any:
-    """A cached gguf.GGUFReader for `path`; ModelLoadError names the file when it cannot be read."""
+def open_gguf(path: str) -> GGUFIndex:
+    """A cached GGUFIndex for `path`; ModelLoadError names the file when it cannot be read."""
     if not os.path.isfile(path):
         raise ModelLoadError(f"GGUF file {path} does not exist")
     return _cached_reader(_file_key(path))
 
 
-def read_metadata(reader: Any) -> dict[str, Any]:
-    """Scalar and small metadata fields; the big tokenizer arrays are left to the tokenizer."""
-    meta: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in (
-            "tokenizer.ggml.tokens",
-            "tokenizer.ggml.merges",
-            "tokenizer.ggml.token_type",
-            "tokenizer.ggml.scores",
-        ):
-            meta[key + ".count"] = len(field.data)
-            continue
-        try:
-            meta[key] = field.contents()
-        except Exception:  # an exotic field type we do not need must not stop loading
-            logger.debug("Skipping unreadable GGUF field %s", key)
-    return meta
+def read_metadata(reader: GGUFIndex) -> dict[str, Any]:
+    """Scalar and small metadata fields; the big tokenizer arrays only as `<key>.count`."""
+    return dict(reader.metadata)
 
 
 def _uniform(value: Any, what: str, path: str) -> int:
@@ -241,7 +222,7 @@ def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
 
     config = gguf_config(path)
     reader = open_gguf(path)
-    arch_name = reader.fields["general.architecture"].contents()
+    arch_name = reader.metadata["general.architecture"]
     permuted = GGUF_ARCHITECTURES[arch_name].rotary_permuted
 
     # One progress tick per transformer block (plus one for embeddings/norm/head), not per tensor.

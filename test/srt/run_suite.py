@@ -210,7 +210,7 @@ def main() -> int:
         print("\nFailed files: " + ", ".join(by_status["FAILED"]))
     if by_status["SKIPPED"]:
         print("Skipped files (not run): " + ", ".join(by_status["SKIPPED"]))
-    files_note = f"{len(files)} files"
+    files_note = f"{len(files)} file" + ("" if len(files) == 1 else "s")
     if len(by_status["PASSED"]) != len(files):
         files_note += ": " + ", ".join(f"{len(v)} {k.lower()}" for k, v in by_status.items() if v)
     print(f"{describe(tests)} ({files_note})", flush=True)

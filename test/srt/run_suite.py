@@ -71,7 +71,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_startup.py", 90),
         TestFile("test_cuda_graph_runner.py", 20),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_triton_backend.py", 90, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_backend.py", 140, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),

@@ -10,7 +10,8 @@ new batch: a real CUDA graph on a GPU), the hybrid prefill/decode dispatch and t
 Part 2 runs the engine in-process (ModelRunner + Scheduler) on tiny Llama and Qwen3 models with
 `attention_backend="triton"`: greedy tokens and logprobs equal torch_native's, with separate
 prefill/decode backends too, and attention-token records (fused capture kernel) equal
-torch_native's (torch capture path).
+torch_native's (torch capture path); a float8 KV pool with per-tensor scales gives torch_native's
+results too.
 
 Runs on CUDA when present, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 and
 SGLANG_TRITON_INTERPRET_OK=1 are set here before anything imports the kernels); skips when Triton
@@ -52,6 +53,7 @@ from sglang.srt.layers.attention import create_attention_backend  # noqa: E402
 from sglang.srt.layers.attention.hybrid_backend import HybridAttnBackend  # noqa: E402
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: E402
 from sglang.srt.layers.attention.triton_backend import TritonAttnBackend  # noqa: E402
+from sglang.srt.layers.radix_attention import RadixAttention  # noqa: E402
 from sglang.srt.model_executor.forward_batch_info import ForwardMode  # noqa: E402
 from sglang.test.runners import (  # noqa: E402
     SRTRunner,
@@ -386,3 +388,34 @@ def test_attention_tokens_match_torch_native(tiny) -> None:
                 (pa, va, xa), (pb, vb, xb) = a.layers[layer], b.layers[layer]
                 assert abs(xa - xb) < tol
                 assert_ranked_close(pa, va, pb, vb, tol, f"{label} layer {layer}")
+
+
+def test_fp8_kv_cache_matches_torch_native() -> None:
+    """A float8 pool (--kv-cache-dtype fp8_e4m3, scales other than 1): the kernels read the
+    float8 view with the layer's scales folded in, the fused capture kernel too; tokens, logprobs
+    and records equal torch_native's."""
+    kv, k_scale, v_scale = "fp8_e4m3", 0.5, 2.0
+    path = make_tiny_model("llama", seed=5, max_position_embeddings=256)
+    prompts = rand_prompts(2, seed=10)
+    opt = AttentionRequest(top_k=5, layers=(0, 1, 2))
+    kw = dict(kv_cache_dtype=kv, return_attention_tokens=True, attention_capture_layers="all")
+    results = []
+    for srt in (engine(path, **kw), SRTRunner(path, **kw)):
+        for module in srt.model_runner.model.modules():
+            if isinstance(module, RadixAttention):
+                module.k_scale, module.v_scale = k_scale, v_scale
+        reqs = [srt.make_req(p, STEPS, return_logprob=True, attention=opt, temperature=0.0,
+                             ignore_eos=True) for p in prompts]  # fmt: skip
+        for req in reqs:
+            srt.scheduler.add_request(req)
+        srt.scheduler.run_until_idle()
+        results.append(reqs)
+    tol = 1e-4 if HAS_CUDA else 1e-5
+    for i, (tri, ref) in enumerate(zip(*results)):
+        assert tri.output_ids == ref.output_ids, f"{kv} request {i}: tokens"
+        lp_tri = [lp for lp, _ in tri.output_token_logprobs]
+        lp_ref = [lp for lp, _ in ref.output_token_logprobs]
+        assert lp_tri == pytest.approx(lp_ref, abs=LOGPROB_TOL), f"{kv} request {i}: logprobs"
+        for t, (a, b) in enumerate(zip(tri.attention_records, ref.attention_records)):
+            assert_ranked_close(a.positions, a.scores, b.positions, b.scores, tol,
+                                f"{kv} request {i} token {t}")  # fmt: skip

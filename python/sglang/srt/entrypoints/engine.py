@@ -187,12 +187,16 @@ class Engine:
         stream: bool,
         kwargs: dict[str, Any],
     ) -> GenerateReqInput:
+        """The request; refused kwargs raise as on /generate (request_fields.py): ValueError for
+        upstream fields not implemented here, TypeError for names no version knows."""
+        from sglang.srt.entrypoints.request_fields import screen_engine_kwargs
+
         return GenerateReqInput(
             text=prompt,
             input_ids=input_ids,
             sampling_params=sampling_params,
             stream=stream,
-            **kwargs,
+            **screen_engine_kwargs(kwargs),
         )
 
     def _generate_request(

@@ -2,7 +2,8 @@
 
 Owns the native routes (docs/compat.md: health, model/server info, load, `/generate` with SSE,
 flush, abort, models, tokenize, `/metrics` with --enable-metrics), the error body and status
-mapping (validation -> 400, missing API key -> 401), and the startup sequence: start the
+mapping (validation -> 400, missing API key -> 401, unknown route 404, body over the cap 413),
+and the startup sequence: start the
 children, serve HTTP at once (health answers 503), wait for the model, run the warm-up
 generation, then log how long each start-up phase took (startup_timing.py) and the ready line,
 and answer 200.
@@ -12,6 +13,9 @@ how requests in flight end then, and on SIGTERM, is http_lifecycle.py's. Failed 
 with the status their error carries (request_errors.py: 500, or 503 with Retry-After); a client
 that disconnected gets nothing built for it and no traceback is logged.
 On nodes with `--node-rank > 0` the command runs only model ranks (`rank_launcher.run_worker_node`).
+Request bodies are read by http_body.py (size cap, JSON, the schemas in /openapi.json) and
+screened by request_fields.py / native_protocol.py (docs/request_fields.md); long prompts are
+tokenized and detokenized off the event loop.
 """
 
 from __future__ import annotations
@@ -29,8 +33,25 @@ from typing import Any, AsyncIterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sglang.srt.entrypoints.http_lifecycle import DrainingServer, on_child_death
+from sglang.srt.entrypoints.http_body import (
+    BodyError,
+    BodySizeLimit,
+    install_openapi,
+    json_body,
+    read_json_object,
+)
+from sglang.srt.entrypoints.native_protocol import (
+    AbortRequest,
+    DetokenizeRequest,
+    GenerateRequest,
+    TokenizeRequest,
+    parse_generate_body,
+)
+from sglang.srt.entrypoints.openai.protocol import format_validation_error
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.request_errors import ClientDisconnected, error_headers, error_status
 from sglang.srt.server_args import ServerArgs
@@ -93,6 +114,14 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return bad_request(_describe_validation(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes (404), wrong methods (405) and bodies over the cap (413) keep their
+        # status but carry the OpenAI error body like every other error.
+        err_type = _HTTP_ERROR_TYPES.get(exc.status_code) or _err_type(exc.status_code)
+        body = error_body(str(exc.detail), exc.status_code, err_type)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     if args.api_key:
 
@@ -159,10 +188,15 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
     for path in ("/get_server_info", "/server_info"):
         app.add_api_route(path, server_info, methods=["GET"])
 
-    async def get_load() -> Any:
+    async def get_load(check_memory: bool = False) -> Any:
+        """Each DP rank's load; with `?check_memory=true` an idle rank also verifies its KV
+        accounting and reports `memory_error` (null when free + evictable + locked == total)."""
         from sglang.srt.managers.data_parallel_controller import get_loads
 
-        return [load.to_json() for load in await get_loads(tm)]
+        loads = await get_loads(tm, check_memory)
+        if not check_memory:
+            return [load.to_json() for load in loads]
+        return [{**load.to_json(), "memory_error": load.memory_error} for load in loads]
 
     for path in ("/get_load", "/v1/loads"):
         app.add_api_route(path, get_load, methods=["GET"])
@@ -174,23 +208,23 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
     app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
 
-    @app.post("/abort_request")
+    @app.post("/abort_request", openapi_extra=json_body(AbortRequest))
     async def abort_request(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, AbortRequest)
         if isinstance(body, JSONResponse):
             return body
-        tm.abort_request(str(body.get("rid", "")), bool(body.get("abort_all", False)))
+        tm.abort_request(body.rid, body.abort_all)
         return Response(status_code=200)
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=json_body(GenerateRequest))
     async def generate(request: Request) -> Response:
         body = await _json_body(request)
         if isinstance(body, JSONResponse):
             return body
         try:
-            obj = GenerateReqInput(**body)
-        except TypeError as e:
-            return bad_request(f"Invalid request body: {e}")
+            obj = parse_generate_body(body)
+        except ValueError as e:
+            return bad_request(str(e))
         gen = tm.generate_request(obj, request)
         try:
             first = await gen.__anext__()
@@ -212,7 +246,11 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
 
-    def model_card(model_id: Optional[str] = None) -> dict[str, Any]:
+    def model_card(model_id: Optional[str] = None) -> Any:
+        if model_id is not None and model_id != args.served_model_name:
+            served = args.served_model_name
+            message = f"The model {model_id!r} does not exist; this server serves {served!r}"
+            return JSONResponse(error_body(message, 404, "NotFoundError"), status_code=404)
         return {
             "id": args.served_model_name,
             "object": "model",
@@ -237,33 +275,43 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
             body, content_type = tm.metrics.render()
             return Response(content=body, media_type=content_type)
 
-    @app.post("/v1/tokenize")
+    @app.post("/v1/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, TokenizeRequest)
         if isinstance(body, JSONResponse):
             return body
-        prompt = body.get("prompt", body.get("text"))
-        if not isinstance(prompt, str) or tm.tokenizer is None:
-            return bad_request("prompt must be a string")
-        add_special = bool(body.get("add_special_tokens", True))
-        tokens = tm.tokenizer.encode(prompt, add_special_tokens=add_special)
-        return JSONResponse(
-            {"tokens": tokens, "count": len(tokens), "max_model_len": tm.context_len}
-        )
+        if tm.tokenizer is None:
+            return bad_request("this server runs with --skip-tokenizer-init: it cannot tokenize")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
 
-    @app.post("/v1/detokenize")
+        def encode() -> list[list[int]]:
+            return [
+                tm.tokenizer.encode(p, add_special_tokens=body.add_special_tokens) for p in prompts
+            ]
+
+        tokens = await _maybe_offload(encode, sum(map(len, prompts)))
+        if isinstance(body.prompt, str):
+            out = {"tokens": tokens[0], "count": len(tokens[0])}
+        else:
+            out = {"tokens": tokens, "count": [len(t) for t in tokens]}
+        return JSONResponse({**out, "max_model_len": tm.context_len})
+
+    @app.post("/v1/detokenize", openapi_extra=json_body(DetokenizeRequest))
     async def detokenize(request: Request) -> Response:
-        body = await _json_body(request)
+        body = await _json_body(request, DetokenizeRequest)
         if isinstance(body, JSONResponse):
             return body
-        tokens = body.get("tokens")
-        ok = isinstance(tokens, list) and all(isinstance(t, int) for t in tokens)
-        if not ok or tm.tokenizer is None:
-            return bad_request("tokens must be a list of token ids")
+        if tm.tokenizer is None:
+            return bad_request("this server runs with --skip-tokenizer-init: it cannot detokenize")
+        single = not body.tokens or isinstance(body.tokens[0], int)
+        lists = [body.tokens] if single else body.tokens
         vocab = tm.model_config.vocab_size
-        if any(t < 0 or t >= vocab for t in tokens):
-            return bad_request(f"token ids must be in [0, {vocab})")
-        return JSONResponse({"text": tm.tokenizer.decode(tokens)})
+        if any(t < 0 or t >= vocab for ids in lists for t in ids):
+            return bad_request(f"tokens: token ids must be in [0, {vocab})")
+        texts = await _maybe_offload(
+            lambda: [tm.tokenizer.decode(ids) for ids in lists], sum(map(len, lists))
+        )
+        return JSONResponse({"text": texts[0] if single else texts})
 
     try:
         from sglang.srt.entrypoints.openai.api import register_openai_routes
@@ -271,17 +319,34 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         register_openai_routes = None
     if register_openai_routes is not None:
         register_openai_routes(app, tm)
+    install_openapi(app)
+    # Outermost, so an oversized body is refused before anything reads it.
+    app.add_middleware(BodySizeLimit)
     return app
 
 
-async def _json_body(request: Any) -> Any:
+async def _json_body(request: Any, model: Any = None) -> Any:
+    """The body as a dict (or validated `model`), or the 400 JSONResponse to answer instead."""
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return JSONResponse(error_body(f"Malformed JSON body: {e}"), status_code=400)
-    if not isinstance(body, dict):
-        return JSONResponse(error_body("The request body must be a JSON object"), status_code=400)
-    return body
+        body = await read_json_object(request)
+        return body if model is None else model.model_validate(body)
+    except BodyError as e:
+        return JSONResponse(error_body(str(e)), status_code=400)
+    except ValidationError as e:
+        return JSONResponse(error_body(format_validation_error(e)), status_code=400)
+
+
+_HTTP_ERROR_TYPES = {
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestTooLargeError",
+}
+# Work on this many prompt characters or token ids runs in a worker thread, off the event loop.
+_OFFLOAD_SIZE = 4096
+
+
+async def _maybe_offload(fn: Any, size: int) -> Any:
+    return await asyncio.to_thread(fn) if size > _OFFLOAD_SIZE else fn()
 
 
 def _err_type(status: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from sglang.srt.entrypoints.openai.protocol import format_validation_error
 from sglang.srt.entrypoints.request_fields import policy_for, screen_fields
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.sampling.sampling_params import SamplingParams, check_sampling_keys
@@ -41,24 +42,6 @@ GenerateRequest = _model_of(
 )
 
 
-def format_errors(exc: ValidationError) -> str:
-    """One `field.path: message` per problem, union branches collapsed to the field."""
-    parts: list[str] = []
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ()) if not _is_branch(p)]
-        text = f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid value')}"
-        if text not in parts:
-            parts.append(text)
-    return "; ".join(parts)
-
-
-def _is_branch(part: Any) -> bool:
-    # pydantic names union members in the location ("int", "list[int]", "function-after[...]").
-    return isinstance(part, str) and (
-        part in ("str", "int", "float", "bool", "none") or "[" in part or part == "SamplingParams"
-    )
-
-
 def parse_generate_body(body: dict[str, Any]) -> GenerateReqInput:
     """The `GenerateReqInput` of a `/generate` body; ValueError (HTTP 400) naming the field."""
     kept = screen_fields(body, policy_for("/generate"))
@@ -69,7 +52,7 @@ def parse_generate_body(body: dict[str, Any]) -> GenerateReqInput:
     try:
         validated = GenerateRequest.model_validate(kept)
     except ValidationError as exc:
-        raise ValueError(format_errors(exc)) from None
+        raise ValueError(format_validation_error(exc)) from None
     return GenerateReqInput(**validated.model_dump(exclude_unset=True))
 
 

@@ -1,17 +1,18 @@
 """HTTP routes of the OpenAI-compatible API: POST /v1/completions and /v1/chat/completions.
 
 The HTTP server calls `register_openai_routes(app, tokenizer_manager)` once at startup. Bodies are
-parsed here rather than by FastAPI so every client mistake (malformed JSON, a failed pydantic check,
-a ValueError from conversion or from the TokenizerManager) becomes the docs/compat.md error body
-with status 400 instead of FastAPI's 422. Streams are primed up to their first event before the
-response starts, so a request the engine rejects still gets a 400 rather than a broken 200 stream.
+parsed here rather than by FastAPI so every client mistake (malformed JSON or a lone surrogate:
+http_body.py; a field the policy refuses: request_fields.py; a failed pydantic check; a ValueError
+from conversion or from the TokenizerManager) becomes the docs/compat.md error body with status
+400 instead of FastAPI's 422; the request models are published in /openapi.json all the same.
+Streams are primed up to their first event before the response starts, so a request the engine
+rejects still gets a 400 rather than a broken 200 stream.
 A request the server fails answers with its error's status (500, or 503 with Retry-After: see
 managers/request_errors.py); one whose client disconnected is dropped without a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,9 +26,11 @@ from sglang.srt.entrypoints.openai.protocol import (
     CompletionRequest,
     format_validation_error,
 )
+from sglang.srt.entrypoints.http_body import json_body, read_json_object
 from sglang.srt.entrypoints.openai.serving_base import error_body
 from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
+from sglang.srt.entrypoints.request_fields import policy_for, screen_fields
 from sglang.srt.managers.request_errors import (
     ClientDisconnected,
     RequestFailed,
@@ -46,27 +49,26 @@ def register_openai_routes(app: FastAPI, tokenizer_manager: Any) -> None:
     completions = OpenAIServingCompletion(tokenizer_manager)
     chat = OpenAIServingChat(tokenizer_manager)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def openai_v1_completions(raw_request: Request) -> Response:
-        return await serve(completions, CompletionRequest, raw_request)
+        return await serve(completions, CompletionRequest, raw_request, "/v1/completions")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest))
     async def openai_v1_chat_completions(raw_request: Request) -> Response:
-        return await serve(chat, ChatCompletionRequest, raw_request)
+        return await serve(chat, ChatCompletionRequest, raw_request, "/v1/chat/completions")
 
 
-async def serve(serving: Any, model_cls: type[BaseModel], raw_request: Request) -> Response:
-    """Parse, validate and run one request against a serving object."""
+async def serve(
+    serving: Any, model_cls: type[BaseModel], raw_request: Request, route: str
+) -> Response:
+    """Parse, screen (request_fields.py), validate and run one request against a serving object."""
     try:
-        body = json.loads(await raw_request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return error_response(f"Invalid JSON body: {exc}")
-    if not isinstance(body, dict):
-        return error_response("The request body must be a JSON object")
-    try:
-        request = model_cls.model_validate(body)
+        body = await read_json_object(raw_request)
+        request = model_cls.model_validate(screen_fields(body, policy_for(route)))
     except ValidationError as exc:
         return error_response(format_validation_error(exc))
+    except ValueError as exc:  # BodyError, or a field the policy refuses
+        return error_response(str(exc))
 
     try:
         result = await serving.create(request, raw_request)

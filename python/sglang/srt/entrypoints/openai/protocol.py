@@ -56,12 +56,21 @@ class ErrorResponse(BaseModel):
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem, `field.path: message`, instead of pydantic's multi-line dump."""
-    parts = []
+    """One `field.path: message` per problem instead of pydantic's multi-line dump; the names
+    pydantic gives union members ("str", "list[int]", a model's name) are left out of the path."""
+    parts: list[str] = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
-        parts.append(f"{where}: {err.get('msg', 'invalid value')}")
+        where = ".".join(str(p) for p in err.get("loc", ()) if not _union_member(p)) or "body"
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if f"{where}: {message}" not in parts:
+            parts.append(f"{where}: {message}")
     return "; ".join(parts) or str(exc)
+
+
+def _union_member(part: Any) -> bool:
+    if not isinstance(part, str):
+        return False
+    return "[" in part or part in ("str", "int", "float", "bool", "none") or part[:1].isupper()
 
 
 # ---------------------------------------------------------------- serialisation helper

@@ -26,6 +26,8 @@ from sglang.srt.managers.request_errors import ClientDisconnected, RequestFailed
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 SSE_DONE = "data: [DONE]\n\n"
+# Prompts longer than this (characters) are rendered and tokenized in a worker thread.
+PLAN_OFFLOAD_CHARS = 4096
 
 # OpenAI field -> native sampling_params field, for fields copied without change.
 _SAMPLING_FIELDS = {
@@ -279,14 +281,23 @@ class ServingBase:
             value = getattr(getattr(tm, "server_args", None), "context_length", None)
         return value
 
+    def prompt_chars(self, request: Any) -> int:
+        return 0
+
     def model_name(self, request: RequestBase) -> str:
         return request.model or self.served_model_name
 
     async def create(self, request: Any, raw_request: Any = None) -> Any:
         """The response model, or for `stream` an iterator of SSE lines ending in [DONE].
 
-        Subclasses provide `plan`, `stream` and `build_response`."""
-        plan = self.plan(request)
+        Subclasses provide `plan`, `stream` and `build_response`, and `prompt_chars` when `plan`
+        tokenizes: long prompts are then planned in a worker thread, off the event loop."""
+        if request.stream_options and request.stream_options.continuous_usage_stats:
+            raise ValueError("stream_options.continuous_usage_stats is not supported yet")
+        if self.prompt_chars(request) > PLAN_OFFLOAD_CHARS:
+            plan = await asyncio.to_thread(self.plan, request)
+        else:
+            plan = self.plan(request)
         if request.stream:
             return self.stream(request, plan, raw_request)
         finals = await collect_final(self.tokenizer_manager, plan.reqs, raw_request)

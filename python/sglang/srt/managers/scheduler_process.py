@@ -173,7 +173,9 @@ class SchedulerProcess:
         )
         self.flush_outputs()  # the errors reach the clients before any exit
         if why is not None:
-            logger.error("Scheduler stops after a failed step: %s", why)
+            logger.error(
+                "Scheduler stops after a failed step (%s: %s): %s", type(exc).__name__, exc, why
+            )
             raise SystemExit(1)
         logger.info("KV accounting intact after the failed batch; serving on")
 

@@ -14,6 +14,7 @@ import psutil
 import pytest
 
 import sglang as sgl
+from sglang.attention_tokens import merge_stream_chunks
 from sglang.srt.managers.detokenizer_manager import DecodeState
 from sglang.srt.managers.io_struct import DetokenizeOptions
 
@@ -130,7 +131,9 @@ def test_attention_tokens_as_engine_kwargs(engine):
     assert "attention_tokens" not in plain["meta_info"] and plain["text"] == out["text"]
     chunks = list(engine.generate(PROMPT, GREEDY, stream=True, return_attention_tokens=True,
                                   attention_tokens_top_k=3, attention_exclude_sink=1))  # fmt: skip
-    assert chunks[-1]["meta_info"]["attention_tokens"] == report
+    # Each chunk carries only its new tokens' entries; together they are the whole report.
+    streamed = [e for c in chunks for e in c["meta_info"]["attention_tokens"]["content"]]
+    assert streamed == content and merge_stream_chunks(chunks) == report
     with pytest.raises(ValueError, match="between 1 and 5"):
         engine.generate(PROMPT, GREEDY, return_attention_tokens=True, attention_tokens_top_k=6)
 

@@ -102,7 +102,7 @@ def test_gguf_weights_equal_transformers(smol_path):
 @needs_smollm2
 def test_gguf_config_fields(smol_path):
     config = get_config(smol_path)
-    assert type(config).__name__ == "LlamaConfig"
+    assert config.model_type == "llama"
     assert config.architectures == ["LlamaForCausalLM"]
     assert config.num_hidden_layers == 30
     assert config.hidden_size == 576
@@ -233,7 +233,7 @@ def test_tiny_gguf_round_trip(tmp_path, arch):
     _write_tiny_gguf(path, arch, config, state)
 
     loaded = get_config(str(path))
-    assert type(loaded).__name__ == type(config).__name__
+    assert loaded.model_type == config.model_type
     assert loaded.architectures == [type(model).__name__]
     assert loaded.head_dim == config.head_dim
     assert loaded.tie_word_embeddings is config.tie_word_embeddings

@@ -57,11 +57,8 @@ def start_scheduler_ranks(
     """Spawn this node's ranks (and the DP controller); returns (processes, readiness readers).
     With `heartbeats`, fills it with each scheduler's shared heartbeat (for /health)."""
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers.scheduler_process import run_scheduler_process
     from sglang.srt.managers.scheduler_watchdog import new_shared_heartbeat
 
-    model_config = ModelConfig.from_server_args(server_args)
-    check_parallel_model(model_config, server_args.tp_size, server_args.pp_size)
     nccl_port = port_args.nccl_port if port_args is not None else 0
     plan = plan_node_ranks(server_args, nccl_port)
     dp = server_args.dp_size
@@ -75,7 +72,7 @@ def start_scheduler_ranks(
         if heartbeats is not None:
             heartbeat = heartbeats[name] = new_shared_heartbeat(ctx)
         proc = ctx.Process(
-            target=run_scheduler_process,
+            target=_run_scheduler_process,
             args=(
                 server_args,
                 replicas[placement.dp_rank],
@@ -90,6 +87,16 @@ def start_scheduler_ranks(
         proc.start()
         writer.close()
         procs[name], readers[name] = proc, reader
+    # NOTE: checked once the ranks are on their way: reading the config (torch, transformers)
+    # took seconds of the main process that the ranks' own start-up now overlaps.
+    try:
+        check_parallel_model(
+            ModelConfig.from_server_args(server_args), server_args.tp_size, server_args.pp_size
+        )
+    except BaseException:
+        for proc in procs.values():
+            proc.terminate()
+        raise
     if dp > 1:
         from sglang.srt.managers.data_parallel_controller import (
             run_data_parallel_controller_process,
@@ -104,6 +111,14 @@ def start_scheduler_ranks(
         controller.start()
         procs["data parallel controller"] = controller
     return procs, readers
+
+
+def _run_scheduler_process(*args: Any) -> None:
+    """The ranks' process target. The scheduler module (torch and the model code) is imported
+    here, in the child, so the parent need not import it before it can spawn."""
+    from sglang.srt.managers.scheduler_process import run_scheduler_process
+
+    run_scheduler_process(*args)
 
 
 def wait_ranks_ready(

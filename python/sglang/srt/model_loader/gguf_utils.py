@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 class GGUFArch:
     """How one GGUF `general.architecture` maps onto transformers."""
 
-    config_class: str
     hf_architecture: str
     # llama.cpp permutes q/k rows only for the llama family (Llama, Mistral, SmolLM2 ...).
     rotary_permuted: bool
@@ -44,15 +43,9 @@ class GGUFArch:
 
 
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
-    "llama": GGUFArch(
-        "LlamaConfig", "LlamaForCausalLM", rotary_permuted=True, accepts_head_dim=True
-    ),
-    "qwen2": GGUFArch(
-        "Qwen2Config", "Qwen2ForCausalLM", rotary_permuted=False, accepts_head_dim=False
-    ),
-    "qwen3": GGUFArch(
-        "Qwen3Config", "Qwen3ForCausalLM", rotary_permuted=False, accepts_head_dim=True
-    ),
+    "llama": GGUFArch("LlamaForCausalLM", rotary_permuted=True, accepts_head_dim=True),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", rotary_permuted=False, accepts_head_dim=False),
+    "qwen3": GGUFArch("Qwen3ForCausalLM", rotary_permuted=False, accepts_head_dim=True),
 }
 
 _GLOBAL_TENSORS = {
@@ -144,8 +137,12 @@ def _uniform(value: Any, what: str, path: str) -> int:
 
 
 def gguf_config(path: str) -> PretrainedConfig:
-    """Build the transformers config of a GGUF model from its metadata."""
-    import transformers
+    """Build the transformers config of a GGUF model from its metadata.
+
+    NOTE: a plain `PreTrainedConfig` holding every field the models read, not the architecture's
+    class (LlamaConfig ...): importing those pulls in much of transformers' modeling code, ~3 s of
+    CPU in each of the two processes that read the config at every start."""
+    from transformers.configuration_utils import PreTrainedConfig
 
     reader = open_gguf(path)
     meta = read_metadata(reader)
@@ -201,12 +198,16 @@ def gguf_config(path: str) -> PretrainedConfig:
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) if eos_ids else None,
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        # What the architecture classes default to, for all three families.
+        hidden_act="silu",
+        mlp_bias=False,
     )
     if arch.accepts_head_dim:
         kwargs["head_dim"] = head_dim
     if arch_name == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-    config = getattr(transformers, arch.config_class)(**kwargs)
+    config = PreTrainedConfig(**kwargs)
+    config.model_type = arch_name
     config.name_or_path = path
     return config
 

@@ -208,6 +208,20 @@ def test_hostile_request_is_refused(server, route, body, status, needle):
     assert_error_body(post(url, route, body), status, needle)
 
 
+def test_chunked_body_over_the_cap_is_413(server):
+    """Without Content-Length the cap applies as the body streams in."""
+    url, _ = server
+
+    def chunks():
+        yield b'{"text": "'
+        for _ in range(40):
+            yield b"a" * (1024 * 1024)
+        yield b'"}'
+
+    resp = requests.post(f"{url}/v1/completions", data=chunks(), timeout=120)
+    assert_error_body(resp, 413, "larger than")
+
+
 def test_server_healthy_after_the_table(server):
     """Runs after the table (file order): no 5xx left the server broken or logged a traceback."""
     url, proc = server

@@ -12,6 +12,9 @@ The report (command, machine, date, per-run rows, median) goes to stdout as mark
 writes every sample too, with the server's log stamped by seconds since launch. Usage:
 
     python benchmark/bench_startup.py --runs 3 [--label after] [--extra "--max-total-tokens 8192"]
+
+On a machine shared with other work, `chrt -f 1 python benchmark/bench_startup.py ...` (root)
+runs the server's processes ahead of everything else, which approximates an idle machine.
 """
 
 from __future__ import annotations

@@ -170,6 +170,20 @@ CHAT = {"model": "anything", "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "role"),
         ("/v1/completions", {"prompt": "BAD"}, "bad prompt"),
         ("/v1/completions", {"prompt": "BAD", "stream": True}, "bad prompt"),
+        # refused until implemented (docs/request_fields.md), never answered without them
+        ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
+        ("/v1/completions", {"prompt": "a", "regex": "x"}, "regex is not supported yet"),
+        ("/v1/completions", {"prompt": "a", "lora_path": "x"}, "lora_path"),
+        ("/v1/completions", {"prompt": "a", "n": 129}, "n"),
+        ("/v1/completions", {"prompt": "a", "max_token": 3}, "did you mean 'max_tokens'"),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "yet"),
+        ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "needs content"),
+        (
+            "/v1/completions",
+            {"prompt": "a", "stream_options": {"continuous_usage_stats": True}},
+            "continuous_usage_stats",
+        ),  # fmt: skip
     ],
 )
 def test_bad_requests_get_400_bodies(client, route, body, fragment):

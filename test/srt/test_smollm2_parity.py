@@ -3,18 +3,23 @@
 Both sides dequantize the same GGUF file: transformers through its GGUF integration, our engine
 through its own loader (un-permuted q/k, tied embeddings). Checked: prefill logits, 32 greedy
 tokens and their logprobs at batch 1, 4 and 16, a radix-cache hit, chunked prefill, and the
-chat-template answer to the capital-of-France question.
+chat-template answer to the capital-of-France question (HF's greedy answer, up to its EOS).
 """
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.srt.model_loader import resolve_model_path
-from sglang.test.runners import HFRunner, SRTRunner, assert_greedy_matches, cpu_threads_hint
+from sglang.test.runners import (
+    HFRunner,
+    SRTRunner,
+    assert_greedy_matches,
+    chat_prompt_ids,
+    cpu_threads_hint,
+)
 
 STEPS = 32
 TOL = 1e-4
@@ -45,7 +50,7 @@ def setup():
     path = resolve_model_path("smollm2-135m-instruct")
     tok = get_tokenizer(path)
     prompts = [tok.encode(t) for t in TEXTS]
-    hf = HFRunner(os.path.dirname(path), gguf_file=os.path.basename(path))
+    hf = HFRunner.for_model(path)
     refs = [hf.greedy(p, STEPS) for p in prompts]
     srt = SRTRunner("smollm2-135m-instruct", max_total_tokens=8192)
     return tok, prompts, hf, refs, srt
@@ -79,15 +84,12 @@ def test_radix_hit_and_chunked(setup):
 
 
 def test_capital_of_france(setup):
-    tok, _, _, _, srt = setup
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}],
-        add_generation_prompt=True,
-        tokenize=True,
-    )
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    (out,) = srt.generate([list(ids)], 20, ignore_eos=False)
-    text = tok.decode(out.output_ids, skip_special_tokens=True)
-    assert text.strip() == "The capital of France is Paris.", text
-    assert out.finish_reason == {"type": "stop", "matched": 2}
+    """The engine stops where HF's greedy answer reaches EOS, with the same tokens before it (for
+    SmolLM2: "The capital of France is Paris.", then <|im_end|>, id 2)."""
+    tok, _, hf, _, srt = setup
+    ids = chat_prompt_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    ref = hf.greedy(ids, 20).output_ids
+    stop = next(i for i, t in enumerate(ref) if t == tok.eos_token_id)
+    (out,) = srt.generate([ids], 20, ignore_eos=False)
+    assert out.output_ids == ref[: stop + 1], tok.decode(out.output_ids)
+    assert out.finish_reason == {"type": "stop", "matched": ref[stop]}

@@ -3,6 +3,7 @@
 `SRTRunner` drives the real ModelRunner + Scheduler (no processes, no HTTP) on token ids;
 `HFRunner` runs transformers in eager mode and returns the same quantities; `make_tiny_model`
 builds and saves a small random-weight HF checkpoint for an architecture. Tests compare them.
+`hf_greedy_chat` is transformers' greedy answer to a chat, the oracle of golden-answer tests.
 """
 
 from __future__ import annotations
@@ -99,6 +100,16 @@ class HFRunner:
         if gguf_file:
             kwargs["gguf_file"] = gguf_file
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).eval()
+
+    @classmethod
+    def for_model(cls, name_or_path: str, dtype: torch.dtype = torch.float32) -> "HFRunner":
+        """A model as `--model-path` names it (a short name, a folder or a .gguf file)."""
+        from sglang.srt.model_loader.resolve import is_gguf_path, resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        if is_gguf_path(path):
+            return cls(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+        return cls(path, dtype=dtype)
 
     @torch.no_grad()
     def prefill_logits(self, input_ids: list[int]) -> torch.Tensor:
@@ -224,6 +235,34 @@ class SRTRunner:
             batch.release_req(req)
         sched.check_memory()
         return logits_output.next_token_logits
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt ids of `messages` under the tokenizer's chat template, ready for the answer."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):  # transformers 5 returns a BatchEncoding
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def hf_greedy_chat(
+    messages: list[dict[str, Any]], max_new_tokens: int, model: str = "smollm2-135m-instruct"
+) -> tuple[list[int], str]:
+    """HuggingFace transformers' greedy answer to a chat: the oracle of golden-answer tests.
+
+    float32 eager attention on CPU, the model's own chat template; the ids stop before the first
+    EOS (the server's stop trims the matched token from the text), the text is decoded without
+    special tokens. Returns (ids, text)."""
+    from sglang.srt.hf_transformers_utils import get_tokenizer
+    from sglang.srt.model_loader import resolve_model_path
+
+    tokenizer = get_tokenizer(resolve_model_path(model))
+    hf = HFRunner.for_model(model)
+    ids = hf.greedy(chat_prompt_ids(tokenizer, messages), max_new_tokens).output_ids
+    eos = hf.model.generation_config.eos_token_id
+    stops = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+    ids = ids[: next((i for i, t in enumerate(ids) if t in stops), len(ids))]
+    return ids, tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def cpu_threads_hint() -> None:

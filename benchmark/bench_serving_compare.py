@@ -576,9 +576,11 @@ def main() -> int:
             runs.append((random_args + extra, {}))
         with_server(name, specs[name], runs)
 
-    # NOTE: fp32 is the optional extra; it goes last so that a cut-short run still has the rest.
+    # NOTE: fp32 and transformers are the optional extras; they go last so that a cut-short run
+    # still has the rest.
+    extras = ("transformers", "sglang-fp32")
     for name in engines:
-        if name != "sglang-fp32":
+        if name not in extras:
             random_matrix(name)
 
     if not args.skip_gsp:
@@ -589,8 +591,9 @@ def main() -> int:
             spec["label"] = f"sglang (ours), bf16, radix cache {radix}"
             with_server(f"sglang-bf16-gsp-radix-{radix}", spec, [(gsp_args, {"radix": radix})])
 
-    if "sglang-fp32" in engines:
-        random_matrix("sglang-fp32")
+    for name in extras:
+        if name in engines:
+            random_matrix(name)
 
     if os.path.exists(jsonl + ".tmp"):
         os.remove(jsonl + ".tmp")

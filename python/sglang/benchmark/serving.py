@@ -258,7 +258,10 @@ async def run_requests(
 ) -> tuple[list[RequestOutput], float]:
     """Send every row; returns the outputs (in row order) and the wall time in seconds."""
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=0)
+    # NOTE: one connection per request, as upstream's per-request sessions have: servers such as
+    # llama-server close a keep-alive connection after a few requests, and a reused one then
+    # fails with 'Can not write request body'.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         if args.warmup_requests > 0:
             first = rows[0]

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 from bench_attention_capture import lockstep_round
-from machine_info import header, load_average
+from machine_info import header, load_average, write_result
 
 from sglang.srt.attention_capture import AttentionRequest
 from sglang.srt.hf_transformers_utils import get_tokenizer
@@ -37,7 +36,6 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_loader import resolve_model_path
 from sglang.test.runners import HFRunner, SRTRunner
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 NUM_LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 KV_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
@@ -180,10 +178,7 @@ def main() -> int:
         *table(rows, steps, args.speed_batch_sizes),
         "",
     ]
-    print("\n".join(md))
-    if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "kv_cache_dtype_cpu.md").write_text("\n".join(md))
+    write_result(md, "kv_cache_dtype_cpu.md", save=not args.no_write)
     return 0
 
 

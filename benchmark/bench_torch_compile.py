@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from bench_attention_capture import lockstep_round
-from machine_info import header, load_average
+from machine_info import header, load_average, write_result
 
 from sglang.test.runners import SRTRunner
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 
 
@@ -100,10 +98,7 @@ def main() -> int:
         *table(rows),
         "",
     ]
-    print("\n".join(md))
-    if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "torch_compile_cpu.md").write_text("\n".join(md))
+    write_result(md, "torch_compile_cpu.md", save=not args.no_write)
     return 0
 
 

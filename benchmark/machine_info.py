@@ -1,6 +1,7 @@
 """The header every CPU benchmark result carries: command, machine, date, load before the run.
 
-Used by bench_kv_cache_dtype.py and bench_torch_compile.py. `load_average()` is read when the
+Used by bench_kv_cache_dtype.py, bench_torch_compile.py and bench_event_loop_tokenize.py;
+`write_result` prints a result and saves it under benchmark/results/. `load_average()` is read when the
 benchmark starts (before any model loads), so the header says how busy the machine already was.
 """
 
@@ -45,3 +46,14 @@ def header(title: str, threads: int, load_before: str) -> list[str]:
         f"- Date: {now.strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Load average before the run (`/proc/loadavg`): `{load_before}`",
     ]
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_result(md: list[str], name: str, save: bool = True) -> None:
+    """Print the markdown lines and, when `save`, write them to benchmark/results/<name>."""
+    print("\n".join(md))
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / name).write_text("\n".join(md))

@@ -61,6 +61,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_engine.py", 60),
         TestFile("test_srt_endpoint.py", 90),
         TestFile("test_openai_protocol.py", 60),
+        TestFile("test_chat_template.py", 10),
         TestFile("test_openai_server.py", 60),
         TestFile("test_runtime.py", 45),
         TestFile("test_bench_serving.py", 120),

@@ -44,7 +44,8 @@ class TestFile:
 
 SUITES: dict[str, list[TestFile]] = {
     "per-commit-cpu": [
-        TestFile("test_server_args.py", 40),
+        TestFile("test_server_args.py", 15),
+        TestFile("test_flag_honesty.py", 30),
         TestFile("test_hidden_states.py", 45),
         TestFile("test_mem_cache.py", 10),
         TestFile("test_radix_cache.py", 10),

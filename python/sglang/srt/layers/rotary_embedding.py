@@ -23,11 +23,28 @@ def rope_config(config: Any) -> tuple[float, Optional[dict[str, Any]]]:
         theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
         scaling = params if params.get("rope_type", "default") != "default" else None
         return theta, scaling
-    theta = float(getattr(config, "rope_theta", 10000.0))
+    # GPT-NeoX configs before transformers 5 name the base `rotary_emb_base`.
+    theta = float(
+        getattr(config, "rope_theta", None) or getattr(config, "rotary_emb_base", 10000.0)
+    )
     scaling = getattr(config, "rope_scaling", None)
     if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     return theta, scaling
+
+
+def partial_rotary_factor(config: Any) -> float:
+    """Fraction of each head's dims that rotary rotates (the rest pass through), from any config:
+    transformers 5 keeps it in `rope_parameters`, older configs as `partial_rotary_factor`, and
+    GPT-NeoX/Pythia configs as `rotary_pct`."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+        return float(params["partial_rotary_factor"])
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        value = getattr(config, key, None)
+        if value is not None:
+            return float(value)
+    return 1.0
 
 
 def _base_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:

@@ -124,3 +124,24 @@ def test_gguf_tokenizer_cache_round_trip(tmp_path, monkeypatch):
     assert cached.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == (
         converted.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     )
+
+
+def test_http_process_does_not_import_torch_before_spawning():
+    """The HTTP process parses flags, resolves the model and builds its app without torch (~1.3 s
+    of a small machine's start-up); only the config check after the ranks are spawned needs it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from sglang.srt.server_args_cli import prepare_server_args\n"
+        "from sglang.srt.entrypoints import http_server, engine\n"
+        "from sglang.srt.managers import tokenizer_manager, detokenizer_manager\n"
+        "from sglang.srt.entrypoints.openai import api\n"
+        "args = prepare_server_args(['--model-path', 'smollm2-135m-instruct'])\n"
+        "assert args.device in ('cpu', 'cuda')\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch" not in out.stdout.strip().splitlines()[-1], out.stdout

@@ -44,6 +44,9 @@ QUANTIZATION_METHODS = (
     "awq fp8 gptq marlin gptq_marlin awq_marlin bitsandbytes gguf modelopt modelopt_fp4 "
     "petit_nvfp4 w8a8_int8 w8a8_fp8 moe_wna16 qoq w4afp8 mxfp4 compressed-tensors"
 ).split()
+# The --quantization values served (layers/quantization/__init__.py: FLAG_METHODS); a checkpoint
+# of another method is refused by the loader whatever the flag.
+QUANTIZATION_SERVED = ("awq", "awq_marlin", "gptq", "gptq_marlin")
 CAPTURE_LAYER_KEYWORDS = ("last", "all", "auto")
 
 # Field -> allowed values; argparse enforces them on the command line, `check_server_args` on
@@ -89,14 +92,18 @@ LOG_REQUESTS_LEVELS = (0, 1, 2, 3)
 #
 # Flags refused at start-up (exit 2) when set to anything but their default.
 REFUSED_FLAGS: dict[str, str] = {
-    "quantization": (
-        "quantized weights are not supported yet; serve an unquantized (fp16/bf16/fp32) "
-        "checkpoint or a GGUF file, which is dequantized at load"
-    ),
     "pp_size": "pipeline parallelism is not supported; use --tp across GPUs and nodes",
 }
 # Values of otherwise working flags that are refused at start-up (exit 2).
 REFUSED_VALUES: dict[str, dict[str, str]] = {
+    "quantization": {
+        **dict.fromkeys(
+            [m for m in QUANTIZATION_METHODS if m not in QUANTIZATION_SERVED + ("gguf",)],
+            "only AWQ and GPTQ 4-bit checkpoints load (--quantization awq, awq_marlin, gptq, "
+            "gptq_marlin); serve other checkpoints unquantized or as a GGUF file",
+        ),
+        "gguf": "a .gguf --model-path is recognised by its name; leave --quantization unset",
+    },
     "sampling_backend": {
         "flashinfer": "this build samples with PyTorch only; use --sampling-backend pytorch",
     },
@@ -160,6 +167,8 @@ class ServerArgs:
     # Model and tokenizer
     model_path: str
     tokenizer_path: Optional[str] = None
+    revision: Optional[str] = None
+    download_dir: Optional[str] = None
     tokenizer_mode: str = "auto"
     skip_tokenizer_init: bool = False
     load_format: str = "auto"
@@ -334,6 +343,7 @@ class ServerArgs:
                     )
 
         _check_refused(self)
+        _check_gpu_extras(self)
         if self.enable_torch_compile:
             _check_torch_compile(self)
         _check_port("port", self.port)
@@ -413,10 +423,31 @@ class ServerArgs:
 _FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
 
 
+def _check_gpu_extras(args: ServerArgs) -> None:
+    """Triton on a CUDA device (the gpu extra) and a bounded --attention-tokens-top-k."""
+    from sglang.srt.attention_capture.config import check_server_top_k
+    from sglang.srt.layers.attention import check_triton_installed
+
+    check_server_top_k(args.attention_tokens_top_k)
+    check_triton_installed(args.device, [getattr(args, n) for n in _ATTENTION_BACKEND_FIELDS])
+
+
 def _detect_device() -> str:
-    import torch  # lazy: most callers pass --device or never need detection
+    """"cuda" when torch sees a GPU, else "cpu"; without an NVIDIA driver, no torch import.
+
+    Importing torch costs ~1.3 s of the main process's start-up on a small CPU machine, and the
+    main process needs torch for nothing else; a machine with no NVIDIA driver node cannot have
+    a CUDA device, so the answer is known without it.
+    """
+    if not _nvidia_driver_present():
+        return "cpu"
+    import torch  # lazy: only where a GPU may exist
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _nvidia_driver_present() -> bool:
+    return os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl")
 
 
 def _default_mem_fraction(tp_size: int) -> float:

@@ -5,36 +5,34 @@
 ranks them; `records` turns results into per-token records and the response JSON. The rest of
 the engine touches this package only through the server flags, the request fields, one field on
 ForwardBatch, the backends' LSE contract, the output records and the OpenAI serializers.
+
+Names resolve lazily, so the HTTP process (which needs `config` and `records`) does not import
+torch, which only `capture` needs.
 """
 
-from sglang.srt.attention_capture.capture import (
-    AttentionCapture,
-    CaptureResult,
-    CaptureSpec,
-    build_capture_spec,
-)
-from sglang.srt.attention_capture.config import (
-    AttentionRequest,
-    parse_attention_request,
-    resolve_capture_layers,
-)
-from sglang.srt.attention_capture.records import (
-    AttentionRecord,
-    format_content,
-    report_header,
-    result_to_records,
-)
+from __future__ import annotations
 
-__all__ = [
-    "AttentionCapture",
-    "AttentionRecord",
-    "AttentionRequest",
-    "CaptureResult",
-    "CaptureSpec",
-    "build_capture_spec",
-    "format_content",
-    "parse_attention_request",
-    "report_header",
-    "resolve_capture_layers",
-    "result_to_records",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "AttentionCapture": "capture",
+    "CaptureResult": "capture",
+    "CaptureSpec": "capture",
+    "build_capture_spec": "capture",
+    "AttentionRequest": "config",
+    "parse_attention_request": "config",
+    "resolve_capture_layers": "config",
+    "AttentionRecord": "records",
+    "format_content": "records",
+    "report_header": "records",
+    "result_to_records": "records",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)

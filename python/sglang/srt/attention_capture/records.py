@@ -11,10 +11,12 @@ from records and token ids.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from sglang.srt.attention_capture.capture import CaptureResult
 from sglang.srt.attention_capture.config import AttentionRequest
+
+if TYPE_CHECKING:  # the HTTP process formats records and must not import torch for it
+    from sglang.srt.attention_capture.capture import CaptureResult
 
 # One ranked list: (positions, scores, summed score of the excluded leading positions).
 Ranked = tuple[list[int], list[float], float]

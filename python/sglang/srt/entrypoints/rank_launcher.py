@@ -56,7 +56,6 @@ def start_scheduler_ranks(
 ) -> tuple[dict[str, mp.process.BaseProcess], dict[str, Any]]:
     """Spawn this node's ranks (and the DP controller); returns (processes, readiness readers).
     With `heartbeats`, fills it with each scheduler's shared heartbeat (for /health)."""
-    from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.managers.scheduler_watchdog import new_shared_heartbeat
 
     nccl_port = port_args.nccl_port if port_args is not None else 0
@@ -90,6 +89,8 @@ def start_scheduler_ranks(
     # NOTE: checked once the ranks are on their way: reading the config (torch, transformers)
     # took seconds of the main process that the ranks' own start-up now overlaps.
     try:
+        from sglang.srt.configs.model_config import ModelConfig  # imports torch: after the spawn
+
         check_parallel_model(
             ModelConfig.from_server_args(server_args), server_args.tp_size, server_args.pp_size
         )

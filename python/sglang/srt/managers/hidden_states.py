@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # the tokenizer manager imports this module and must not import torch
+    import torch
 
-if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import ScheduleBatch
 
 # The refusal (HTTP 400) of a request asking without the server flag.
@@ -33,6 +33,8 @@ def collect_prefill(batch: ScheduleBatch, hidden: Optional[torch.Tensor]) -> Non
     """Append each asking request's part of an extend forward's hidden states."""
     if hidden is None:
         return
+    import torch
+
     start = 0
     for req in batch.reqs:
         length = req.extend_input_len
@@ -55,6 +57,8 @@ def collect_decode(batch: ScheduleBatch, hidden: Optional[torch.Tensor]) -> None
     rows = [i for i, req in enumerate(batch.reqs) if req.return_hidden_states]
     if not rows:
         return
+    import torch
+
     host = hidden[torch.tensor(rows, device=hidden.device)].float().cpu()
     for k, i in enumerate(rows):
         batch.reqs[i].hidden_states.append(host[k])

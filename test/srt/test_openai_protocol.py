@@ -170,11 +170,16 @@ CHAT = {"model": "anything", "messages": [{"role": "user", "content": "hi"}]}
         ("/v1/completions", {"prompt": "BAD", "stream": True}, "bad prompt"),
         # refused until implemented (docs/request_fields.md), never answered without them
         ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
-        ("/v1/completions", {"prompt": "a", "regex": "x"}, "regex is not supported yet"),
+        ("/v1/completions", {"prompt": "a", "regex": "x", "ebnf": "y"}, "only one of"),
         ("/v1/completions", {"prompt": "a", "lora_path": "x"}, "lora_path"),
         ("/v1/completions", {"prompt": "a", "n": 129}, "n"),
         ("/v1/completions", {"prompt": "a", "max_token": 3}, "did you mean 'max_tokens'"),
-        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "yet"),
+        (
+            "/v1/chat/completions",
+            {**CHAT, "response_format": {"type": "json_object"}, "regex": "x"},
+            "one constraint",
+        ),
+        ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema"}}, "schema"),
         ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools"),
         ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "needs content"),
         (

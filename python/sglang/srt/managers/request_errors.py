@@ -37,14 +37,18 @@ class ClientDisconnected(Exception):
     """The client closed the connection; its request has been aborted."""
 
 
-def from_finish_reason(reason: Optional[dict[str, Any]]) -> Optional[RequestFailed]:
-    """The error for a scheduler abort that carries a server-side status, else None.
+def from_finish_reason(reason: Optional[dict[str, Any]]) -> Optional[Exception]:
+    """The error for a scheduler abort that carries a status, else None: ValueError (HTTP 400)
+    for a request the scheduler found invalid (a grammar that does not compile), RequestFailed
+    for a server-side failure.
 
     A client's own abort (`/abort_request`, disconnect) has no status and finishes normally with
     `finish_reason.type == "abort"`, as upstream."""
     if not reason or reason.get("type") != "abort":
         return None
     status = reason.get("status_code")
+    if status == 400:
+        return ValueError(str(reason.get("message") or "invalid request"))
     if not isinstance(status, int) or status < 500:
         return None
     retry = QUEUE_FULL_RETRY_AFTER_S if status == 503 else None

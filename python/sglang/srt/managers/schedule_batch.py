@@ -136,6 +136,9 @@ class Req:
         self.hidden_states: list[torch.Tensor] = []
         self.prompt_hidden_chunks: list[torch.Tensor] = []
 
+        # Constrained decoding (constrained/): the request's grammar matcher, once compiled.
+        self.grammar: Any = None
+
     # ---- derived sizes ------------------------------------------------------------------------
     @property
     def seqlen(self) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Optional
 
+from sglang.srt.constrained.grammar_manager import GrammarManager
 from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req, ScheduleBatch
 from sglang.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
@@ -80,6 +81,10 @@ class Scheduler:
         self.cur_batch: Optional[ScheduleBatch] = None
         self.cur_kv_lens: Optional[list[int]] = None
         self.cur_recording = False
+        # Constrained requests wait here until their grammar is compiled (constrained/).
+        self.grammar_manager = GrammarManager(
+            server_args, tokenizer, self.model_config.vocab_size, self._reject_invalid
+        )
 
     # ---- requests ------------------------------------------------------------------------------
     def _new_batch(self, reqs: list[Req]) -> ScheduleBatch:
@@ -144,10 +149,15 @@ class Scheduler:
             )
             self.output.emit_finished(req)
             return
-        self.waiting_queue.append(req)
+        if not self.grammar_manager.add(req):
+            self.waiting_queue.append(req)
 
     def abort_request(self, rid: str) -> bool:
         """Finish `rid` now and free what it holds (call between steps, never during one)."""
+        req = self.grammar_manager.remove(rid)
+        if req is not None:
+            self._finish_aborted(req, ABORTED_BY_CLIENT)
+            return True
         for i, req in enumerate(self.waiting_queue):
             if req.rid == rid:
                 self.waiting_queue.pop(i)
@@ -178,8 +188,16 @@ class Scheduler:
         req.finished_reason = FINISH_ABORT(message, status_code)
         self.output.emit_finished(req)
 
+    def _reject_invalid(self, req: Req, message: str) -> None:
+        self._finish_aborted(req, message, status_code=400)
+
     def is_idle(self) -> bool:
-        return not self.waiting_queue and self.running_batch.is_empty() and self.chunked_req is None
+        return (
+            not self.waiting_queue
+            and self.running_batch.is_empty()
+            and self.chunked_req is None
+            and not self.grammar_manager.has_waiting()
+        )
 
     # ---- one iteration ---------------------------------------------------------------------------
     def step(self) -> bool:
@@ -218,6 +236,7 @@ class Scheduler:
         raise RuntimeError("scheduler did not become idle")
 
     def get_next_batch_to_run(self) -> Optional[ScheduleBatch]:
+        self.waiting_queue.extend(self.grammar_manager.poll())
         prefill = self.get_new_batch_prefill()
         if prefill is not None:
             return prefill

@@ -8,6 +8,7 @@ and telling the listener (the serving layer's sender, or a test) which requests 
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from sglang.srt.managers import hidden_states
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from sglang.srt.layers.logits_processor import LogitsProcessorOutput
     from sglang.srt.layers.sampler import SamplerOutput
     from sglang.srt.managers.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -95,6 +98,9 @@ class OutputProcessor:
         records: Optional[dict[int, Any]] = None,
     ) -> None:
         req.output_ids.append(token)
+        if req.grammar is not None and not req.grammar.accept_token(token):
+            # Only when every allowed token was blocked too (min_new_tokens against EOS).
+            logger.warning("request %s: token %d does not fit its grammar", req.rid, token)
         if records is not None and i in records:
             req.attention_records.append(records[i])
         if req.return_logprob and logprobs is not None:
@@ -175,6 +181,9 @@ class OutputProcessor:
             return True
         if len(req.output_ids) < sp.min_new_tokens:
             return False
+        if req.grammar is not None and req.grammar.is_terminated():
+            req.finished_reason = FINISH_MATCHED_TOKEN(last)
+            return True
         if last in sp.stop_token_ids or (not sp.ignore_eos and last in req.eos_token_ids):
             req.finished_reason = FINISH_MATCHED_TOKEN(last)
             return True

@@ -57,6 +57,8 @@ class SamplingBatchInfo:
     logit_bias: torch.Tensor | None = None  # [B, V] float32
     min_tokens_rows: torch.Tensor | None = None  # [N] int64, (row, token) pairs to block
     min_tokens_cols: torch.Tensor | None = None  # [N] int64
+    # Token bitmask of the constrained rows (constrained/vocab_mask.py), None when there are none.
+    vocab_mask: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -126,6 +128,10 @@ class SamplingBatchInfo:
         info._build_penalties(reqs, device)
         info._build_logit_bias(reqs, device)
         info._build_min_tokens(reqs, device)
+        if any(getattr(r, "grammar", None) is not None for r in reqs):
+            from sglang.srt.constrained.vocab_mask import VocabMask
+
+            info.vocab_mask = VocabMask.from_reqs(reqs, V)
         return info
 
     def _build_penalties(self, reqs: list[Any], device: torch.device | str) -> None:

@@ -7,8 +7,9 @@ as a list of strings, `stop_token_ids` as a set, `logit_bias` keyed by int token
 
 Greedy decoding is exposed as the `is_greedy` property (temperature below 1e-6, or top_k == 1);
 `normalize` leaves `temperature` and `top_k` as the client sent them so they can be echoed back.
-`json_schema` / `regex` / `ebnf` are refused ("not supported yet"): constrained decoding is not
-implemented, and sampling without the constraint would answer 200 with unconstrained text.
+`json_schema` / `regex` / `ebnf` (at most one per request) are checked for type here; whether
+they compile is the scheduler's grammar backend's call (constrained/), which answers HTTP 400
+with the compiler's message.
 """
 
 from __future__ import annotations
@@ -123,12 +124,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
         self._verify_stop(vocab_size)
         self._verify_logit_bias(vocab_size)
-        for name in _GRAMMARS:
-            if getattr(self, name) is not None:
-                raise ValueError(
-                    f"{name} is not supported yet: structured output (json_schema, regex, ebnf) "
-                    "is not implemented by this server"
-                )
+        given = [name for name in _GRAMMARS if getattr(self, name) is not None]
+        for name in given:
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if len(given) > 1:
+            raise ValueError(
+                "only one of json_schema, regex and ebnf may be set in a request; "
+                f"got {', '.join(given)}"
+            )
         if self.custom_params is not None and not isinstance(self.custom_params, dict):
             raise ValueError("custom_params must be an object or null")
 

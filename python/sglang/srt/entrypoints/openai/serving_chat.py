@@ -5,14 +5,19 @@ Owns message rendering (the tokenizer's chat template with `add_generation_promp
 logprobs object and the `chat.completion.chunk` stream, whose first chunk per choice carries
 `role: assistant`. Rendering and tokenizing long conversations runs in a worker thread.
 
-Not supported yet, so refused with 400 rather than answered with unconstrained text:
-`response_format` other than `{"type": "text"}` (structured output), and tool calling: `tools`
-unless `tool_choice` is "none" (upstream's default with tools is "auto"), and a `tool_choice`
-that demands a call. With `tool_choice: "none"` the tools are not shown to the model, as upstream.
+`response_format` `json_object` / `json_schema` becomes the native `json_schema` constraint
+(constrained/); with `regex`, `ebnf` or `json_schema` also in the body it is refused (one
+constraint per request).
+
+Not supported yet, so refused with 400 rather than answered with unconstrained text: tool
+calling: `tools` unless `tool_choice` is "none" (upstream's default with tools is "auto"), and a
+`tool_choice` that demands a call. With `tool_choice: "none"` the tools are not shown to the
+model, as upstream.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
@@ -92,6 +97,15 @@ class OpenAIServingChat(ServingBase):
             # rejected by the manager's length check).
             max_new = max(self.context_len - len(prompt_ids), 0)
         params = sampling_params_for(request, max_new)
+        schema = _response_format_schema(request)
+        if schema is not None:
+            others = [k for k in ("json_schema", "regex", "ebnf") if params.get(k) is not None]
+            if others:
+                raise ValueError(
+                    f"response_format cannot be combined with {', '.join(others)}: "
+                    "one constraint per request"
+                )
+            params["json_schema"] = schema
         extra_stops = self.template.stop_token_ids(self.tokenizer)
         if extra_stops:
             params["stop_token_ids"] = sorted(
@@ -214,14 +228,20 @@ class OpenAIServingChat(ServingBase):
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
 
 
+def _response_format_schema(request: ChatCompletionRequest) -> str | None:
+    """The JSON schema (text) that `response_format` asks for, or None for plain text."""
+    fmt = request.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return '{"type": "object"}'
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise ValueError("response_format of type 'json_schema' needs json_schema.schema")
+    return json.dumps(fmt.json_schema.schema_)
+
+
 def _check_unsupported(request: ChatCompletionRequest) -> None:
     """400 for what would otherwise be answered without the constraint the client asked for."""
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        raise ValueError(
-            f"response_format of type {fmt.type!r} is not supported yet: structured output is "
-            "not implemented by this server"
-        )
     choice = request.tool_choice
     if (
         choice is not None

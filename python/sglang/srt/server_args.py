@@ -111,6 +111,10 @@ REFUSED_VALUES: dict[str, dict[str, str]] = {
         "dfs-weight": "dfs-weight scheduling is not implemented; use lpm (longest cached "
         "prefix first) or fcfs",
     },
+    "grammar_backend": {
+        "outlines": "the outlines backend is not built in; use xgrammar (the default) or none",
+        "llguidance": "the llguidance backend is not built in; use xgrammar (the default) or none",
+    },
     "kv_cache_dtype": {
         "fp4_e2m1": "FP4 KV cache needs Blackwell kernels that are not built here; use auto, "
         "bf16, fp8_e4m3 or fp8_e5m2",
@@ -121,10 +125,6 @@ ACCEPTED_AS_IS: dict[str, str] = {
     "disable_overlap_schedule": (
         "there is no overlap scheduler: scheduling and the forward pass always run one after "
         "the other"
-    ),
-    "grammar_backend": (
-        "no grammar backend is built in yet: requests with json_schema, regex, ebnf or a "
-        "response_format are refused with HTTP 400 whatever the value"
     ),
     "disable_flashinfer": (
         "legacy switch: flashinfer attention backends fall back to triton (torch_native on CPU) "
@@ -235,6 +235,7 @@ class ServerArgs:
     decode_attention_backend: Optional[str] = None
     sampling_backend: Optional[str] = None
     grammar_backend: str = "xgrammar"
+    constrained_json_disable_any_whitespace: bool = False
     disable_cuda_graph: bool = False
     disable_cuda_graph_padding: bool = False
     cuda_graph_max_bs: Optional[int] = None

@@ -114,7 +114,10 @@ _HELP: dict[str, str] = {
     "prefill_attention_backend": "Attention kernels for prefill (default: --attention-backend).",
     "decode_attention_backend": "Attention kernels for decode (default: --attention-backend).",
     "sampling_backend": "Sampling kernels (default: pytorch).",
-    "grammar_backend": "Constrained decoding backend.",
+    "grammar_backend": "Constrained decoding backend (json_schema, regex, ebnf, "
+    "response_format): xgrammar, or none to refuse constrained requests with HTTP 400.",
+    "constrained_json_disable_any_whitespace": "JSON constraints allow no free whitespace "
+    "between tokens (default: any whitespace, as upstream).",
     "disable_cuda_graph": "Run decode without CUDA graphs.",
     "disable_cuda_graph_padding": "Replay CUDA graphs only for batch sizes captured exactly; "
     "other sizes run eagerly instead of padded to a larger graph.",

@@ -116,7 +116,7 @@ def create_grammar_backend(
     server_args: Any, tokenizer: Any, vocab_size: int
 ) -> Optional[BaseGrammarBackend]:
     """The backend `--grammar-backend` names, or None for "none"."""
-    name = getattr(server_args, "grammar_backend", "xgrammar") or "none"
+    name = server_args.grammar_backend
     if name == "none":
         return None
     if name == "xgrammar":
@@ -125,8 +125,6 @@ def create_grammar_backend(
         return XGrammarGrammarBackend(
             tokenizer,
             vocab_size,
-            any_whitespace=not getattr(
-                server_args, "constrained_json_disable_any_whitespace", False
-            ),
+            any_whitespace=not server_args.constrained_json_disable_any_whitespace,
         )
     raise ValueError(f"grammar backend {name!r} is not built in")

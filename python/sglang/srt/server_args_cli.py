@@ -47,8 +47,12 @@ _GROUPS: dict[str, str] = {
 }
 
 _HELP: dict[str, str] = {
-    "model_path": "Model to serve: a local HuggingFace folder, a GGUF file or a known model id.",
+    "model_path": "Model to serve: a local HuggingFace folder, a GGUF file, a known model id or "
+    "a Hugging Face hub id (org/name: the local cache first, else downloaded).",
     "tokenizer_path": "Tokenizer location (default: the model path).",
+    "revision": "Hub revision (branch, tag or commit) of a Hugging Face model id.",
+    "download_dir": "Hugging Face cache folder for hub ids (default: $HF_HUB_CACHE or "
+    "$HF_HOME/hub).",
     "tokenizer_mode": "'auto' prefers the fast tokenizer, 'slow' forces the Python one.",
     "skip_tokenizer_init": "Load no tokenizer: requests carry input_ids, outputs are token ids.",
     "load_format": "Weight format; 'dummy' builds random weights from config.json alone.",
@@ -56,7 +60,8 @@ _HELP: dict[str, str] = {
     "or tokenizer classes); model architectures still come from the built-in registry.",
     "context_length": "Maximum context length (default: from the model config).",
     "dtype": "Weight and activation dtype.",
-    "quantization": "Quantization method of the weights.",
+    "quantization": "Quantization method of the weights; the checkpoint's own config is used "
+    "when unset. The Marlin names run the same int4 path as awq/gptq.",
     "kv_cache_dtype": "KV cache dtype: 'auto' = the model dtype; bf16/bfloat16; fp8_e4m3 and "
     "fp8_e5m2 store K/V in one byte per element (twice the tokens per GB, per-tensor scale 1.0).",
     "served_model_name": "Model name the OpenAI API reports (default: the model path).",

@@ -2,8 +2,8 @@
 
 Built from ServerArgs by the engine and each scheduler; consumed by the model runner (shapes for
 the KV pool, dtype), the loader (path, architectures) and the tokenizer manager (context length,
-EOS ids). It reads only local files: the model path is resolved by the loader's resolver, which
-never downloads.
+EOS ids). It reads only local files: the model path is resolved by the loader's resolver (a hub
+id to its snapshot folder in the Hugging Face cache, downloaded there first when online).
 """
 
 from __future__ import annotations
@@ -80,8 +80,13 @@ class ModelConfig:
         trust_remote_code: bool = False,
         load_format: str = "auto",
         device: str | None = None,
+        quantization: str | None = None,
+        revision: str | None = None,
+        download_dir: str | None = None,
     ) -> None:
-        self.model_path = resolve_model_path(model_path)
+        self.model_path = resolve_model_path(
+            model_path, revision=revision, download_dir=download_dir
+        )
         self.gguf_file: str | None = self.model_path if is_gguf_path(self.model_path) else None
         self.load_format = load_format
         self.trust_remote_code = trust_remote_code
@@ -90,7 +95,9 @@ class ModelConfig:
         self.device = str(device).split(":")[0]
 
         self.hf_config = get_config(self.model_path, trust_remote_code=trust_remote_code)
-        check_quantization_config(self.hf_config, self.model_path)
+        # The parsed AWQ/GPTQ config (None: plain weights); unsupported methods raise here.
+        self.quant_config = check_quantization_config(self.hf_config, self.model_path, quantization)
+        self.quantization: str | None = quantization or getattr(self.quant_config, "method", None)
         # Multimodal configs nest the language model's fields; the engine only serves the text part.
         text_config = getattr(self.hf_config, "text_config", None) or self.hf_config
         self.hf_text_config = text_config
@@ -119,6 +126,9 @@ class ModelConfig:
             trust_remote_code=server_args.trust_remote_code,
             load_format=server_args.load_format,
             device=server_args.device,
+            quantization=server_args.quantization,
+            revision=server_args.revision,
+            download_dir=server_args.download_dir,
         )
 
     def _context_len(self, requested: int | None) -> int:

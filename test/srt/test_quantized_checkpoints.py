@@ -101,7 +101,8 @@ def test_weights_stay_4bit(tiny, tmp_path, monkeypatch):
     write_quantized(tiny, str(tmp_path / "q"), str(tmp_path / "r"), method="awq")
     for matmul in ("int4pack", "dequant"):
         monkeypatch.setenv("SGLANG_INT4_MATMUL", matmul)
-        model = SRTRunner(str(tmp_path / "q")).model_runner.model
+        runner = SRTRunner(str(tmp_path / "q")).model_runner
+        model = runner.model
         dense = int4 = 0
         for layer in model.modules():
             if isinstance(layer, LinearBase):
@@ -111,6 +112,7 @@ def test_weights_stay_4bit(tiny, tmp_path, monkeypatch):
                 int4 += sum(t.numel() * t.element_size() for t in layer.buffers())
         # Codes take 1/8 of float32; scales, zeros and group ids add the rest (group size 32).
         assert int4 < 0.3 * dense, f"{matmul}: int4 layers take {int4} bytes vs {dense} dense"
+        assert runner.weight_bytes >= int4  # the KV pool budget counts the packed weights
 
 
 def test_attention_tokens_valid_topk(variant, monkeypatch):

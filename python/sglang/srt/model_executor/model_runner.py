@@ -11,6 +11,7 @@ nothing from the serving stack, so `bench_one_batch` and GPU tests run on bare m
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from typing import Any, Optional
@@ -88,7 +89,9 @@ class ModelRunner:
             load_config=LoadConfig(load_format=server_args.load_format),
             device=self.device,
         )
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        # Buffers count: int4 layers keep their packed weights there (layers/quantization/).
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
         logger.info(
             "Load weight end. elapsed=%.2f s, type=%s, dtype=%s, weights=%.2f GB",
             time.perf_counter() - start,

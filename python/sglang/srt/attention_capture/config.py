@@ -13,6 +13,16 @@ from typing import Any, Mapping, Optional
 
 AGGREGATIONS = ("mean", "none")
 AUTO_LAYER_COUNT = 4
+# Largest --attention-tokens-top-k: the per-layer top-k buffers hold 12 bytes per entry for every
+# captured layer and running request (all layers of an 8B model, 1024 rows, k=1024: 384 MiB), and
+# a ranked list longer than this is a dump of the row, not a top-k.
+MAX_TOP_K = 1024
+
+
+def check_server_top_k(top_k: int) -> None:
+    """Start-up check of --attention-tokens-top-k (ValueError naming the flag)."""
+    if not 1 <= int(top_k) <= MAX_TOP_K:
+        raise ValueError(f"attention_tokens_top_k must be between 1 and {MAX_TOP_K}, got {top_k}")
 
 
 def resolve_capture_layers(spec: Any, num_layers: int) -> tuple[int, ...]:

@@ -4,8 +4,10 @@
 builds the runner's: one backend, or a `HybridAttnBackend` when `--prefill-attention-backend` and
 `--decode-attention-backend` resolve to different ones. `triton` runs on CUDA, or on CPU tensors
 under Triton's interpreter when SGLANG_TRITON_INTERPRET_OK=1 and TRITON_INTERPRET=1 (tests);
-elsewhere it falls back to torch_native with a warning. `flashinfer` is not built: it falls back
-to triton where that runs, else torch_native.
+other CPU runs fall back to torch_native with a warning. `flashinfer` is not built: it falls back
+to triton where that runs, else torch_native. On a CUDA device without Triton installed, `triton` (and `flashinfer`, which is not built and
+stands in as triton) is refused with one line naming the `gpu` extra: the dense torch_native path
+would materialise [q, k] score matrices and run out of memory on long prompts.
 """
 
 from __future__ import annotations
@@ -33,8 +35,26 @@ def triton_backend_usable(device: Any) -> bool:
     return os.environ.get("SGLANG_TRITON_INTERPRET_OK") == "1" and interpreting()
 
 
+TRITON_MISSING = (
+    "Triton is not installed, and the GPU attention path needs it: install the gpu extra "
+    "(pip install 'sglang[gpu]', or `make install`, which adds it on a CUDA machine)"
+)
+
+
+def check_triton_installed(device: Any, names: list[str]) -> None:
+    """Raise ValueError(TRITON_MISSING) when a CUDA device would run `triton`/`flashinfer`
+    without Triton importable (the start-up check; torch_native chosen by name stays allowed)."""
+    if not str(device).startswith("cuda") or not set(names) & {"triton", "flashinfer"}:
+        return
+    from sgl_kernel.triton_common import triton_available
+
+    if not triton_available():
+        raise ValueError(TRITON_MISSING)
+
+
 def resolve_attention_backend(name: str, device: Any) -> str:
     """The backend that `name` runs as on `device` (warning when it falls back)."""
+    check_triton_installed(device, [name])
     if name == "flashinfer":
         fallback = "triton" if triton_backend_usable(device) else "torch_native"
         logger.warning("attention backend 'flashinfer' is not built; using %s", fallback)

@@ -1,0 +1,261 @@
+"""Structured output (constrained decoding with xgrammar) through every route, on the default model.
+
+One server for the module (attention tokens on, small KV pool). Every output is checked with a
+real validator: `jsonschema` for JSON schemas, `re.fullmatch` for regexes. The 5 schemas x 4
+prompts go out at once, spread over chat `response_format` (official openai client),
+`/v1/completions` and `/generate`, streamed and not, so constrained and unconstrained requests
+share batches.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import jsonschema
+import openai
+import pytest
+import requests
+
+from sglang.test.test_utils import running_server
+
+SCHEMAS: dict[str, dict[str, Any]] = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "person": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 20},
+                    "city": {"type": "string", "maxLength": 20},
+                },
+                "required": ["name", "city"],
+            }
+        },
+        "required": ["person"],
+    },
+    "array": {
+        "type": "object",
+        "properties": {
+            "colors": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 12},
+                "minItems": 2,
+                "maxItems": 4,
+            }
+        },
+        "required": ["colors"],
+    },
+    "enum": {
+        "type": "object",
+        "properties": {
+            "sentiment": {"enum": ["positive", "negative", "neutral"]},
+            "confidence": {"type": "string", "enum": ["low", "high"]},
+        },
+        "required": ["sentiment", "confidence"],
+    },
+    "numbers": {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "score": {"type": "integer", "minimum": -5, "maximum": 5},
+        },
+        "required": ["age", "score"],
+    },
+    "pattern": {
+        "type": "object",
+        "properties": {
+            "zip": {"type": "string", "pattern": "^[0-9]{5}$"},
+            "code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{2}$"},
+        },
+        "required": ["zip", "code"],
+    },
+}
+PROMPTS = [
+    "Describe a person as JSON.",
+    "Give me an example answer in JSON.",
+    "Reply with a JSON object about the weather in Paris.",
+    "Output JSON for a short review of a movie.",
+]
+ROUTES = ["chat", "completions", "generate"]
+MAX_TOKENS = 96
+
+
+@pytest.fixture(scope="module")
+def server():
+    args = ["--max-total-tokens", "8192", "--return-attention-tokens"]
+    with running_server(other_args=args) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", timeout=300)
+
+
+def _chat(client: openai.OpenAI, prompt: str, schema: dict, stream: bool) -> str:
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    messages = [{"role": "user", "content": prompt}]
+    kw = dict(model="default", messages=messages, response_format=fmt, max_tokens=MAX_TOKENS)
+    if not stream:
+        return client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    parts = client.chat.completions.create(temperature=0, stream=True, **kw)
+    return "".join(c.choices[0].delta.content or "" for c in parts if c.choices)
+
+
+def _completions(client: openai.OpenAI, prompt: str, constraint: dict, stream: bool) -> str:
+    kw = dict(model="default", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    if not stream:
+        return client.completions.create(extra_body=constraint, **kw).choices[0].text
+    parts = client.completions.create(stream=True, extra_body=constraint, **kw)
+    return "".join(c.choices[0].text for c in parts if c.choices)
+
+
+def _generate(url: str, prompt: str, constraint: dict, stream: bool) -> str:
+    sp = {"max_new_tokens": MAX_TOKENS, "temperature": 0, **constraint}
+    body = {"text": prompt, "sampling_params": sp, "stream": stream}
+    resp = requests.post(f"{url}/generate", json=body, timeout=300, stream=stream)
+    resp.raise_for_status()
+    if not stream:
+        return resp.json()["text"]
+    text = ""
+    for line in resp.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            text = json.loads(line[6:])["text"]  # native streams carry the text so far
+    return text
+
+
+def _run(url: str, client: openai.OpenAI, route: str, prompt: str, constraint: dict, stream: bool):
+    if route == "chat":
+        schema = json.loads(constraint["json_schema"])
+        return _chat(client, prompt, schema, stream)
+    if route == "completions":
+        return _completions(client, prompt, constraint, stream)
+    return _generate(url, prompt, constraint, stream)
+
+
+def test_schemas_validate_on_every_route(server, client):
+    jobs = []
+    for s, (name, schema) in enumerate(SCHEMAS.items()):
+        for p, prompt in enumerate(PROMPTS):
+            k = s * len(PROMPTS) + p
+            route, stream = ROUTES[k % 3], bool((k // 3) % 2)
+            jobs.append((name, route, stream, prompt, {"json_schema": json.dumps(schema)}))
+    # Unconstrained requests in the same batches: they must come back as plain text.
+    plain = [("plain", "generate", False, prompt, {}) for prompt in PROMPTS]
+    with ThreadPoolExecutor(len(jobs) + len(plain)) as pool:
+        futs = [pool.submit(_run, server, client, r, pr, c, st) for _, r, st, pr, c in jobs + plain]
+        outs = [f.result() for f in futs]
+    for (name, route, stream, _, _), text in zip(jobs, outs):
+        try:
+            jsonschema.validate(json.loads(text), SCHEMAS[name])
+        except (json.JSONDecodeError, jsonschema.ValidationError) as e:
+            pytest.fail(f"{name} via {route} (stream={stream}): {text!r}: {e}")
+    assert {(r, st) for _, r, st, _, _ in jobs} == {(r, st) for r in ROUTES for st in (0, 1)}
+    # They ran unconstrained: greedy text, not forced into JSON (none of them starts with "{").
+    assert all(isinstance(t, str) and not t.lstrip().startswith("{") for t in outs[len(jobs) :])
+
+
+def test_json_object_response_format(client):
+    for stream in (False, True):
+        kw = dict(
+            model="default",
+            messages=[{"role": "user", "content": 'Name a fruit as JSON: {"fruit": "..."}'}],
+            response_format={"type": "json_object"},
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        if stream:
+            chunks = list(client.chat.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            choice = client.chat.completions.create(**kw).choices[0]
+            text, finish = choice.message.content, choice.finish_reason
+        # json_object bounds no string's length, so the model may run out of max_tokens inside
+        # one; a finished answer must be a JSON object, a cut one must still start as one.
+        if finish == "stop":
+            assert isinstance(json.loads(text), dict), text
+        else:
+            assert text.lstrip().startswith("{"), text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_regex_full_match(server, client, stream):
+    pattern = r"(\+1 )?[0-9]{3}-[0-9]{3}-[0-9]{4}"
+    for route in ROUTES[1:]:
+        text = _run(server, client, route, "Call me at", {"regex": pattern}, stream)
+        assert re.fullmatch(pattern, text), (route, text)
+
+
+def test_ebnf_grammar(server, client):
+    grammar = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no" | "maybe"'
+    for route in ROUTES[1:]:
+        text = _run(server, client, route, "Is the sky blue?", {"ebnf": grammar}, False)
+        assert re.fullmatch(r"The answer is (yes|no|maybe)\.", text), (route, text)
+
+
+def test_n_samples_and_logprobs_follow_the_grammar(server):
+    sp = {"regex": "(cat|dog|bird)s?", "max_new_tokens": 8, "temperature": 1.0, "n": 3}
+    body = {"text": "A pet:", "sampling_params": sp, "return_logprob": True}
+    outs = requests.post(f"{server}/generate", json=body, timeout=300).json()
+    assert len(outs) == 3
+    for out in outs:
+        assert re.fullmatch("(cat|dog|bird)s?", out["text"]), out["text"]
+        lps = out["meta_info"]["output_token_logprobs"]
+        assert lps and all(lp[0] is not None and lp[0] <= 0 for lp in lps)
+
+
+def test_attention_tokens_on_constrained_output(server):
+    schema = json.dumps(SCHEMAS["enum"])
+    body = {
+        "text": "The movie was wonderful. Sentiment as JSON:",
+        "sampling_params": {"json_schema": schema, "max_new_tokens": MAX_TOKENS, "temperature": 0},
+        "return_attention_tokens": True,
+    }
+    out = requests.post(f"{server}/generate", json=body, timeout=300).json()
+    jsonschema.validate(json.loads(out["text"]), SCHEMAS["enum"])
+    # One entry per sampled token: the capture sees the tokens the grammar let through.
+    entries = out["meta_info"]["attention_tokens"]["content"]
+    assert len(entries) == out["meta_info"]["completion_tokens"]
+
+
+BAD = [
+    ("json_schema", "{not json", "not valid JSON"),
+    ("json_schema", json.dumps({"type": "object", "properties": 3}), "properties"),
+    ("regex", "[0-9", "Regex parsing error"),
+    ("ebnf", "root ::= missing", 'Rule "missing" is not defined'),
+]
+
+
+@pytest.mark.parametrize("field,value,needle", BAD)
+def test_bad_constraint_is_400_on_every_route(server, client, field, value, needle):
+    for stream in (False, True):
+        sp = {field: value, "max_new_tokens": 4}
+        resp = requests.post(
+            f"{server}/generate", json={"text": "x", "sampling_params": sp, "stream": stream}
+        )
+        assert resp.status_code == 400 and needle in resp.json()["message"], resp.text
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.completions.create(
+                model="default", prompt="x", max_tokens=4, stream=stream, extra_body={field: value}
+            )
+    if field == "json_schema" and value.startswith('{"'):
+        fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": json.loads(value)}}
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+                client.chat.completions.create(
+                    model="default",
+                    messages=[{"role": "user", "content": "x"}],
+                    response_format=fmt,
+                    stream=stream,
+                )
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200
+
+
+def test_two_constraints_are_400(server):
+    sp = {"regex": "a", "json_schema": "{}"}
+    resp = requests.post(f"{server}/generate", json={"text": "x", "sampling_params": sp})
+    assert resp.status_code == 400 and "only one of" in resp.text

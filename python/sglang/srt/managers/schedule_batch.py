@@ -215,10 +215,23 @@ class ScheduleBatch:
         if short > 0:
             self.tree_cache.evict(short)
 
-    def _last_loc(self, req: Req, length: int) -> int:
-        if length <= 0:
-            return -1
-        return int(self.req_to_token_pool.req_to_token[req.req_pool_idx, length - 1])
+    def _last_locs(self, lengths: list[int]) -> list[int]:
+        """Slot of each request's token at position lengths[i] - 1, where the paged allocator
+        continues a partial page (-1 elsewhere). req_to_token lives on the device, so this is one
+        gathered read per step (never one per request); page size 1 reads nothing."""
+        page = getattr(self.allocator, "page_size", 1)
+        locs = [-1] * len(lengths)
+        if page <= 1:
+            return locs
+        need = [i for i, n in enumerate(lengths) if n > 0 and n % page]
+        if need:
+            table = self.req_to_token_pool.req_to_token
+            rows = torch.tensor([self.reqs[i].req_pool_idx for i in need], dtype=torch.int64)
+            cols = torch.tensor([lengths[i] - 1 for i in need], dtype=torch.int64)
+            read = table[rows.to(table.device), cols.to(table.device)].tolist()
+            for i, loc in zip(need, read):
+                locs[i] = int(loc)
+        return locs
 
     # ---- extend --------------------------------------------------------------------------------
     def prepare_for_extend(self) -> ModelWorkerBatch:
@@ -236,7 +249,7 @@ class ScheduleBatch:
         prefix_lens = [len(r.prefix_indices) for r in self.reqs]
         ext_lens = [r.extend_input_len for r in self.reqs]
         seq_lens = [p + e for p, e in zip(prefix_lens, ext_lens)]
-        last_locs = [self._last_loc(r, p) for r, p in zip(self.reqs, prefix_lens)]
+        last_locs = self._last_locs(prefix_lens)
         page = getattr(self.allocator, "page_size", 1)
         self._ensure_available(sum(ext_lens) + (page - 1) * len(self.reqs))
         out_loc = self.allocator.alloc_extend(prefix_lens, seq_lens, last_locs, sum(ext_lens))
@@ -305,17 +318,15 @@ class ScheduleBatch:
     def prepare_for_decode(self) -> ModelWorkerBatch:
         self.forward_mode = ForwardMode.DECODE
         seq_lens = [r.seqlen for r in self.reqs]
-        last_locs = [self._last_loc(r, s - 1) for r, s in zip(self.reqs, seq_lens)]
+        last_locs = self._last_locs([s - 1 for s in seq_lens])
         self._ensure_available(self.decode_slots_needed())
         out_loc = self.allocator.alloc_decode(seq_lens, last_locs)
         if out_loc is None:
             raise RuntimeError("KV cache exhausted during decode; the scheduler must retract first")
         rows = torch.tensor([r.req_pool_idx for r in self.reqs], dtype=torch.int64)
         pos = torch.tensor(seq_lens, dtype=torch.int64) - 1
-        self.req_to_token_pool.req_to_token[
-            rows.to(self.req_to_token_pool.req_to_token.device),
-            pos.to(self.req_to_token_pool.req_to_token.device),
-        ] = out_loc
+        table = self.req_to_token_pool.req_to_token
+        table[rows.to(table.device), pos.to(table.device)] = out_loc.to(table.dtype)
         return ModelWorkerBatch(
             forward_mode=ForwardMode.DECODE,
             input_ids=torch.tensor([r.output_ids[-1] for r in self.reqs], dtype=torch.int64),

@@ -125,7 +125,7 @@ class BasePrefixCache(abc.ABC):
         end = max(kv_len, len(req.prefix_indices))
         if end > start:
             self.token_to_kv_pool_allocator.free(
-                pool.req_to_token[req.req_pool_idx, start:end].clone()
+                pool.req_to_token[req.req_pool_idx, start:end].to(torch.int64, copy=True)
             )
         pool.free(req.req_pool_idx)
         self.dec_lock_ref(req.last_node)

@@ -47,13 +47,13 @@ class ChunkCache(BasePrefixCache):
             return
         pool = self.req_to_token_pool
         kv = pool.req_to_token[req.req_pool_idx, : committed_kv_len(req)]
-        self.token_to_kv_pool_allocator.free(kv.clone())
+        self.token_to_kv_pool_allocator.free(kv.to(torch.int64, copy=True))
         pool.free(req.req_pool_idx)
 
     def cache_unfinished_req(self, req: CacheReq) -> None:
         assert req.req_pool_idx is not None, "cache_unfinished_req needs a request row"
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
-        req.prefix_indices = row[: len(req.fill_ids)].clone()
+        req.prefix_indices = row[: len(req.fill_ids)].to(torch.int64, copy=True)
 
     def evict(self, num_tokens: int) -> int:
         return 0

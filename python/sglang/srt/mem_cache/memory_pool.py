@@ -43,8 +43,17 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torc
 class ReqToTokenPool:
     """A table of `size` rows, each holding the KV slots of one request's positions.
 
-    Rows are handed out lowest-index first so runs are reproducible.
+    Rows are handed out lowest-index first so runs are reproducible. Slots are int32, as upstream
+    (a pool never has 2**31 slots): the table spans every row's whole context, so it is half the
+    memory of int64; readers that keep slots widen them to int64 (the allocator's dtype).
     """
+
+    DTYPE = torch.int32
+
+    @staticmethod
+    def size_bytes(size: int, max_context_len: int) -> int:
+        """Bytes of the table, for the memory budget before the KV pool is sized."""
+        return size * max_context_len * ReqToTokenPool.DTYPE.itemsize
 
     def __init__(self, size: int, max_context_len: int, device: str | torch.device) -> None:
         if size <= 0 or max_context_len <= 0:
@@ -53,7 +62,7 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.device = torch.device(device)
         self.req_to_token = torch.zeros(
-            (size, max_context_len), dtype=torch.int64, device=self.device
+            (size, max_context_len), dtype=self.DTYPE, device=self.device
         )
         self._free_rows: list[int] = []
         self._is_free: list[bool] = []

@@ -228,7 +228,7 @@ class RadixCache(BasePrefixCache):
         pool = self._req_pool()
         n = committed_kv_len(req)
         token_ids = (req.origin_input_ids + req.output_ids)[:n]
-        kv = pool.req_to_token[req.req_pool_idx, :n].clone()
+        kv = pool.req_to_token[req.req_pool_idx, :n].to(torch.int64, copy=True)
         aligned = self._aligned(n)
         new_prefix_len = self.insert(token_ids[:aligned], kv[:aligned])
         # Slots in [own_start, new_prefix_len) duplicate what the tree already had; [aligned, n)
@@ -251,7 +251,7 @@ class RadixCache(BasePrefixCache):
         pool = self._req_pool()
         row, token_ids = req.req_pool_idx, req.fill_ids
         n = len(token_ids)
-        kv = pool.req_to_token[row, :n].clone()
+        kv = pool.req_to_token[row, :n].to(torch.int64, copy=True)
         aligned = self._aligned(n)
         new_prefix_len = self.insert(token_ids[:aligned], kv[:aligned])
         own_start = self.cache_owned_len(req)

@@ -3,7 +3,7 @@
 Owns the GPU drop-in for `AttentionCapture.record` and `_rank`
 (python/sglang/srt/attention_capture/capture.py), with the same numbers:
 
-    probs[r, j] = sum_h exp(q[r, h] . K[slot(r, j), h // group] * sm_scale - lse[r, h]) / H_total
+    probs[r, j] = sum_h exp(cap(q[r, h] . K[slot(r, j), h // group] * sm_scale) - lse[r, h]) / H_total
     rows[r, j] (+)= probs[r, j] * weight[r]        for j < seq_len[r] (0 outside the window)
 
 q and lse are those of the attention kernel (lse: natural log, float32); q and K are multiplied in
@@ -33,6 +33,8 @@ NOT_RANKED = -1.0  # as capture.py: score of positions that must not be ranked
 if triton_available():
     import triton
     import triton.language as tl
+
+    from sgl_kernel.attention_scores import tl_key_visible, tl_softcap
 
     @triton.jit(do_not_specialize=["window"])
     def _capture_kernel(
@@ -69,6 +71,7 @@ if triton_available():
         DOT_DTYPE: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         WRITE_LAYER: tl.constexpr,
+        LOGIT_CAP: tl.constexpr,
     ):
         r = tl.program_id(0)
         n0 = tl.program_id(1) * BLOCK_N
@@ -112,10 +115,10 @@ if triton_available():
                     .to(DOT_DTYPE)
                 )
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-                p = tl.exp(s - lse[:, None])
+                p = tl.exp(tl_softcap(s, LOGIT_CAP) - lse[:, None])
                 p = tl.where(h_mask[:, None], p, 0.0)
                 total += tl.sum(p, 0)
-            inside = (offs_n > seq_len - 1 - window) | (window <= 0)
+            inside = tl_key_visible(seq_len - 1 - offs_n, window)
             probs = tl.where(n_mask & inside, total / num_heads_total, 0.0)
             out = probs * weight
             if ACCUMULATE:
@@ -143,6 +146,7 @@ def capture_scores(
     sm_scale: float,
     num_q_heads_total: int,
     sliding_window: int = -1,
+    logit_cap: float = 0.0,
     accumulate: bool = True,
     layer_rows: Optional[torch.Tensor] = None,
     block_n: int = 64,
@@ -158,6 +162,7 @@ def capture_scores(
     rows: [>= R, max_ctx] float32. With accumulate=False the row's first seq_len positions are
     overwritten (no zeroing pass needed for the first layer) and masked rows are left as they are.
     layer_rows ([>= R, max_ctx] float32), if given, receives the unweighted probabilities.
+    logit_cap > 0: the layer soft-caps its scores, so q.K is capped before exp(s - lse).
     """
     if not triton_available():
         raise RuntimeError("capture_scores needs triton")
@@ -210,6 +215,7 @@ def capture_scores(
         DOT_DTYPE=torch_to_tl_dtype(dot_dtype),
         ACCUMULATE=bool(accumulate),
         WRITE_LAYER=write_layer,
+        LOGIT_CAP=float(logit_cap) if logit_cap > 0 else 0.0,
         num_warps=num_warps,
     )
 

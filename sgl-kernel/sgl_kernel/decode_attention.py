@@ -9,7 +9,8 @@ head (GQA/MQA) are one tile of rows, so each K/V block is read once per KV head.
 is log(sum_j exp(q.k_j * sm_scale)) over the keys attended: the attention-capture contract.
 
 Semantics match `torch_native_backend`: K/V are read in the query dtype; scores, softmax and the
-accumulator are float32; a sliding window of `w` keeps keys with position > seq_len - 1 - w.
+accumulator are float32; a sliding window of `w` keeps keys with position > seq_len - 1 - w (the
+query is the last key, so this is `attention_scores.key_visible`); `logit_cap` soft-caps scores.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from sgl_kernel.triton_common import (
 if triton_available():
     import triton
     import triton.language as tl
+
+    from sgl_kernel.attention_scores import tl_softcap
 
     @triton.jit(do_not_specialize=["window"])
     def _decode_split_kernel(
@@ -63,6 +66,7 @@ if triton_available():
         BLOCK_D: tl.constexpr,
         OP_DTYPE: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
+        LOGIT_CAP: tl.constexpr,
     ):
         b = tl.program_id(0)
         kv_head = tl.program_id(1) // HEAD_BLOCKS
@@ -107,7 +111,7 @@ if triton_available():
                 .to(OP_DTYPE)
                 .to(DOT_DTYPE)
             )
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+            s = tl_softcap(tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale, LOGIT_CAP)
             s = tl.where(n_mask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp(m_i - m_new)
@@ -204,6 +208,7 @@ def decode_attention_fwd(
     sm_scale: float,
     num_kv_splits: int = 8,
     sliding_window: int = -1,
+    logit_cap: float = 0.0,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     mid_o: Optional[torch.Tensor] = None,
@@ -219,7 +224,8 @@ def decode_attention_fwd(
     seq_len >= 1, the query itself being the last key). out: [bs, Hq*D] in q's dtype, lse:
     [bs, Hq] float32 natural log. `out`, `lse`, `mid_o` ([bs, Hq, splits, D] float32) and `mid_lse`
     ([bs, Hq, splits] float32) may be passed preallocated (CUDA graphs): nothing is allocated then
-    and nothing depends on host values of seq_lens.
+    and nothing depends on host values of seq_lens. logit_cap > 0 soft-caps the scaled scores
+    (sgl_kernel.attention_scores.softcap) before the softmax, and the LSE is of the capped ones.
     """
     if not triton_available():
         raise RuntimeError("decode_attention_fwd needs triton")
@@ -280,6 +286,7 @@ def decode_attention_fwd(
         BLOCK_D=block_d,
         OP_DTYPE=torch_to_tl_dtype(op_dtype),
         DOT_DTYPE=torch_to_tl_dtype(dot_dtype),
+        LOGIT_CAP=float(logit_cap) if logit_cap > 0 else 0.0,
         num_warps=num_warps,
         num_stages=num_stages,
     )

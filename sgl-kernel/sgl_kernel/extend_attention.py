@@ -4,8 +4,9 @@ Owns the extend kernel of the `triton` attention backend. Request `b` brings
 `extend_seq_lens[b]` new tokens (flat rows `extend_start_loc[b] ...` of q) on top of a prefix of
 `seq_lens[b] - extend_seq_lens[b]` positions already in the pool. Every key, prefix and new, is
 read from the pool through `req_to_token`, so the new tokens' K/V must be stored first (see
-`kv_store`). New token i sits at position prefix + i and attends to keys j <= prefix + i (and,
-with a sliding window w, j > prefix + i - w).
+`kv_store`). New token i sits at position prefix + i and attends to the keys
+`attention_scores.key_visible` allows (j <= prefix + i and, with a sliding window w,
+j > prefix + i - w); scores are soft-capped first when `logit_cap > 0`.
 
 One program owns a tile of rows = (tokens of one request) x (query heads of one KV head): with
 GQA the group's heads share every K/V block read. Scores, softmax and the accumulator are float32
@@ -30,6 +31,8 @@ from sgl_kernel.triton_common import (
 if triton_available():
     import triton
     import triton.language as tl
+
+    from sgl_kernel.attention_scores import tl_key_visible, tl_softcap
 
     @triton.jit(do_not_specialize=["window"])
     def _extend_kernel(
@@ -63,6 +66,7 @@ if triton_available():
         BLOCK_D: tl.constexpr,
         OP_DTYPE: tl.constexpr,
         DOT_DTYPE: tl.constexpr,
+        LOGIT_CAP: tl.constexpr,
     ):
         TOKENS: tl.constexpr = BLOCK_R // GROUP_PAD
         m_block = tl.program_id(0)
@@ -122,9 +126,8 @@ if triton_available():
                 .to(OP_DTYPE)
                 .to(DOT_DTYPE)
             )
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-            dist = pos[:, None] - offs_n[None, :]
-            allowed = n_mask[None, :] & (dist >= 0) & ((dist < window) | (window <= 0))
+            s = tl_softcap(tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale, LOGIT_CAP)
+            allowed = n_mask[None, :] & tl_key_visible(pos[:, None] - offs_n[None, :], window)
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -176,6 +179,7 @@ def extend_attention_fwd(
     sm_scale: float,
     max_extend_len: int,
     sliding_window: int = -1,
+    logit_cap: float = 0.0,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     block_rows: int = 64,
@@ -189,6 +193,8 @@ def extend_attention_fwd(
     extend_start_loc[b] ...); k_buffer/v_buffer: [slots, Hkv, D] already holding the new tokens;
     req_to_token: [rows, max_ctx] int; req_pool_indices, seq_lens, extend_seq_lens,
     extend_start_loc: [B] int; max_extend_len: a host int >= max(extend_seq_lens) (the grid).
+    logit_cap > 0 soft-caps the scaled scores (sgl_kernel.attention_scores.softcap) before the
+    softmax; the LSE is then that of the capped scores.
     Returns out [num_tokens, Hq*D] in q's dtype and lse [num_tokens, Hq] float32.
     """
     if not triton_available():
@@ -243,6 +249,7 @@ def extend_attention_fwd(
         BLOCK_D=max(16, next_pow2(d)),
         OP_DTYPE=torch_to_tl_dtype(op_dtype),
         DOT_DTYPE=torch_to_tl_dtype(dot_dtype),
+        LOGIT_CAP=float(logit_cap) if logit_cap > 0 else 0.0,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -154,8 +154,11 @@ def make_case(
     )
 
 
-def reference(case: Case, layer: int, window: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense causal attention per request in float64: ([num_tokens, hq*d], lse [num_tokens, hq])."""
+def reference(
+    case: Case, layer: int, window: int = -1, logit_cap: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal attention per request in float64: ([num_tokens, hq*d], lse [num_tokens, hq]);
+    logit_cap > 0 soft-caps the scaled scores (cap * tanh(s / cap))."""
     hq, hkv, d = case.hq, case.hkv, case.d
     q_dtype = case.q[layer].dtype
     group = hq // hkv
@@ -178,6 +181,8 @@ def reference(case: Case, layer: int, window: int = -1) -> tuple[torch.Tensor, t
                 allowed &= (q_pos - j) < window
             for h in range(hq):
                 s = (k[:, h] @ q[i, h]) * scale
+                if logit_cap > 0:
+                    s = torch.tanh(s / logit_cap) * logit_cap
                 s = s.masked_fill(~allowed, float("-inf"))
                 lse[i, h] = torch.logsumexp(s, dim=0)
                 out[i, h] = torch.softmax(s, dim=0) @ v[:, h]
@@ -186,9 +191,11 @@ def reference(case: Case, layer: int, window: int = -1) -> tuple[torch.Tensor, t
     return torch.cat(outs), torch.cat(lses)
 
 
-def make_layer(case: Case, layer_id: int = 0, window: int = -1) -> RadixAttention:
+def make_layer(
+    case: Case, layer_id: int = 0, window: int = -1, logit_cap: float = 0.0
+) -> RadixAttention:
     return RadixAttention(
-        case.hq, case.d, case.d**-0.5, case.hkv, layer_id, sliding_window_size=window
+        case.hq, case.d, case.d**-0.5, case.hkv, layer_id, logit_cap, sliding_window_size=window
     )
 
 
@@ -209,10 +216,16 @@ def run(
 
 
 def assert_matches(
-    case: Case, out: torch.Tensor, lse: torch.Tensor, layer: int = 0, window: int = -1, **tol: Any
+    case: Case,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layer: int = 0,
+    window: int = -1,
+    logit_cap: float = 0.0,
+    **tol: Any,
 ) -> None:
     tol = tol or F32_TOL
-    ref_out, ref_lse = reference(case, layer, window)
+    ref_out, ref_lse = reference(case, layer, window, logit_cap)
     num_tokens = case.fb.input_ids.shape[0]
     assert out.shape == (num_tokens, case.hq * case.d)
     assert out.dtype == case.q[layer].dtype
@@ -351,6 +364,21 @@ def test_sliding_window_decode(window: int) -> None:
     )
     out, lse = run(case, window=window)
     assert_matches(case, out, lse, window=window)
+
+
+@pytest.mark.parametrize("mode", [ForwardMode.EXTEND, ForwardMode.DECODE], ids=["extend", "decode"])
+@pytest.mark.parametrize("window", [-1, 5])
+def test_logit_softcap(mode: ForwardMode, window: int) -> None:
+    """Gemma 2's soft-capped scores: output and LSE are those of cap * tanh(s / cap), fresh
+    prompts (which skip the pool otherwise) and cached prefixes alike."""
+    prefix, ext = ([0, 0, 6], [9, 3, 4]) if mode.is_extend() else ([8, 19, 2], [1, 1, 1])
+    case = make_case(17, hq=4, hkv=2, d=16, prefix_lens=prefix, extend_lens=ext, mode=mode)
+    layer = make_layer(case, 0, window, logit_cap=1.5)
+    out, lse = case.backend.forward(case.q[0], case.k[0], case.v[0], layer, case.fb,
+                                    return_lse=True)  # fmt: skip
+    assert_matches(case, out, lse, window=window, logit_cap=1.5)
+    uncapped = reference(case, 0, window)[1]
+    assert (lse.double() - uncapped).abs().max() > 0.1, "the cap should change the scores"
 
 
 def test_window_longer_than_context_is_full_attention() -> None:

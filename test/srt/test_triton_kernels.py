@@ -76,8 +76,8 @@ def pool_args(case, layer: int = 0):
     )
 
 
-def check(case, out, lse, window: int = -1, layer: int = 0) -> None:
-    ref_out, ref_lse = reference(case, layer, window)
+def check(case, out, lse, window: int = -1, layer: int = 0, logit_cap: float = 0.0) -> None:
+    ref_out, ref_lse = reference(case, layer, window, logit_cap)
     tol = TOL[case.q[layer].dtype]
     assert out.dtype == case.q[layer].dtype and lse.dtype == torch.float32
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
@@ -240,14 +240,14 @@ def test_store_kv_cache_matches_set_kv_buffer(pool_dtype: torch.dtype) -> None:
 
 
 # ---- fused capture ---------------------------------------------------------------------------
-def run_reference_capture(case, requests, batch_rows, num_layers, window=-1):
+def run_reference_capture(case, requests, batch_rows, num_layers, window=-1, logit_cap=0.0):
     """capture.py on the CPU: (score rows, per-layer probabilities, ranked result, q/lse used)."""
     cap = AttentionCapture(tuple(range(num_layers)), num_layers, NUM_ROWS, MAX_CONTEXT, 16,
                            case.hq, device="cpu")  # fmt: skip
     cap.begin(CaptureSpec(batch_rows, requests), case.fb)
     lses, layer_rows = [], []
     for layer_id in range(num_layers):
-        layer = make_layer(case, layer_id, window)
+        layer = make_layer(case, layer_id, window, logit_cap)
         _, lse = case.backend.forward(case.q[layer_id], case.k[layer_id], case.v[layer_id], layer,
                                       case.fb, return_lse=True)  # fmt: skip
         lses.append(lse)
@@ -262,7 +262,8 @@ def run_reference_capture(case, requests, batch_rows, num_layers, window=-1):
     return rows, cap.finish(), lses, state
 
 
-def run_kernel_capture(case, batch_rows, lses, state, num_layers, window=-1, pad_rows=0):
+def run_kernel_capture(case, batch_rows, lses, state, num_layers, window=-1, pad_rows=0,
+                       logit_cap=0.0):  # fmt: skip
     """The Triton path on a static layout: R = rows + pad_rows, masked padding rows."""
     num = len(batch_rows)
     r_total = num + pad_rows
@@ -283,8 +284,8 @@ def run_kernel_capture(case, batch_rows, lses, state, num_layers, window=-1, pad
         lr = torch.full((r_total, MAX_CONTEXT), 5.0, device=DEV)
         capture_scores(dev(case.q[layer_id]), dev(lses[layer_id]), k_buf[layer_id], req_to_token,
                        pool_idx, seq_lens, q_index, row_mask, weights[:, layer_id], rows,
-                       case.d**-0.5, case.hq, sliding_window=window, accumulate=layer_id > 0,
-                       layer_rows=lr, block_n=16)  # fmt: skip
+                       case.d**-0.5, case.hq, sliding_window=window, logit_cap=logit_cap,
+                       accumulate=layer_id > 0, layer_rows=lr, block_n=16)  # fmt: skip
         layer_rows.append(lr)
     exclude = dev(torch.cat([state["exclude"], torch.zeros(pad_rows, dtype=torch.int64)]))
     ranked = capture_rank(rows, seq_lens, row_mask, exclude, state["k"])
@@ -328,12 +329,13 @@ def test_capture_matches_capture_py(hq: int, hkv: int, mode: ForwardMode) -> Non
     _check_capture(case, CAPTURE_REQUESTS, [0, 1, 2, 3], num_layers=2, pad_rows=2)
 
 
-def _check_capture(case, requests, batch_rows, num_layers, window=-1, pad_rows=0, tol=None):
+def _check_capture(case, requests, batch_rows, num_layers, window=-1, pad_rows=0, tol=None,
+                   logit_cap=0.0):  # fmt: skip
     tol = tol or dict(atol=1e-6, rtol=1e-5)
     ref_rows, res, lses, state = run_reference_capture(case, requests, batch_rows, num_layers,
-                                                       window)  # fmt: skip
+                                                       window, logit_cap)  # fmt: skip
     rows, layer_rows, (vals, idx, excl) = run_kernel_capture(
-        case, batch_rows, lses, state, num_layers, window, pad_rows
+        case, batch_rows, lses, state, num_layers, window, pad_rows, logit_cap
     )
     num, max_kv = len(batch_rows), state["max_kv"]
     seq_lens = case.fb.seq_lens[torch.tensor(batch_rows)]
@@ -384,6 +386,26 @@ def test_capture_sliding_window(window: int) -> None:
     case = make_case(7, hq=4, hkv=2, d=16, prefix_lens=[12, 3], extend_lens=[5, 1], num_layers=1)
     req = AttentionRequest(top_k=16, layers=(0,))
     _check_capture(case, [req, req], [0, 1], num_layers=1, window=window, pad_rows=1)
+
+
+@pytest.mark.parametrize("window", [-1, 4])
+def test_softcap_in_every_kernel(window: int) -> None:
+    """Gemma 2's soft-capped scores in decode, extend and the fused capture: outputs and LSE of
+    cap * tanh(s / cap) (float64 reference), capture rows equal to capture.py's."""
+    cap = 1.5
+    case = decode_case(21, [3, 12, 30], hq=8, hkv=2, d=32)
+    write_new_kv(case)
+    out, lse = decode_attention_fwd(dev(case.q[0]), *pool_args(case), 32**-0.5, num_kv_splits=3,
+                                    sliding_window=window, logit_cap=cap)  # fmt: skip
+    check(case, out, lse, window=window, logit_cap=cap)
+    case = make_case(22, hq=4, hkv=1, d=32, prefix_lens=[0, 6, 13], extend_lens=[11, 2, 5])
+    write_new_kv(case)
+    out, lse = run_extend(case, window, block_rows=16, block_n=16, logit_cap=cap)
+    check(case, out, lse, window=window, logit_cap=cap)
+    case = make_case(23, hq=4, hkv=2, d=16, prefix_lens=[12, 3], extend_lens=[5, 1], num_layers=2)
+    req = AttentionRequest(top_k=16, layers=(0, 1))
+    _check_capture(case, [req, req], [0, 1], num_layers=2, window=window, pad_rows=1,
+                   logit_cap=cap)  # fmt: skip
 
 
 def test_capture_bf16() -> None:

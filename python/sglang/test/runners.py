@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -44,6 +45,48 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mistral": dict(cls="MistralConfig", sliding_window=4096, tie_word_embeddings=False),
     "qwen2": dict(cls="Qwen2Config", tie_word_embeddings=False),
     "qwen3": dict(cls="Qwen3Config", tie_word_embeddings=False, head_dim=32),
+    # Qwen sliding windows on layers >= max_window_layers only (here layers 1 and 2).
+    "qwen2_window": dict(
+        cls="Qwen2Config",
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        initializer_range=0.3,
+    ),
+    "qwen3_window": dict(
+        cls="Qwen3Config",
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=2,
+        initializer_range=0.3,
+    ),
+    # Gemma: peaky attention (large init), a window of 8 on alternating layers, soft-caps the
+    # scores and logits actually reach.
+    "gemma2": dict(
+        cls="Gemma2Config",
+        num_hidden_layers=4,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        attn_logit_softcapping=4.0,
+        final_logit_softcapping=10.0,
+        initializer_range=0.3,
+    ),
+    "gemma3": dict(
+        cls="Gemma3TextConfig",
+        architectures=["Gemma3ForCausalLM"],
+        num_hidden_layers=4,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        initializer_range=0.3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
+    ),
 }
 
 
@@ -148,7 +191,11 @@ class HFRunner:
                 step_input, past_key_values=past, use_cache=True, output_attentions=attentions
             )
             if attentions:
-                rows.append(torch.stack([a[0, :, -1, :].double().mean(0) for a in out.attentions]))
+                # A sliding-window cache hands back only the last keys of a windowed layer: pad
+                # its row on the left (those positions are outside the window: probability 0).
+                heads = [a[0, :, -1, :].double().mean(0) for a in out.attentions]
+                ctx = max(h.shape[0] for h in heads)
+                rows.append(torch.stack([F.pad(h, (ctx - h.shape[0], 0)) for h in heads]))
             past = out.past_key_values
             logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
             token = int(torch.argmax(logprobs))

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from sgl_kernel.attention_scores import key_visible, softcap
 
 from sglang.srt.attention_capture.config import AttentionRequest
 from sglang.srt.attention_capture.static import StaticCaptureMixin, score_scale
@@ -215,7 +216,7 @@ class AttentionCapture(StaticCaptureMixin):
         mask = self.windows.get(window)
         if mask is None:
             j = torch.arange(self.max_kv, device=self.device)
-            mask = self.valid & (j[None, :] > (self.seq_lens - 1 - window)[:, None])
+            mask = self.valid & key_visible((self.seq_lens - 1)[:, None], j[None, :], window)
             self.windows[window] = mask
         return mask
 
@@ -244,7 +245,8 @@ class AttentionCapture(StaticCaptureMixin):
             keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
             keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
             scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
-            probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [R, max_kv]
+            # The backend's LSE is of the soft-capped scores (Gemma 2), so cap before exp.
+            probs = torch.exp(softcap(scores, layer.logit_cap) - lr).sum(dim=(1, 2))  # [R, max_kv]
             probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
             probs = probs / self.num_q_heads_total
             self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
@@ -284,6 +286,7 @@ class AttentionCapture(StaticCaptureMixin):
             score_scale(layer, forward_batch),
             self.num_q_heads_total,
             sliding_window=layer.sliding_window_size,
+            logit_cap=layer.logit_cap,
             layer_rows=layer_rows,
         )
         return layer_rows

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+from sgl_kernel.attention_scores import key_visible, softcap
 
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
@@ -161,6 +162,7 @@ class StaticCaptureMixin:
                 score_scale(layer, forward_batch),
                 self.num_q_heads_total,
                 sliding_window=layer.sliding_window_size,
+                logit_cap=layer.logit_cap,
                 accumulate=True,
             )
             return
@@ -174,10 +176,8 @@ class StaticCaptureMixin:
         slots = torch.where(valid, slots, 0).reshape(-1)
         keys = keys_all.index_select(0, slots).view(bs, width, hkv, d).float()
         scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
-        probs = torch.exp(scores - lr).sum(dim=(1, 2))  # [bs, width]
-        window = layer.sliding_window_size
-        if window > 0:
-            valid = valid & (j[None, :] > (seq_lens - 1 - window)[:, None])
+        probs = torch.exp(softcap(scores, layer.logit_cap) - lr).sum(dim=(1, 2))  # [bs, width]
+        valid = valid & key_visible((seq_lens - 1)[:, None], j[None, :], layer.sliding_window_size)
         probs = torch.where(valid, probs, 0.0) / self.num_q_heads_total
         self.rows[:bs, :width].addcmul_(probs, self.g_weights[:bs, c : c + 1])
 

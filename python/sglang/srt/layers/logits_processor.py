@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
+from sgl_kernel.attention_scores import softcap
 from torch import nn
 
 from sglang.srt.distributed.parallel_state import tensor_model_parallel_all_gather
@@ -36,14 +37,17 @@ class LogitsProcessorOutput:
 
 
 class LogitsProcessor(nn.Module):
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, final_logit_softcapping: Optional[float] = None) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        # Gemma 2's cap * tanh(logits / cap), applied to every logit the engine returns.
+        self.final_logit_softcapping = final_logit_softcapping or 0.0
 
     def get_logits(self, hidden: torch.Tensor, lm_head: "VocabParallelEmbedding") -> torch.Tensor:
         logits = F.linear(hidden, lm_head.weight)
         logits = tensor_model_parallel_all_gather(logits)
-        return logits[:, : self.vocab_size].float()
+        logits = logits[:, : self.vocab_size].float()
+        return softcap(logits, self.final_logit_softcapping)
 
     def forward(
         self,

@@ -22,7 +22,7 @@ from sglang.srt.layers.linear import (
     default_weight_loader,
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
-from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.layers.radix_attention import RadixAttention, sliding_window_for_layer
 from sglang.srt.layers.rotary_embedding import get_rope, rope_config
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -81,18 +81,13 @@ class LlamaAttention(nn.Module):
         if qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        window = (
-            getattr(config, "sliding_window", None)
-            if getattr(config, "use_sliding_window", True)
-            else None
-        )
         self.attn = RadixAttention(
             self.num_heads,
             self.head_dim,
             self.head_dim**-0.5,
             num_kv_heads=self.num_kv_heads,
             layer_id=layer_id,
-            sliding_window_size=int(window) if window else -1,
+            sliding_window_size=sliding_window_for_layer(config, layer_id),
         )
 
     def forward(

@@ -8,6 +8,8 @@ from torch import nn
 
 # architecture name -> module under sglang.srt.models
 _MODELS: dict[str, str] = {
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",

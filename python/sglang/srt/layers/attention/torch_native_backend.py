@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from sgl_kernel.attention_scores import key_visible, softcap
+
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend, AttnOutput
 
 if TYPE_CHECKING:
@@ -46,23 +48,27 @@ def sdpa_with_lse(
     mask: Optional[torch.Tensor],
     scale: float,
     causal: bool = False,
+    logit_cap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale + mask) v and logsumexp of the masked scaled scores (float32).
+    """softmax(cap(q k^T * scale) + mask) v and logsumexp of the masked, capped scores (float32).
 
     q: [B, H, Lq, D], k/v: [B, H, Lk, D], mask: additive, broadcastable to [B, H, Lq, Lk];
-    `causal` (with mask None and Lq == Lk) masks key j > query i instead.
+    `causal` (with mask None and Lq == Lk) masks key j > query i instead. `logit_cap` > 0
+    soft-caps the scaled scores first (sgl_kernel.attention_scores.softcap); CPU's fused kernel
+    cannot, so capped layers take the explicit path.
     """
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" and logit_cap <= 0:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=mask, scale=scale
         )
         return out, lse
     if causal:
-        n = q.shape[-2]
-        mask = torch.zeros(n, n, device=q.device).masked_fill_(
-            torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1), float("-inf")
+        pos = torch.arange(q.shape[-2], device=q.device)
+        mask = torch.zeros(pos.shape[0], pos.shape[0], device=q.device).masked_fill_(
+            ~key_visible(pos[:, None], pos[None, :], -1), float("-inf")
         )
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale + mask.float()
+    scores = softcap(torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale, logit_cap)
+    scores = scores + mask.float()
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse.unsqueeze(-1))
     return torch.matmul(probs.to(v.dtype), v), lse
@@ -119,9 +125,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         if mask is not None:
             return mask.to(dtype)
         j = torch.arange(md.max_kv, device=md.q_pos.device)
-        allowed = (j[None, None, :] <= md.q_pos[:, :, None]) & md.key_valid[:, None, :]
-        if window > 0:
-            allowed &= (md.q_pos[:, :, None] - j[None, None, :]) < window
+        allowed = key_visible(md.q_pos[:, :, None], j[None, None, :], window)
+        allowed &= md.key_valid[:, None, :]
         additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         additive.masked_fill_(~allowed, float("-inf"))
         # Fold query heads of one KV head into the query axis: row r = g * max_q + i.
@@ -154,7 +159,12 @@ class TorchNativeAttnBackend(AttentionBackend):
             )
         bs, max_q = md.batch_size, md.max_q
         window = layer.sliding_window_size
-        if md.no_prefix and (window <= 0 or window >= max_q) and pool.dtype == q.dtype:
+        if (
+            md.no_prefix
+            and (window <= 0 or window >= max_q)
+            and pool.dtype == q.dtype
+            and layer.logit_cap <= 0
+        ):
             return self._attend_fresh(q, k, v, layer, return_lse)
 
         keys = self._gather(pool.get_key_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
@@ -171,7 +181,9 @@ class TorchNativeAttnBackend(AttentionBackend):
         mask = self._mask(md, group, layer.sliding_window_size, q.dtype)
         # A float8 pool's per-tensor scales fold into the softmax scale and the output: exact,
         # and the LSE stays that of the true scores.
-        out, lse = sdpa_with_lse(qp, keys, values, mask, layer.scaling * k_scale)
+        out, lse = sdpa_with_lse(
+            qp, keys, values, mask, layer.scaling * k_scale, logit_cap=layer.logit_cap
+        )
         if v_scale != 1.0:
             out = out * v_scale
 

@@ -164,6 +164,7 @@ class TritonAttnBackend(AttentionBackend):
             layer.scaling * k_scale,
             md.max_extend_len,
             sliding_window=layer.sliding_window_size,
+            logit_cap=layer.logit_cap,
         )
         return _scaled(out, v_scale, lse, return_lse)
 
@@ -198,6 +199,7 @@ class TritonAttnBackend(AttentionBackend):
             layer.scaling * k_scale,
             num_kv_splits=self.num_kv_splits,
             sliding_window=layer.sliding_window_size,
+            logit_cap=layer.logit_cap,
             mid_o=md.mid_o,
             mid_lse=md.mid_lse,
         )

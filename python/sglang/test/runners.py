@@ -45,6 +45,19 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mistral": dict(cls="MistralConfig", sliding_window=4096, tie_word_embeddings=False),
     "qwen2": dict(cls="Qwen2Config", tie_word_embeddings=False),
     "qwen3": dict(cls="Qwen3Config", tie_word_embeddings=False, head_dim=32),
+    # GPT-2 / GPT-NeoX have no KV grouping: as many KV heads as heads keeps the KV pool right.
+    "gpt2": dict(cls="GPT2Config", num_key_value_heads=4, n_inner=160),
+    "gpt_neox": dict(
+        cls="GPTNeoXConfig",
+        num_key_value_heads=4,
+        rotary_pct=0.25,
+        hidden_act="gelu",
+        tie_word_embeddings=False,
+    ),
+    "phi3": dict(
+        cls="Phi3Config", sliding_window=16, partial_rotary_factor=0.5, tie_word_embeddings=False
+    ),
+    "olmo2": dict(cls="Olmo2Config", tie_word_embeddings=False),
     # Qwen sliding windows on layers >= max_window_layers only (here layers 1 and 2).
     "qwen2_window": dict(
         cls="Qwen2Config",

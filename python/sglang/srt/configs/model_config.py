@@ -17,7 +17,7 @@ import torch
 
 from sglang.srt.hf_transformers_utils import get_config, get_context_length
 from sglang.srt.model_loader.quantization import check_quantization_config
-from sglang.srt.model_loader.resolve import is_gguf_path, resolve_model_path
+from sglang.srt.model_loader.resolve import ModelLoadError, is_gguf_path, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32,
 }
 _AUTO_ACCEPTED = (torch.float16, torch.bfloat16, torch.float32)
+# Architectures with a learned absolute position table: it has no row past its length.
+_LEARNED_POSITIONS = {"GPT2LMHeadModel"}
 
 
 def _config_dtype(hf_config: Any) -> torch.dtype | None:
@@ -135,6 +137,11 @@ class ModelConfig:
         derived = get_context_length(self.hf_text_config)
         if requested is None:
             return derived
+        if requested > derived and set(self.architectures) & _LEARNED_POSITIONS:
+            raise ModelLoadError(
+                f"--context-length {requested} exceeds the {derived} learned positions of "
+                f"{self.architectures[0]}; use at most {derived}"
+            )
         if requested > derived:
             # Allowed (rope extrapolates), but quality past the trained window is not guaranteed.
             logger.warning(

@@ -23,7 +23,7 @@ from sglang.srt.layers.linear import (
 )
 from sglang.srt.layers.logits_processor import LogitsProcessor, LogitsProcessorOutput
 from sglang.srt.layers.radix_attention import RadixAttention, sliding_window_for_layer
-from sglang.srt.layers.rotary_embedding import get_rope, rope_config
+from sglang.srt.layers.rotary_embedding import get_rope, partial_rotary_factor, rope_config
 from sglang.srt.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
@@ -75,7 +75,7 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.o_proj = RowParallelLinear(total_heads * self.head_dim, self.hidden_size, bias=o_bias)
         theta, scaling = rope_config(config)
-        rotary_dim = int(self.head_dim * float(getattr(config, "partial_rotary_factor", 1.0)))
+        rotary_dim = int(self.head_dim * partial_rotary_factor(config))
         self.rotary_emb = get_rope(self.head_dim, rotary_dim, theta, scaling)
         self.qk_norm = qk_norm
         if qk_norm:

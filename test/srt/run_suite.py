@@ -75,9 +75,12 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_topk_attention.py", 60),
         TestFile("test_attention_tokens.py", 120),
         TestFile("test_startup.py", 90),
+        TestFile("test_detokenizer.py", 15),
+        TestFile("test_hot_path.py", 60),
         TestFile("test_cuda_graph_runner.py", 20),
+        TestFile("test_gpu_path_costs.py", 60),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_triton_backend.py", 140, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_backend.py", 170, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),

@@ -228,6 +228,7 @@ class ServerArgs:
     enable_metrics: bool = False
     enable_cache_report: bool = False
     enable_return_hidden_states: bool = False
+    enable_step_profile: bool = False
 
     # Kernels and backends
     attention_backend: Optional[str] = None

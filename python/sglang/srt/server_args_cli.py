@@ -115,6 +115,9 @@ _HELP: dict[str, str] = {
     "enable_cache_report": "Report cached prompt tokens in OpenAI usage.",
     "enable_return_hidden_states": "Allow requests to ask for return_hidden_states: the "
     "final-layer hidden states (after the final norm) in meta_info.hidden_states.",
+    "enable_step_profile": "Time every part of the serving pipeline per step (scheduler phases, "
+    "ZMQ hops, detokenizer, tokenizer manager, HTTP write) and serve the summary on "
+    "GET /step_profile (docs/step_profile.md).",
     "attention_backend": "Attention kernels (default: triton on GPU, torch_native on CPU).",
     "prefill_attention_backend": "Attention kernels for prefill (default: --attention-backend).",
     "decode_attention_backend": "Attention kernels for decode (default: --attention-backend).",

@@ -25,9 +25,9 @@ import contextlib
 import json
 import logging
 import os
-import time
 import signal
 import sys
+import time
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
@@ -36,7 +36,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sglang.srt.entrypoints.http_lifecycle import DrainingServer, on_child_death
 from sglang.srt.entrypoints.http_body import (
     BodyError,
     BodySizeLimit,
@@ -44,6 +43,7 @@ from sglang.srt.entrypoints.http_body import (
     json_body,
     read_json_object,
 )
+from sglang.srt.entrypoints.http_lifecycle import DrainingServer, on_child_death
 from sglang.srt.entrypoints.native_protocol import (
     AbortRequest,
     DetokenizeRequest,
@@ -54,6 +54,7 @@ from sglang.srt.entrypoints.native_protocol import (
 from sglang.srt.entrypoints.openai.protocol import format_validation_error
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.request_errors import ClientDisconnected, error_headers, error_status
+from sglang.srt.managers.step_profile import timed_chunks
 from sglang.srt.server_args import ServerArgs
 from sglang.srt.startup_timing import StartupTimer, format_phases, process_age
 
@@ -208,6 +209,18 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
     app.add_api_route("/flush_cache", flush_cache, methods=["GET", "POST"])
 
+    async def step_profile(reset: bool = False) -> Any:
+        """Per-stage time of every served step (--enable-step-profile; docs/step_profile.md)."""
+        store = tm.step_profile
+        if store is None:
+            return bad_request("/step_profile needs a server started with --enable-step-profile")
+        summary = store.summary()
+        if reset:
+            store.reset()
+        return summary
+
+    app.add_api_route("/step_profile", step_profile, methods=["GET"])
+
     @app.post("/abort_request", openapi_extra=json_body(AbortRequest))
     async def abort_request(request: Request) -> Response:
         body = await _json_body(request, AbortRequest)
@@ -241,7 +254,8 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         if not obj.stream:
             await gen.aclose()
             return JSONResponse(first)
-        return StreamingResponse(_sse(first, gen), media_type="text/event-stream")
+        chunks = timed_chunks(_sse(first, gen), tm.step_profile)
+        return StreamingResponse(chunks, media_type="text/event-stream")
 
     def models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}

@@ -29,6 +29,7 @@ from sglang.srt.managers.io_struct import (
     recv_msg,
     send_msg,
 )
+from sglang.srt.managers.step_profile import DETOKENIZE, HOP_SCHED_DETOK
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,24 @@ class DecodeState:
         trims = finish is None or (finish.get("type") == "stop" and isinstance(matched, str))
         if self.options.stop and not self.options.no_stop_trim and tokenizer is not None and trims:
             while len(self.token_starts) < len(self.ids):
-                start = len(self._decode(tokenizer, self.ids[: len(self.token_starts)]))
-                self.token_starts.append(max([start, *self.token_starts[-1:]]))
+                self.token_starts.append(self._token_start(tokenizer, len(self.token_starts)))
             # A token is shown once its text starts before what was emitted (the cut, at the end).
             count = min(count, bisect.bisect_left(self.token_starts, self.emitted))
         n = max(count - self.attention_released, 0)
         out, self.attention = self.attention[:n], self.attention[n:]
         self.attention_released += n
         return out
+
+    def _token_start(self, tokenizer: Any, j: int) -> int:
+        """Where token j's text starts: token j-1's start plus its text, decoded with at most
+        CONTEXT_TOKENS ids before it, so the cost per token does not grow with the output
+        (decoding the whole prefix for every token made long outputs with stop strings quadratic)."""
+        if j == 0:
+            return 0
+        lo = max(0, j - 1 - CONTEXT_TOKENS)
+        with_token = self._decode(tokenizer, self.ids[lo:j])
+        without = self._decode(tokenizer, self.ids[lo : j - 1]) if j - 1 > lo else ""
+        return self.token_starts[j - 1] + max(0, len(with_token) - len(without))
 
     def _stop_holdback(self) -> int:
         """Characters at the end of `text` that could still grow into a stop string."""
@@ -210,7 +221,13 @@ def run_detokenizer_process(server_args: Any, port_args: Any, parent_pid: int) -
                 continue
             msg = recv_msg(recv)
             if isinstance(msg, BatchTokenIDOut):
-                send_msg(send, manager.handle(msg))
+                stamp = msg.profile
+                started = stamp.received(HOP_SCHED_DETOK) if stamp is not None else 0.0
+                out = manager.handle(msg)
+                if stamp is not None:
+                    stamp.forwarded(DETOKENIZE, started)
+                    out.profile = stamp
+                send_msg(send, out)
             else:
                 logger.error("detokenizer got an unknown message %r", type(msg).__name__)
     except Exception:

@@ -362,6 +362,8 @@ class BatchTokenIDOut:
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
     # New hidden-state entries, float32 CPU tensors (None: not asked; managers/hidden_states.py).
     hidden_states: list[Optional[list[Any]]] = field(default_factory=list)
+    # managers/step_profile.PipelineStamp with --enable-step-profile, else None.
+    profile: Any = None
 
 
 @dataclass
@@ -386,3 +388,4 @@ class BatchStrOut:
     # Attention records of tokens whose text is final (trimmed with the text on a stop string).
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
     hidden_states: list[Optional[list[Any]]] = field(default_factory=list)  # as BatchTokenIDOut
+    profile: Any = None  # as BatchTokenIDOut

@@ -21,6 +21,7 @@ from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.schedule_batch import FINISH_ABORT, Req, ScheduleBatch
 from sglang.srt.managers.schedule_policy import PrefillAdder, SchedulePolicy
 from sglang.srt.managers.scheduler_output_processor import OutputProcessor
+from sglang.srt.managers.step_profile import StepClock
 from sglang.srt.mem_cache.base_prefix_cache import committed_kv_len
 from sglang.srt.mem_cache.chunk_cache import ChunkCache
 from sglang.srt.mem_cache.radix_cache import RadixCache
@@ -81,6 +82,8 @@ class Scheduler:
         self.cur_batch: Optional[ScheduleBatch] = None
         self.cur_kv_lens: Optional[list[int]] = None
         self.cur_recording = False
+        # Phase timing of each step (--enable-step-profile; the process wrapper enables it).
+        self.clock = StepClock()
         # Constrained requests wait here until their grammar is compiled (constrained/).
         self.grammar_manager = GrammarManager(
             server_args, tokenizer, self.model_config.vocab_size, self._reject_invalid
@@ -202,11 +205,14 @@ class Scheduler:
     # ---- one iteration ---------------------------------------------------------------------------
     def step(self) -> bool:
         """Run one batch if there is work. Returns False when idle."""
+        clock = self.clock
         batch = self.get_next_batch_to_run()
         if batch is None:
             if self.is_idle():
                 self.check_memory()
             return False
+        clock.set_kind("prefill" if batch.forward_mode.is_extend() else "decode")
+        clock.mark("schedule")
         self.cur_batch, self.cur_kv_lens, self.cur_recording = batch, None, False
         worker_batch = (
             batch.prepare_for_extend()
@@ -216,8 +222,11 @@ class Scheduler:
         self.cur_kv_lens = list(worker_batch.seq_lens)
         if self.before_forward is not None:
             self.before_forward(batch)
+        clock.mark("prepare")
         logits_output, forward_batch = self.model_runner.forward(worker_batch)
+        clock.mark("forward", sync=True)
         sample = self.model_runner.sample(logits_output, forward_batch)
+        clock.mark("sample", sync=True)
         self.forward_ct += 1
         self.cur_recording = True
         if batch.forward_mode.is_extend():
@@ -225,6 +234,7 @@ class Scheduler:
         else:
             self.output.process_decode_result(batch, sample, logits_output)
         self.cur_batch = None
+        clock.mark("output")
         if self.on_batch is not None:
             self.on_batch(batch)
         return True

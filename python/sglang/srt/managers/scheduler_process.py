@@ -47,6 +47,7 @@ from sglang.srt.managers.io_struct import (
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.srt.managers.scheduler_watchdog import Heartbeat, Watchdog, fault_hook_from_env
+from sglang.srt.managers.step_profile import OUTPUT_MESSAGE, StepClock
 from sglang.srt.managers.tp_worker import (
     ControlPlane,
     NullSocket,
@@ -125,8 +126,10 @@ class SchedulerProcess:
 
     # ---- loop -------------------------------------------------------------------------------
     def event_loop(self) -> None:
+        clock = self.scheduler.clock
         while True:
             self.heartbeat.begin()
+            clock.begin()
             if self.watchdog is not None:
                 self.watchdog.arm_backstop()
             msgs = self.recv_messages()
@@ -135,11 +138,13 @@ class SchedulerProcess:
             for msg in msgs:
                 self.handle(msg)
             self.flush_outputs()
+            clock.mark("recv")
             try:
                 ran = self.scheduler.step()
             except Exception as e:
                 self.recover_from_failed_step(e)
                 ran = True
+            clock.end_step(ran)
             self.flush_outputs()
             if ran:
                 if self.parent_gone():
@@ -300,6 +305,7 @@ class SchedulerProcess:
                 seen.add(id(req))
                 reqs.append(req)
         self.pending.clear()
+        started = time.perf_counter()
         out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [], [])
         for req in reqs:
             state = self.send_state.get(req.rid)
@@ -321,6 +327,9 @@ class SchedulerProcess:
                 del self.send_state[req.rid]
                 self.scheduler.output.finished_reqs.pop(req.rid, None)
         if out.rids:
+            out.profile = self.scheduler.clock.stamp()
+            if out.profile is not None:
+                out.profile.samples[OUTPUT_MESSAGE] = time.perf_counter() - started
             send_msg(self.send_to_detokenizer, out)
 
     @staticmethod
@@ -460,6 +469,8 @@ def run_scheduler_process(
             )
             startup.mark("tokenizer")
         scheduler = Scheduler(server_args, runner, tokenizer)
+        if server_args.enable_step_profile:
+            scheduler.clock = StepClock(True, runner.synchronize)
         recv, to_detok, to_tok = None, NullSocket(), NullSocket()
         if p.is_leader:
             ctx = zmq.Context(2)

@@ -63,6 +63,7 @@ from sglang.srt.managers.request_errors import (
     from_finish_reason,
 )
 from sglang.srt.managers.request_logger import RequestLogger
+from sglang.srt.managers.step_profile import HOP_DETOK_TM, TOKENIZER_MANAGER, StepProfileStore
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -141,6 +142,10 @@ class TokenizerManager:
         # Set while the server drains for shutdown: new requests get 503, running ones go on.
         self.closing_reason: Optional[str] = None
         self.metrics: Any = None
+        # --enable-step-profile: every pipeline stage's time per step (managers/step_profile.py).
+        self.step_profile: Optional[StepProfileStore] = (
+            StepProfileStore() if getattr(server_args, "enable_step_profile", False) else None
+        )
         if server_args.enable_metrics:
             from sglang.srt.metrics.collector import TokenizerMetricsCollector
 
@@ -207,8 +212,14 @@ class TokenizerManager:
         while True:
             msg = await recv_msg_async(self.recv_from_detokenizer)
             if isinstance(msg, BatchStrOut):
+                stamp, store = msg.profile, self.step_profile
+                started = stamp.received(HOP_DETOK_TM) if stamp is not None else 0.0
                 try:
                     self._handle_batch_str_out(msg)
+                    if stamp is not None and store is not None:
+                        store.last_output_at = time.perf_counter()
+                        stamp.samples[TOKENIZER_MANAGER] = store.last_output_at - started
+                        store.add_stamp(stamp)
                 except Exception as e:  # one bad output must not stop every request's outputs
                     logger.exception(
                         "Failed to process the outputs of %d request(s)", len(msg.rids)
@@ -549,7 +560,8 @@ class TokenizerManager:
 
     def _fmt(self, pairs: list[Any], with_text: bool) -> list[list[Any]]:
         if with_text and self.tokenizer is not None:
-            return [[lp, tid, self.tokenizer.decode([tid])] for lp, tid in pairs]
+            # Cached per token id: a stream re-formats its logprobs in every chunk.
+            return [[lp, tid, self.token_text(tid)] for lp, tid in pairs]
         return [[lp, tid, None] for lp, tid in pairs]
 
 

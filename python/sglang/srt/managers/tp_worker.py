@@ -30,6 +30,8 @@ from sglang.srt.distributed.placement import ParallelConfigError, RankPlacement
 
 logger = logging.getLogger(__name__)
 
+# Cores of each local rank, as upstream SGLang's CPU backend reads it: "0-3|4-7" (one group per rank).
+CPU_BIND_ENV = "SGLANG_CPU_OMP_THREADS_BIND"
 # Set to 1 to all-gather every step's sampled tokens and fail loudly if TP ranks ever disagree.
 CHECK_TOKENS_ENV = "SGLANG_TP_CHECK_TOKENS"
 
@@ -66,9 +68,15 @@ class TpRank:
 
         p, args = self.placement, self.server_args
         if args.device == "cpu":
-            # Leave a core for the HTTP server and the detokenizer; share the rest among the ranks.
             local_ranks = max(1, p.dp_size * p.tp_size // p.nnodes)
-            torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // local_ranks))
+            cores = cpu_binding(os.environ.get(CPU_BIND_ENV, ""), local_rank(p), local_ranks)
+            if cores is not None:
+                os.sched_setaffinity(0, cores)
+                torch.set_num_threads(len(cores))
+            else:
+                # Leave a core for the HTTP server and the detokenizer; share the rest among the
+                # ranks (benchmark/results/threads_cpu.md measures the choices).
+                torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // local_ranks))
         elif p.gpu_id is not None:
             visible = torch.cuda.device_count()
             if p.gpu_id >= visible:
@@ -153,6 +161,42 @@ class ControlPlane:
         for rank, theirs in enumerate(every):
             if theirs != every[0]:
                 raise RuntimeError(f"TP{rank} sampled different tokens than TP0: {theirs[:4]}")
+
+
+def local_rank(p: RankPlacement) -> int:
+    """This rank's index among the scheduler processes of its node."""
+    per_node = max(1, p.tp_size // p.nnodes)
+    return p.dp_rank * per_node + p.tp_rank % per_node
+
+
+def cpu_binding(spec: str, rank: int, local_ranks: int) -> Optional[list[int]]:
+    """Cores of `rank` from SGLANG_CPU_OMP_THREADS_BIND ("0-3|4-7", one group per local rank,
+    each a comma list of cores or ranges); None when unset. ParallelConfigError when malformed."""
+    if not spec:
+        return None
+    groups = spec.split("|")
+    if len(groups) != local_ranks:
+        raise ParallelConfigError(
+            f"{CPU_BIND_ENV}={spec!r} has {len(groups)} core group(s) for {local_ranks} rank(s) "
+            "on this node; give one group per rank, separated by '|'"
+        )
+    cores: list[int] = []
+    try:
+        for part in groups[rank].split(","):
+            lo, _, hi = part.strip().partition("-")
+            cores += range(int(lo), int(hi or lo) + 1)
+    except ValueError:
+        raise ParallelConfigError(
+            f"{CPU_BIND_ENV}={spec!r}: group {groups[rank]!r} is not a list of cores or ranges "
+            "such as 0-3,8"
+        ) from None
+    allowed = os.sched_getaffinity(0)
+    if not cores or not set(cores) <= allowed:
+        raise ParallelConfigError(
+            f"{CPU_BIND_ENV}={spec!r}: group {groups[rank]!r} names cores this process may not "
+            f"use (allowed: {sorted(allowed)})"
+        )
+    return sorted(set(cores))
 
 
 def die_with_parent() -> None:

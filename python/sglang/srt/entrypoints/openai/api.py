@@ -21,12 +21,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from sglang.srt.entrypoints.http_body import json_body, read_json_object
 from sglang.srt.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     format_validation_error,
 )
-from sglang.srt.entrypoints.http_body import json_body, read_json_object
 from sglang.srt.entrypoints.openai.serving_base import error_body
 from sglang.srt.entrypoints.openai.serving_chat import OpenAIServingChat
 from sglang.srt.entrypoints.openai.serving_completions import OpenAIServingCompletion
@@ -36,6 +36,7 @@ from sglang.srt.managers.request_errors import (
     RequestFailed,
     error_headers,
 )
+from sglang.srt.managers.step_profile import timed_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ async def serve(
     except Exception as exc:
         logger.exception("OpenAI request failed")
         return error_response(f"{type(exc).__name__}: {exc}", 500)
-    return StreamingResponse(_resume(first, result), media_type="text/event-stream")
+    chunks = timed_chunks(_resume(first, result), serving.tokenizer_manager.step_profile)
+    return StreamingResponse(chunks, media_type="text/event-stream")
 
 
 async def _resume(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:

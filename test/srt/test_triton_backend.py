@@ -7,7 +7,8 @@ the pool writes for extend with prefixes, decode, GQA/MHA/MQA, sliding windows, 
 strided q/k slices; then the decode CUDA-graph hooks (static buffers, padded rows, replay with a
 new batch: a real CUDA graph on a GPU), the hybrid prefill/decode dispatch and the backend choice.
 
-Part 2 runs the engine in-process (ModelRunner + Scheduler) on tiny Llama and Qwen3 models with
+Part 2 runs the engine in-process (ModelRunner + Scheduler) on tiny Llama, Qwen3 and Gemma 2
+(soft-capped scores, alternating sliding windows) models with
 `attention_backend="triton"`: greedy tokens and logprobs equal torch_native's, with separate
 prefill/decode backends too, and attention-token records (fused capture kernel) equal
 torch_native's (torch capture path); a float8 KV pool with per-tensor scales gives torch_native's
@@ -304,7 +305,7 @@ def engine(path: str, **kwargs) -> SRTRunner:
                      triton_attention_num_kv_splits=2, **kwargs)  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma2"])
 def tiny(request):
     return request.param, make_tiny_model(request.param, seed=5, max_position_embeddings=256)
 

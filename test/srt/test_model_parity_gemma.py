@@ -7,7 +7,8 @@ attention and final soft-caps are small enough that the scores and logits reach 
 each layer's window equals HF's, prefill logits (1e-4), 32 greedy tokens (identical) with their
 logprobs (1e-4) at batch 1 and in a mixed batch, chunked prefill, a prefix-cache hit, and
 attention tokens (last layer, all-layer mean, per-layer lists) as a valid top-k of HF eager
-head-mean rows within 1e-4, the soft-capped probabilities for Gemma 2.
+head-mean rows within 1e-4, the soft-capped probabilities for Gemma 2; Gemma 2 under tensor
+parallelism 2 (gloo on CPU) gives TP 1's tokens and attention tokens and HF's logprobs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import random
 import zlib
 
 import pytest
+from test_tensor_parallel import run_models
 from test_topk_attention import capture_runner, check_records, run_reqs
 
 from sglang.srt.attention_capture import AttentionRequest
@@ -27,6 +29,7 @@ from sglang.test.runners import (
     cpu_threads_hint,
     make_tiny_model,
 )
+from sglang.test.tp_runners import run_tp_group
 
 ARCHS = ["gemma2", "gemma3", "qwen2_window", "qwen3_window"]
 STEPS = 32
@@ -117,3 +120,19 @@ def test_attention_tokens_against_hf_eager(setup):
             assert req.attention_records == []
         else:
             check_records(req, rows, f"{arch} request {i}")
+
+
+def test_gemma2_tp2_matches_tp1_and_hf(tmp_path_factory):
+    folders = {"gemma2": make_tiny_model("gemma2", str(tmp_path_factory.mktemp("tp-gemma2")))}
+    prompts, steps = prompts_for(seed=5)[:2], 12
+    tp1 = run_models(folders, prompts, steps)["gemma2"]
+    per_rank = run_tp_group(2, run_models, folders, prompts, steps)
+    assert per_rank[0] == per_rank[1], "TP ranks disagree"
+    hf = HFRunner(folders["gemma2"])
+    for i, (ours, ref) in enumerate(zip(per_rank[0]["gemma2"], tp1)):
+        want = hf.greedy(prompts[i], steps)
+        assert ours["ids"] == ref["ids"] == want.output_ids, f"TP 2 prompt {i}: tokens"
+        assert max(abs(a - b) for a, b in zip(ours["out_lp"], want.output_logprobs)) < TOL
+        for (pos, score), (ref_pos, ref_score) in zip(ours["attn"], ref["attn"]):
+            assert pos == ref_pos, f"TP 2 prompt {i}: attention tokens differ"
+            assert max(abs(a - b) for a, b in zip(score, ref_score)) < 1e-5

@@ -181,9 +181,10 @@ class Router:
         try:
             await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watch.cancel()
             if not task.done():
                 task.cancel()
-            watch.cancel()
+                await asyncio.wait((task,))
         if not task.cancelled():
             task.result()
 

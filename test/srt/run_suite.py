@@ -84,6 +84,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),
+        TestFile("test_model_gateway.py", 90),
         TestFile("test_structured_output.py", 120),
     ],
     "per-commit-1-gpu": [

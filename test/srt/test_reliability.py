@@ -12,11 +12,13 @@ One server for the module (SmolLM2 with --return-attention-tokens and an 8192-to
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -374,13 +376,18 @@ def test_bench_serving_bodies(server, stream):
 
 @pytest.fixture(scope="module")
 def router(server):
-    pytest.importorskip("sglang_router", reason="sglang-router (test extra) is not installed")
+    # `make install` puts upstream's wheel beside this repository's sglang_router (sgl-model-gateway/),
+    # which the plain module name imports.
+    upstream = Path(__file__).resolve().parents[2] / ".venv" / "upstream-router"
+    if not (upstream / "sglang_router").is_dir():
+        pytest.skip("upstream sglang-router 0.3.2 is not in .venv/upstream-router (make install)")
     url, _ = server
     port = find_free_port()
     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", url,
            "--host", "127.0.0.1", "--port", str(port), "--prometheus-port",
            str(find_free_port()), "--log-level", "warn"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(upstream)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

@@ -136,6 +136,16 @@ def make_tiny_model(
     return folder
 
 
+def make_tiny_text_model(folder: str) -> str:
+    """A tiny random Llama with SmolLM2's vocabulary and its tokenizer saved beside it, so a
+    server runs the whole text path (tokenize, detokenize, chat template) in seconds."""
+    from sglang.srt.hf_transformers_utils import get_tokenizer
+
+    make_tiny_model("llama", folder, max_position_embeddings=4096, vocab_size=49152)
+    get_tokenizer("smollm2-135m-instruct").save_pretrained(folder)
+    return folder
+
+
 def assert_greedy_matches(
     outs: list[GenOutput], refs: list[GenOutput], label: str, tol: float = 1e-4
 ) -> None:

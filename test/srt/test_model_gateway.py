@@ -1,0 +1,601 @@
+"""The router (sgl-model-gateway, module `sglang_router`) in front of two real servers.
+
+Two servers run a tiny random-weight Llama with SmolLM2's tokenizer (small KV pools); each test
+starts its own router process (`python -m sglang_router.launch_router`) in front of them and
+drives it with `requests` and the official `openai` client:
+
+- every route, streaming and not, with attention tokens requested, answers what a worker answers
+  directly (ids, timestamps and cache counts aside);
+- cache_aware sends requests sharing a long prefix to the worker holding it (the workers'
+  `cached_tokens` prove it), round_robin splits them;
+- the queue limit answers 429 (queue full) and 408 (queue timeout) and the router stays up; a
+  client that disconnects aborts its request on the worker;
+- `/add_worker`, `/remove_worker` and the `/workers` REST form under load lose no request; a
+  discovery file and `--api-key` work;
+- a worker killed mid-run: its requests are retried on the other and succeed, it leaves the pool
+  and rejoins after a restart (last test: it restarts a shared server).
+
+In-process tests cover the approximate tree, the cache-aware decision, the circuit breaker and
+the limiter. Run: python -m pytest -q test/srt/test_model_gateway.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import openai
+import pytest
+import requests
+
+import sglang_router
+from sglang.test.runners import make_tiny_text_model
+from sglang.test.test_utils import (
+    DEFAULT_URL_FOR_TEST,
+    find_free_port,
+    kill_process_tree,
+    popen_launch_server,
+)
+from sglang_router.policies import CacheAware
+from sglang_router.proxy import Limiter
+from sglang_router.tree import Tree
+from sglang_router.workers import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Worker
+
+SERVER_ARGS = [
+    "--max-total-tokens",
+    "8192",
+    "--skip-server-warmup",
+    "--dtype",
+    "float32",
+    "--return-attention-tokens",
+]
+ATTN = {"return_attention_tokens": True, "attention_tokens_top_k": 3}
+GREEDY = {"temperature": 0, "max_new_tokens": 6}
+# Fields that legitimately differ between two answers to the same request.
+VOLATILE = {"id", "created", "rid", "e2e_latency", "cached_tokens", "prompt_tokens_details"}
+WORDS = "alpha beta gamma delta river stone cloud maple ember quartz violet harbor lantern".split()
+
+
+def test_installed_package_is_ours():
+    here = Path(__file__).resolve().parents[2] / "sgl-model-gateway"
+    assert Path(sglang_router.__file__).resolve().is_relative_to(here), (
+        f"sglang_router comes from {sglang_router.__file__}; run `make install`"
+    )
+
+
+# ------------------------------------------------------------------------------- in-process
+
+
+def _worker(url: str, in_flight: int = 0) -> Worker:
+    worker = Worker(url, CircuitBreaker(url, 3, 2, 60.0))
+    worker.in_flight = in_flight
+    return worker
+
+
+def test_tree_prefix_match_and_eviction():
+    tree = Tree()
+    tree.insert("hello world", "a")
+    tree.insert("hello there", "b")
+    tree.insert("hello world, again", "b")
+    assert tree.prefix_match("hello world, again and again", ["a", "b"]) == (18, "b")
+    assert tree.prefix_match("hello world!", ["a"]) == (11, "a")
+    assert tree.prefix_match("hello th", ["a"]) == (6, "a")  # a owns "hello " only
+    assert tree.prefix_match("xyz", ["a", "b"]) == (0, None)
+    assert tree.tenant_chars == {"a": 11, "b": 23}  # b: "hello " "there" "world" ", again"
+    tree.insert("zzzz", "a")
+    tree.evict(max_chars=5)  # a's least recently used leaf ("hello world" branch) goes first
+    assert tree.tenant_chars["a"] <= 5 and tree.prefix_match("zzzz", ["a"]) == (4, "a")
+    assert tree.prefix_match("hello", ["a"]) == (0, None)
+    tree.remove_tenant("b")
+    assert tree.prefix_match("hello world", ["b"]) == (0, None) and "b" not in tree.tenant_chars
+
+
+def test_cache_aware_decision():
+    policy = CacheAware(0.5, balance_abs_threshold=4, balance_rel_threshold=1.5, max_tree_size=1000)
+    a, b = _worker("http://a"), _worker("http://b")
+    first = policy.select([a, b], "shared prefix, request one")
+    # Matching more than half the text: the holder; a new text: the smallest tree.
+    assert policy.select([a, b], "shared prefix, request two") is first
+    other = policy.select([a, b], "something unrelated entirely")
+    assert other is not first
+    # Imbalance (difference > 4 and ratio > 1.5) overrides the match: least loaded.
+    first.in_flight = 10
+    assert policy.select([a, b], "shared prefix, request three") is other
+
+
+def test_circuit_breaker_opens_half_opens_and_closes():
+    cb = CircuitBreaker("http://w", failure_threshold=2, success_threshold=2, timeout_s=0.05)
+    cb.record(False)
+    assert cb.allows()
+    cb.record(False)
+    assert cb.state == OPEN and not cb.allows()
+    time.sleep(0.06)
+    assert cb.allows() and cb.state == HALF_OPEN
+    cb.record(False)  # one failure while half-open opens it again
+    assert cb.state == OPEN
+    time.sleep(0.06)
+    assert cb.allows()
+    cb.record(True)
+    cb.record(True)
+    assert cb.state == CLOSED
+
+
+def test_limiter_queue_full_and_timeout():
+    async def run() -> list[Optional[int]]:
+        limiter = Limiter(max_concurrent=1, queue_size=1, timeout_s=0.2)
+        assert await limiter.acquire() is None
+        waiter = asyncio.ensure_future(limiter.acquire())
+        await asyncio.sleep(0)
+        full = await limiter.acquire()  # the one queue slot is taken
+        timed_out = await waiter  # nobody released within 0.2 s
+        limiter.release()
+        again = await limiter.acquire()
+        return [full, timed_out, again]
+
+    assert asyncio.run(run()) == [429, 408, None]
+
+
+# ----------------------------------------------------------------------------- real servers
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    return make_tiny_text_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+class Servers:
+    """The two workers (started side by side); `restart` brings one back on its port."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.urls = [f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}" for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            self.procs = list(pool.map(self._launch, self.urls))
+
+    def _launch(self, url: str) -> subprocess.Popen:
+        return popen_launch_server(self.folder, url, other_args=SERVER_ARGS)
+
+    def restart(self, i: int) -> None:
+        self.procs[i] = self._launch(self.urls[i])
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            kill_process_tree(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def servers(folder) -> Iterator[Servers]:
+    s = Servers(folder)
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+class Router:
+    def __init__(self, *args: str) -> None:
+        self.url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
+        cmd += ["--port", self.url.rsplit(":", 1)[1], "--prometheus-port", str(find_free_port())]
+        cmd += ["--worker-startup-check-interval", "1", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.log: list[str] = []
+        threading.Thread(target=self._tee, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "router exited:\n" + "\n".join(self.log)
+            try:
+                if requests.get(f"{self.url}/liveness", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        raise TimeoutError("router did not start")
+
+    def _tee(self) -> None:
+        for line in self.proc.stdout:  # type: ignore[union-attr]
+            self.log.append(line.decode(errors="replace").rstrip())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return requests.post(self.url + path, timeout=kw.pop("timeout", 120), **kw)
+
+    def metric(self, name: str, **labels: str) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        prefix = f"{name}{{{want}}} " if want else f"{name} "
+        lines = self.get("/metrics").text.splitlines()
+        return sum(float(x.split()[-1]) for x in lines if x.startswith(prefix))
+
+
+def router(*args: str):
+    """A router for the duration of a with-block."""
+
+    class _Ctx:
+        def __enter__(self) -> Router:
+            self.r = Router(*args)
+            return self.r
+
+        def __exit__(self, *exc) -> None:
+            self.r.stop()
+
+    return _Ctx()
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _stream_summary(events: list[dict]) -> dict:
+    """What a stream says independent of how its tokens were grouped into events: the text,
+    every attention entry in order, the report headers and the finish reason. (Native streams
+    repeat the whole text in each event, OpenAI ones send deltas; attention entries are deltas
+    in both.)"""
+    text, entries, headers, finish = "", [], set(), None
+    for event in events:
+        if "meta_info" in event:
+            text, finish = event["text"], event["meta_info"]["finish_reason"]
+            reports = [event["meta_info"].get("attention_tokens")]
+        else:
+            reports = []
+            for ch in event.get("choices", []):
+                text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                finish = ch.get("finish_reason") or finish
+                reports.append(ch.get("attention_tokens"))
+        for report in filter(None, reports):
+            entries += report.pop("content", [])
+            headers.add(json.dumps(report, sort_keys=True))
+    return {"text": text, "attention": entries, "headers": sorted(headers), "finish": finish}
+
+
+def _body(resp: requests.Response) -> Any:
+    """A JSON answer, or a stream's summary, with volatile fields removed."""
+    assert resp.status_code == 200, resp.text
+    if resp.headers["content-type"].startswith("text/event-stream"):
+        events = [ln[6:] for ln in resp.text.split("\n") if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return _stream_summary([_strip(json.loads(e)) for e in events[:-1]])
+    return _strip(resp.json())
+
+
+def _flush(url: str) -> None:
+    assert requests.post(f"{url}/flush_cache", timeout=60).status_code == 200
+
+
+def test_every_route_same_as_worker(servers):
+    direct = servers.urls[0]
+    with router("--worker-urls", *servers.urls) as r:
+        cases = [
+            ("/generate", {"text": "The capital of", "sampling_params": GREEDY, **ATTN}),
+            ("/generate", {"input_ids": [1, 5, 9, 200], "sampling_params": GREEDY, **ATTN}),
+            (
+                "/v1/completions",
+                {"model": "m", "prompt": "Once upon", "max_tokens": 6, "temperature": 0, **ATTN},
+            ),
+            (
+                "/v1/chat/completions",
+                {
+                    "model": "m",
+                    "messages": [{"role": "user", "content": "Hi!"}],
+                    "max_tokens": 6,
+                    "temperature": 0,
+                    "logprobs": True,
+                    "top_logprobs": 2,
+                    **ATTN,
+                },
+            ),
+        ]
+        for path, body in cases:
+            for stream in (False, True):
+                req = {**body, "stream": stream}
+                _flush(r.url)  # fan-out: both workers start cold, like the direct request
+                want = _body(requests.post(direct + path, json=req, timeout=120))
+                _flush(r.url)
+                got = _body(r.post(path, json=req))
+                assert got == want, f"{path} stream={stream}"
+                assert "top_attention" in json.dumps(got), f"{path} stream={stream}"
+
+        # The official client, with the attention fields in extra_body.
+        client = openai.OpenAI(base_url=r.url + "/v1", api_key="none")
+        ref = openai.OpenAI(base_url=direct + "/v1", api_key="none")
+        kw = dict(model="m", max_tokens=5, temperature=0, extra_body=ATTN)
+        msgs = [{"role": "user", "content": "Tell me a story"}]
+        _flush(r.url)
+        want = _strip(ref.chat.completions.create(messages=msgs, **kw).model_dump())
+        _flush(r.url)
+        got = _strip(client.chat.completions.create(messages=msgs, **kw).model_dump())
+        assert got == want and got["choices"][0]["attention_tokens"]["content"]
+        chunks = list(client.completions.create(prompt="Stream me", stream=True, **kw))
+        assert any(getattr(c.choices[0], "attention_tokens", None) for c in chunks if c.choices)
+
+        for path in ("/v1/models", "/get_model_info", "/v1/models/unknown"):
+            got, want = r.get(path), requests.get(direct + path, timeout=60)
+            assert (got.status_code, _strip(got.json())) == (want.status_code, _strip(want.json()))
+        for path in ("/health", "/health_generate", "/get_server_info"):
+            assert r.get(path).status_code == 200, path
+        for path, body in (
+            ("/v1/tokenize", {"prompt": "Hello there"}),
+            ("/v1/detokenize", {"tokens": [19556, 665]}),
+        ):
+            assert (
+                r.post(path, json=body).json()
+                == requests.post(direct + path, json=body, timeout=60).json()
+            )
+        loads = r.get("/get_loads").json()["workers"]
+        assert sorted(w["worker"] for w in loads) == sorted(servers.urls)
+        assert all(w["load"][0]["dp_rank"] == 0 for w in loads)
+        bad = r.post("/generate", json={"text": "x", "sampling_params": {"temperature": -1}})
+        assert bad.status_code == 400 and "temperature" in bad.text  # the worker's own error
+        assert r.metric("sgl_router_requests_total", route="/generate") >= 4
+        assert r.metric("sgl_router_cache_misses_total") >= 1
+
+
+def _prefix_workload(seed: int, groups: int = 3, per_group: int = 4) -> list[str]:
+    rng = random.Random(seed)
+    prefixes = [" ".join(rng.choice(WORDS) for _ in range(120)) for _ in range(groups)]
+    return [f"{p} question {i}: {rng.choice(WORDS)}?" for i in range(per_group) for p in prefixes]
+
+
+def _cache_misses(r: Router, prompts: list[str]) -> int:
+    """Requests whose prompt the serving worker had (mostly) not cached."""
+    misses = 0
+    for text in prompts:
+        sp = {"temperature": 0, "max_new_tokens": 1}
+        meta = r.post("/generate", json={"text": text, "sampling_params": sp}).json()["meta_info"]
+        misses += meta["cached_tokens"] < meta["prompt_tokens"] // 2
+    return misses
+
+
+def test_cache_aware_keeps_prefix_on_its_worker(servers):
+    with router("--worker-urls", *servers.urls, "--policy", "cache_aware") as r:
+        _flush(r.url)
+        assert _cache_misses(r, _prefix_workload(1)) == 3  # one per prefix group
+        # Both workers took groups (a new prefix goes to the smaller tree).
+        per_worker = [
+            r.metric("sgl_router_processed_requests_total", worker=u) for u in servers.urls
+        ]
+        assert all(n >= 4 for n in per_worker), per_worker
+        assert r.metric("sgl_router_cache_hits_total") == 9
+    with router("--worker-urls", *servers.urls, "--policy", "round_robin") as r:
+        _flush(r.url)
+        # Three groups in turn on two workers: every group visits both, missing once on each.
+        assert _cache_misses(r, _prefix_workload(2)) == 6
+
+
+def _gen(url: str, max_new_tokens: int = 16, **kw) -> requests.Response:
+    sp = {"max_new_tokens": max_new_tokens, "ignore_eos": True}
+    return requests.post(
+        f"{url}/generate", json={"text": "Count with me", "sampling_params": sp}, timeout=300, **kw
+    )
+
+
+def _num_reqs(url: str) -> int:
+    return sum(
+        x["num_reqs"] + x["num_waiting_reqs"]
+        for x in requests.get(f"{url}/get_load", timeout=30).json()
+    )
+
+
+class SlowWorker:
+    """A stand-in worker whose /generate streams `n` events (default 400), one every 50 ms, for
+    what a real worker on the tiny model finishes too fast to observe: requests holding the only
+    slot for seconds, and the moment a connection is closed (`aborted`)."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.aborted = threading.Event()
+        self.url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_post("/generate", self._generate)
+        self.loop = asyncio.new_event_loop()
+        self.runner = web.AppRunner(app)
+        self.loop.run_until_complete(self.runner.setup())
+        port = int(self.url.rsplit(":", 1)[1])
+        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", port).start())
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    async def _health(self, request):
+        from aiohttp import web
+
+        return web.Response(text="ok")
+
+    async def _generate(self, request):
+        from aiohttp import web
+
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        n = (await request.json()).get("n", 400)
+        try:
+            for i in range(n):
+                await resp.write(b'data: {"i": %d}\n\n' % i)
+                await asyncio.sleep(0.05)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.aborted.set()
+            return resp
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def test_queue_limit_timeout_and_client_disconnect():
+    slow = SlowWorker()
+    try:
+        args = ["--worker-urls", slow.url, "--max-concurrent-requests", "1"]
+        with router(*args, "--queue-size", "1", "--queue-timeout-secs", "5") as r:
+            # NOTE: the session and the line iterator are kept: dropping either closes the
+            # stream's connection, which would end the request early.
+            client = requests.Session()
+            hold = client.post(f"{r.url}/generate", json={"text": "x", "stream": True}, stream=True)
+            lines = hold.iter_lines()
+            assert next(lines) == b'data: {"i": 0}'  # relayed before the stream ends
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(r.post, "/generate", json={"text": "y"})
+                deadline = time.monotonic() + 30
+                while not r.metric("sgl_router_requests_total", route="/generate") >= 2:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                full = r.post("/generate", json={"text": "z"})  # slot busy, queue full
+                assert full.status_code == 429 and "queue" in full.json()["message"]
+                assert queued.result().status_code == 408  # waited 5 s in the queue
+            assert not slow.aborted.is_set()
+            hold.close()  # the client goes away: the router closes the worker's connection
+            assert slow.aborted.wait(30)
+            ok = r.post("/generate", json={"text": "again", "n": 2})  # the router stays up
+            assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n")
+            for reason in ("queue_full", "queue_timeout"):
+                assert r.metric("sgl_router_queue_rejections_total", reason=reason) == 1
+    finally:
+        slow.stop()
+
+
+class Load:
+    """Client threads sending requests until stopped; every status is kept."""
+
+    def __init__(self, url: str, threads: int = 3) -> None:
+        self.url, self.codes, self.running = url, [], True
+        self.threads = [threading.Thread(target=self._run) for _ in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self) -> None:
+        while self.running:
+            try:
+                self.codes.append(_gen(self.url, 8).status_code)
+            except requests.RequestException as e:
+                self.codes.append(repr(e))
+
+    def stop(self) -> list:
+        self.running = False
+        for t in self.threads:
+            t.join(300)
+        return self.codes
+
+
+def _settle(load: Load, n: int) -> None:
+    """Wait until `n` more requests finished."""
+    target = len(load.codes) + n
+    deadline = time.monotonic() + 120
+    while len(load.codes) < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_add_and_remove_workers_under_load(servers):
+    a, b = servers.urls
+    with router("--worker-urls", a, "--policy", "round_robin") as r:
+        load = Load(r.url)
+        _settle(load, 3)
+        assert r.post(f"/add_worker?url={b}").status_code == 200
+        _settle(load, 6)
+        assert r.post(f"/remove_worker?url={a}").status_code == 200
+        assert r.get("/list_workers").json() == {"urls": [b]}
+        _settle(load, 6)
+        # The REST form: add a back, remove b.
+        assert r.post("/workers", json={"url": a}).status_code == 200
+        _settle(load, 3)
+        assert (
+            requests.delete(
+                f"{r.url}/workers/{requests.utils.quote(b, safe='')}", timeout=60
+            ).status_code
+            == 200
+        )
+        _settle(load, 3)
+        codes = load.stop()
+        assert codes and all(c == 200 for c in codes), codes
+        assert [w["url"] for w in r.get("/workers").json()["workers"]] == [a]
+        assert r.metric("sgl_router_processed_requests_total", worker=b) > 0
+        assert r.post(f"/remove_worker?url={b}").status_code == 404
+
+
+def test_discovery_file_and_api_key(servers, tmp_path):
+    a, b = servers.urls
+    listing = tmp_path / "workers.txt"
+    listing.write_text(f"{a}\n")
+    auth = {"Authorization": "Bearer secret"}
+    with router(
+        "--worker-urls-file",
+        str(listing),
+        "--discovery-interval-secs",
+        "0.2",
+        "--api-key",
+        "secret",
+    ) as r:
+
+        def urls() -> list[str]:
+            return sorted(r.get("/list_workers", headers=auth).json()["urls"])
+
+        def wait_for(want: list[str]) -> None:
+            deadline = time.monotonic() + 60
+            while urls() != sorted(want) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert urls() == sorted(want)
+
+        wait_for([a])
+        listing.write_text(f"# the autoscaling group\n{a}\n{b}\n")
+        wait_for([a, b])
+        listing.write_text(f"{b}\n")
+        wait_for([b])
+        assert r.get("/list_workers").status_code == 401
+        assert r.post("/generate", json={"text": "hi"}).status_code == 401
+        ok = r.post("/generate", json={"text": "hi", "sampling_params": GREEDY}, headers=auth)
+        assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 6
+
+
+def test_killed_worker_retried_leaves_and_rejoins(servers):
+    """Last: it kills and restarts the second server."""
+    a, b = servers.urls
+    args = ["--worker-urls", a, b, "--policy", "round_robin", "--health-check-interval-secs", "1"]
+    args += ["--health-failure-threshold", "1", "--health-success-threshold", "1"]
+    with router(*args, "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "200") as r:
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(_gen, r.url, 48) for _ in range(8)]
+            deadline = time.monotonic() + 60
+            while _num_reqs(b) == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            kill_process_tree(servers.procs[1].pid)  # b dies with requests in flight
+            codes = [f.result().status_code for f in futures]
+        assert codes == [200] * 8
+        assert r.metric("sgl_router_retries_total", route="/generate") >= 1
+        more = [_gen(r.url, 4).status_code for _ in range(4)]
+        assert more == [200] * 4
+
+        def health(url: str) -> bool:
+            return next(
+                w["healthy"] for w in r.get("/workers").json()["workers"] if w["url"] == url
+            )
+
+        deadline = time.monotonic() + 60
+        while health(b) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not health(b) and r.metric("sgl_router_worker_health", worker=b) == 0
+        servers.restart(1)
+        deadline = time.monotonic() + 60
+        while not health(b) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health(b)
+        served = r.metric("sgl_router_processed_requests_total", worker=b)
+        assert [_gen(r.url, 4).status_code for _ in range(4)] == [200] * 4
+        assert r.metric("sgl_router_processed_requests_total", worker=b) > served

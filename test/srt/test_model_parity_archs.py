@@ -8,7 +8,7 @@ tokens (identical) and their logprobs (1e-4) at batch 1 and in a mixed batch, wi
 (prompt logprobs too) and after a prefix-cache hit; every generated token's attention tokens (last
 layer, all-layer mean, a subset, per-layer lists with an excluded sink) are a valid top-k of HF's
 eager head-mean rows with scores within 1e-4. Tensor parallelism 2 (real gloo group) gives HF's
-tokens and TP 1's attention tokens. Config variants (untied GPT-2 head with per-layer attention
+tokens and TP 1's attention tokens (OLMo 2 also with one KV head, replicated on both ranks). Config variants (untied GPT-2 head with per-layer attention
 scaling, sequential-residual NeoX) are checked on prefill logits and incremental HF greedy decoding.
 GPT-2's context length cannot exceed its learned position table.
 
@@ -180,9 +180,13 @@ def test_config_variants(variant, tmp_path):
 
 
 def test_tp2_matches_tp1_and_hf(tmp_path_factory):
+    cases = {name: (name, {}) for name in ARCHS}
+    # One KV head: TP 2 replicates it, and OLMo 2's k norm must count it once.
+    cases["olmo2_kv1"] = ("olmo2", {"num_key_value_heads": 1})
     folders = {
-        name: make_tiny_model(name, str(tmp_path_factory.mktemp(f"tp-{name}")), initializer_range=INIT)
-        for name in ARCHS
+        name: make_tiny_model(arch, str(tmp_path_factory.mktemp(f"tp-{name}")),
+                              initializer_range=INIT, **overrides)
+        for name, (arch, overrides) in cases.items()
     }  # fmt: skip
     prompts = prompts_for(2, seed=9)
     steps = 12

@@ -18,10 +18,11 @@ MODEL ?= smollm2-135m-instruct
 
 install: $(STAMP) $(TRITON_STAMP)
 
-$(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml
+$(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml sgl-model-gateway/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ./sgl-kernel -e "./python[test]"
+	$(PIP) install -e ./sgl-kernel -e "./python[test]" -e ./sgl-model-gateway
+	$(PIP) install --no-deps --target $(VENV)/upstream-router sglang-router==0.3.2
 	# A CUDA machine also gets the gpu extra (Triton): the server refuses CUDA without it.
 	if test -e /proc/driver/nvidia || command -v nvidia-smi >/dev/null 2>&1; then \
 		$(PIP) install -e "./python[gpu]"; fi

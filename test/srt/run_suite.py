@@ -86,6 +86,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_reliability.py", 300),
         TestFile("test_model_gateway.py", 90),
         TestFile("test_structured_output.py", 120),
+        TestFile("test_structured_output_scheduler.py", 60),
     ],
     "per-commit-1-gpu": [
         TestFile("test_cuda_graph_runner.py", 60),

@@ -4,8 +4,8 @@ On CPU (per-commit-cpu) the runner's static, padded path runs without graphs
 (`use_graphs=False`) on a torch_native backend that implements the three graph hooks, so padding,
 the static buffers, the logits slice and the static attention capture are checked against plain
 eager decode. On CUDA (per-commit-1-gpu) real graphs are captured with the default (triton)
-backend and every bucket's replay is compared with eager decode, with and without attention
-capture, on a tiny random Llama in float32.
+backend and every bucket's replay is compared with eager torch_native decode (the torch capture
+path), with and without attention capture, on a tiny random Llama in float32.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def prompts_for(bs: int, seed: int) -> list[list[int]]:
 
 
 def attention_for(bs: int, num_layers: int) -> list[Any]:
-    """Every other row asks (alternating last layer / all layers, one with a sink excluded)."""
+    """Every other row asks (alternating last layer / all layers with a sink excluded, every
+    third asking row per-layer lists: aggregation "none" replays graphs too)."""
     out: list[Any] = []
     for i in range(bs):
         if i % 2 == 1:
@@ -125,7 +126,9 @@ def attention_for(bs: int, num_layers: int) -> list[Any]:
         elif i % 4 == 0:
             out.append(AttentionRequest(top_k=6, layers=(num_layers - 1,)))
         else:
-            out.append(AttentionRequest(top_k=4, layers=tuple(range(num_layers)), exclude_sink=1))
+            aggregation = "none" if i % 3 == 2 else "mean"
+            out.append(AttentionRequest(top_k=4, layers=tuple(range(num_layers)), exclude_sink=1,
+                                        aggregation=aggregation))  # fmt: skip
     return out
 
 
@@ -140,6 +143,11 @@ def compare(a, b, tol: float) -> None:
             assert x.positions == y.positions, f"step {step}"
             assert x.scores == pytest.approx(y.scores, rel=tol, abs=tol)
             assert x.excluded_mass == pytest.approx(y.excluded_mass, rel=tol, abs=tol)
+            assert (x.layers is None) == (y.layers is None)
+            for layer, (pos, scores, excluded) in (x.layers or {}).items():
+                assert pos == y.layers[layer][0], f"step {step} layer {layer}"
+                assert scores == pytest.approx(y.layers[layer][1], rel=tol, abs=tol)
+                assert excluded == pytest.approx(y.layers[layer][2], rel=tol, abs=tol)
 
 
 @pytest.fixture(scope="module")
@@ -191,13 +199,15 @@ def test_graph_replay_equals_eager_every_bucket(tiny_path: str, capture: bool) -
     graphs = mr.cuda_graph_runner
     assert graphs is not None, "CUDA graphs were not captured"
     assert graphs.batch_sizes == [1, 2, 4, 8, 16]
+    # The reference is the torch path (torch_native attention, torch capture arithmetic, eager),
+    # so the kernels inside the graphs are compared with the torch reference, not with themselves.
+    ref = SRTRunner(tiny_path, attention_backend="torch_native", **kwargs).model_runner
+    assert ref.cuda_graph_runner is None and not getattr(ref.attention_capture, "use_kernel", 0)
     layers = mr.model_config.num_hidden_layers
     for bs in (1, 2, 3, 4, 7, 8, 11, 16):
         prompts = prompts_for(bs, seed=100 + bs)
         att = attention_for(bs, layers) if capture else [None] * bs
-        mr.cuda_graph_runner = None
-        eager = lockstep(mr, prompts, STEPS, att)
-        mr.cuda_graph_runner = graphs
+        eager = lockstep(ref, prompts, STEPS, att)
         replay = lockstep(mr, prompts, STEPS, att, tokens=eager[1])
         compare(replay, eager, 1e-4)
 

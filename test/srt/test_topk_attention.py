@@ -270,15 +270,16 @@ def test_smollm2_against_hf_gguf() -> None:
 # ------------------------------------------------- graph mode: the static path equals the eager one
 
 
-@pytest.mark.parametrize("window", [-1, 6])
-def test_static_graph_path_equals_eager(window: int) -> None:
-    """The fixed-shape path CUDA graphs record, run eagerly, gives the eager path's results."""
+@pytest.mark.parametrize("window,aggregation", [(-1, "mean"), (6, "mean"), (-1, "none")])
+def test_static_graph_path_equals_eager(window: int, aggregation: str) -> None:
+    """The fixed-shape path CUDA graphs record, run eagerly, gives the eager path's results
+    (per-layer lists too: aggregation "none" replays graphs as well)."""
     prefix = [9, 20, 3, 40, 17]
     case = make_case(11, hq=8, hkv=2, d=16, prefix_lens=prefix, extend_lens=[1] * 5,
                      mode=ForwardMode.DECODE, num_layers=3, page_size=2)  # fmt: skip
     requests = [
         AttentionRequest(top_k=5, layers=(2,)),
-        AttentionRequest(top_k=8, layers=(0, 1, 2), exclude_sink=2),
+        AttentionRequest(top_k=8, layers=(0, 1, 2), exclude_sink=2, aggregation=aggregation),
         AttentionRequest(top_k=16, layers=(0, 2)),
     ]
     spec = CaptureSpec([3, 0, 4], requests)  # rows 1 and 2 do not capture
@@ -297,10 +298,13 @@ def test_static_graph_path_equals_eager(window: int) -> None:
     forward_layers()
     eager = cap.finish()
 
-    cap.init_static(NUM_ROWS, width=MAX_CONTEXT)
+    cap.init_static(NUM_ROWS, max_width=MAX_CONTEXT)
     bs = case.fb.batch_size
     cap.load_static(spec, bs)
-    cap.static_begin(bs)
+    shape = cap.static_shape(spec, case.fb.seq_lens_cpu)
+    assert shape.width == 64 and shape.width >= max(case.fb.seq_lens_cpu)  # 41 -> bucket 64
+    assert shape.per_layer == (aggregation == "none") and shape.layers == (0, 1, 2)
+    cap.static_begin(bs, shape)
     forward_layers()
     cap.static_finish(case.fb, bs)
     static = cap.static_result(spec, case.fb.seq_lens_cpu)
@@ -309,6 +313,14 @@ def test_static_graph_path_equals_eager(window: int) -> None:
     assert static.values.shape == eager.values.shape
     torch.testing.assert_close(static.values, eager.values, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(static.excluded, eager.excluded, rtol=1e-6, atol=1e-7)
+    assert (static.layer_values is None) == (aggregation == "mean")
+    if aggregation == "none":
+        torch.testing.assert_close(static.layer_values, eager.layer_values, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            static.layer_excluded, eager.layer_excluded, rtol=1e-6, atol=1e-7
+        )
+        ranked = eager.layer_values > 0
+        assert torch.equal(static.layer_indices[ranked], eager.layer_indices[ranked])
     # Positions of score 0 (outside a window) tie, and ties may rank in any order.
     ranked = eager.values > 0
     assert torch.equal(static.indices[ranked], eager.indices[ranked])

@@ -420,3 +420,61 @@ def test_fp8_kv_cache_matches_torch_native() -> None:
         for t, (a, b) in enumerate(zip(tri.attention_records, ref.attention_records)):
             assert_ranked_close(a.positions, a.scores, b.positions, b.scores, tol,
                                 f"{kv} request {i} token {t}")  # fmt: skip
+
+
+def test_static_capture_kernel_path_matches_torch_native() -> None:
+    """Decode steps through the graph runner's static path (no graphs on CPU: the same code
+    a graph records) run the fused kernel over the shape's width, per-layer lists included, and
+    give torch_native's records."""
+    from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
+
+    path = make_tiny_model("llama", seed=5, max_position_embeddings=256)
+    options = [AttentionRequest(top_k=4, layers=(2,)),
+               AttentionRequest(top_k=3, layers=(0, 2), aggregation="none", exclude_sink=1)]  # fmt: skip
+    cap = dict(return_attention_tokens=True, attention_capture_layers="all",
+               attention_tokens_top_k=8, cuda_graph_max_bs=2)  # fmt: skip
+    runners = (engine(path, **cap), SRTRunner(path, **cap))
+    mr = runners[0].model_runner
+    if mr.cuda_graph_runner is None:  # CPU: the static path without graphs
+        mr.cuda_graph_runner = CudaGraphRunner(mr, use_graphs=False)
+    results = []
+    for srt in runners:
+        reqs = [srt.make_req(p, STEPS, attention=o, temperature=0.0, ignore_eos=True)
+                for p, o in zip(rand_prompts(2, seed=11), options)]  # fmt: skip
+        for req in reqs:
+            srt.scheduler.add_request(req)
+        srt.scheduler.run_until_idle()
+        results.append(reqs)
+    shape = runners[0].model_runner.attention_capture.graph_shape
+    assert shape is not None and shape.per_layer and shape.layers == (0, 2)
+    tol = 1e-4 if HAS_CUDA else 1e-5
+    for i, (tri, ref) in enumerate(zip(*results)):
+        assert tri.output_ids == ref.output_ids, f"request {i}: tokens"
+        for t, (a, b) in enumerate(zip(tri.attention_records, ref.attention_records, strict=True)):
+            label = f"request {i} token {t}"
+            assert abs(a.excluded_mass - b.excluded_mass) < tol, label
+            assert_ranked_close(a.positions, a.scores, b.positions, b.scores, tol, label)
+            for layer in b.layers or {}:
+                (pa, va, xa), (pb, vb, xb) = a.layers[layer], b.layers[layer]
+                assert abs(xa - xb) < tol, label
+                assert_ranked_close(pa, va, pb, vb, tol, f"{label} layer {layer}")
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="sgl_kernel routes to the Triton kernels on CUDA only")
+def test_norm_and_activation_ops_run_the_triton_kernels_on_cuda() -> None:
+    """The model's RMSNorm / SiLU-and-mul (sgl_kernel's package ops) are norm_act's kernels on a
+    GPU: bitwise their outputs, within one bf16 unit of the torch references."""
+    import sgl_kernel
+    from sgl_kernel import norm_act, ref
+
+    gen = torch.Generator().manual_seed(0)
+    x, res = (torch.randn(7, 576, generator=gen).to(DEV, torch.bfloat16) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(576, generator=gen)).to(DEV, torch.bfloat16)
+    assert torch.equal(sgl_kernel.rmsnorm(x, w, 1e-6), norm_act.rmsnorm(x, w, 1e-6))
+    for a, b in zip(sgl_kernel.fused_add_rmsnorm(x, res, w, 1e-6),
+                    norm_act.fused_add_rmsnorm(x, res, w, 1e-6)):  # fmt: skip
+        assert torch.equal(a, b)
+    gate_up = torch.randn(3, 2 * 576, generator=gen).to(DEV, torch.bfloat16)
+    assert torch.equal(sgl_kernel.silu_and_mul(gate_up), norm_act.silu_and_mul(gate_up))
+    tol = dict(atol=1.6e-2, rtol=8e-3)
+    torch.testing.assert_close(sgl_kernel.rmsnorm(x, w, 1e-6), ref.rmsnorm(x, w, 1e-6), **tol)

@@ -21,10 +21,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from sgl_kernel.attention_scores import key_visible, softcap
+from sgl_kernel.attention_scores import key_visible
 
 from sglang.srt.attention_capture.config import AttentionRequest
-from sglang.srt.attention_capture.static import StaticCaptureMixin, score_scale
+from sglang.srt.attention_capture.static import (
+    StaticCaptureMixin,
+    score_scale,
+    static_buffer_bytes,
+)
+from sglang.srt.attention_capture.torch_scores import head_summed_probs
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -149,6 +154,17 @@ class AttentionCapture(StaticCaptureMixin):
             max_context,
         )
 
+    @staticmethod
+    def buffer_bytes(
+        num_cap: int, max_rows: int, max_context: int, max_top_k: int, graph_bs: int = 0
+    ) -> int:
+        """Bytes the capture allocates: `__init__`'s score rows and per-layer top-k outputs, plus
+        `init_static`'s graph buffers for batches up to `graph_bs` (0: no CUDA graphs)."""
+        total = max_rows * max_context * 4 + num_cap * max_rows * (max_top_k * 12 + 4)
+        if graph_bs:
+            total += static_buffer_bytes(num_cap, graph_bs, max_context, max_top_k)
+        return total
+
     @classmethod
     def from_model_runner(cls, runner: Any, captured_layers: tuple[int, ...]) -> "AttentionCapture":
         mc = runner.model_config
@@ -180,7 +196,7 @@ class AttentionCapture(StaticCaptureMixin):
         j = torch.arange(max_kv, device=dev)
         valid = j[None, :] < seq_lens[:, None]
         slots = fb.req_to_token_pool.req_to_token[fb.req_pool_indices[rows], :max_kv]
-        self.kv_slots = torch.where(valid, slots, 0).reshape(-1)
+        self.kv_slots = slots
         self.valid, self.seq_lens, self.q_index, self.max_kv = valid, seq_lens, q_index, max_kv
         if self.use_kernel:
             self.row_pool_indices = fb.req_pool_indices[rows]
@@ -205,8 +221,8 @@ class AttentionCapture(StaticCaptureMixin):
         self.spec, self.active = spec, True
 
     def wants_layer(self, layer_id: int) -> bool:
-        if self.graph_active:  # static mode: every captured layer is in the graph
-            return self.slot_of_layer[layer_id] >= 0
+        if self.graph_active:  # static mode: the graph's shape names the selected layers
+            return layer_id in self.graph_shape.layers
         return self.active and self.layer_wanted[layer_id]
 
     def _allowed(self, window: int) -> torch.Tensor:
@@ -234,21 +250,23 @@ class AttentionCapture(StaticCaptureMixin):
         """
         if self.graph_active:
             return self.record_static(layer, q, lse, forward_batch)
-        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
         c = self.slot_of_layer[layer.layer_id]
         if self.use_kernel:
             probs = self._record_fused(layer, q, lse, forward_batch, c)
         else:
-            qr = q.view(-1, hq, d)[self.q_index].float().view(num, hkv, hq // hkv, d)
-            lr = lse[self.q_index].float().view(num, hkv, hq // hkv, 1)
-            keys = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
-            keys = keys.index_select(0, self.kv_slots).view(num, self.max_kv, hkv, d).float()
-            scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
-            # The backend's LSE is of the soft-capped scores (Gemma 2), so cap before exp.
-            probs = torch.exp(softcap(scores, layer.logit_cap) - lr).sum(dim=(1, 2))  # [R, max_kv]
-            probs = torch.where(self._allowed(layer.sliding_window_size), probs, 0.0)
-            probs = probs / self.num_q_heads_total
+            # The backend's LSE is of the soft-capped scores (Gemma 2): head_summed_probs caps.
+            probs = head_summed_probs(
+                q.view(-1, hq * d)[self.q_index],
+                lse[self.q_index],
+                forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.kv_slots,
+                self._allowed(layer.sliding_window_size),
+                score_scale(layer, forward_batch),
+                layer.logit_cap,
+                self.num_q_heads_total,
+            )
             self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
         if self.spec.per_layer:
             probs = tensor_model_parallel_all_reduce(probs)

@@ -1,33 +1,42 @@
 """Static-shape attention capture, the graph mode (docs/attention_tokens.md, rule 3).
 
-Owns the capture path that CUDA graphs record. Everything it touches is allocated once by
-`init_static(max_bs, width)`: a per-row capture mask, the excluded-sink counts and the layer
-weights of every batch row ([max_bs] / [max_bs, C]), and the top-k outputs ([max_bs, k] with the
-server's k). Per decode step:
+Owns the capture path that CUDA graphs record. `init_static(max_bs, max_width)` allocates, once,
+a per-row capture mask, the excluded-sink counts and the layer weights of every batch row
+([max_bs] / [max_bs, C]), the top-k outputs ([max_bs, k] with the server's k, and [C, max_bs, k]
+for per-layer lists) and one unweighted score row per batch row for per-layer ranking. A capture
+graph is recorded for a `StaticShape`: the width (key positions zeroed, scored, all-reduced and
+ranked per row: the batch's longest capturing sequence rounded up to a bucket of `static_widths`,
+as graphs round the batch size up to a bucket), the captured layers some row selected (the only
+layers that launch anything) and whether some row wants per-layer lists ("none" aggregation).
+So the capture's cost follows the batch's lengths and selection, not the context length. Per
+decode step:
 
-  * `load_static(spec, bs)` (outside the graph, before replay) writes the mask, exclusions and
-    weights of the padded batch; rows that do not capture get mask 0 and weight 0;
-  * `static_begin(bs)` (inside the graph) zeroes the score rows;
-  * `record_static` (inside the graph, per captured layer) adds the head-summed probabilities of
+  * `static_shape(spec, seq_lens)` and `load_static(spec, bs)` (outside the graph, before replay)
+    pick the shape and write the mask, exclusions and weights of the padded batch; rows that do
+    not capture get mask 0 and weight 0;
+  * `static_begin(bs, shape)` (inside the graph) zeroes the score rows over the shape's width;
+  * `record_static` (inside the graph, per selected layer) adds the head-summed probabilities of
     every row (masked rows contribute nothing), through sgl_kernel's `capture_scores` when the
-    capture uses the Triton kernel, else through torch ops over the fixed [bs, width] window;
-  * `static_finish(fb)` (inside the graph) ranks the fixed [bs, width] rows with the fixed k;
+    capture uses the Triton kernel, else through the shared torch arithmetic (torch_scores.py),
+    and ranks that layer's own rows when the shape is per-layer;
+  * `static_finish(fb, bs)` (inside the graph) ranks the [bs, width] rows with the shape's k;
   * `static_result(spec, seq_lens)` (outside the graph) gathers the capturing rows into the same
     `CaptureResult` the eager path returns.
 
-Shapes depend only on (bs, width, k), never on the batch's lengths, and nothing reads host values,
-so the same code runs eagerly on CPU (how the tests check it equals the eager path) and inside a
-CUDA graph. Per-layer lists ("none" aggregation) are not part of the graph: such batches run
-eagerly. The eager path in capture.py is untouched by this mode.
+Tensor shapes depend only on (bs, shape), never on the batch's values, and nothing reads host
+values, so the same code runs eagerly on CPU (how the tests check it equals the eager path) and
+inside a CUDA graph.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
 
 import torch
-from sgl_kernel.attention_scores import key_visible, softcap
+from sgl_kernel.attention_scores import key_visible
 
+from sglang.srt.attention_capture.torch_scores import head_summed_probs
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
@@ -38,12 +47,42 @@ if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 
+# Smallest capture-graph width; buckets double from here up to the largest width.
+MIN_STATIC_WIDTH = 256
+
+
+def static_widths(max_width: int) -> list[int]:
+    """Width buckets of the capture graphs: 256, 512, ... (doubling) below max_width, then it."""
+    widths, width = [], MIN_STATIC_WIDTH
+    while width < max_width:
+        widths.append(width)
+        width *= 2
+    widths.append(int(max_width))
+    return widths
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """What one capture graph is recorded for (with its batch-size bucket)."""
+
+    width: int  # key positions per row: a bucket >= the longest capturing sequence
+    layers: tuple[int, ...]  # captured layers some row selected, the only ones launched
+    per_layer: bool  # some row wants one list per layer ("none" aggregation)
+
 
 def score_scale(layer: "RadixAttention", forward_batch: "ForwardBatch") -> float:
     """The scale that turns q . K read from the pool into the layer's scaled scores: its softmax
     scale times the key scale a float8 pool stores K under (the backend's LSE is of these)."""
     k_scale, _ = forward_batch.token_to_kv_pool.kv_scales(layer)
     return layer.scaling * k_scale
+
+
+def static_buffer_bytes(num_cap: int, max_bs: int, max_width: int, max_top_k: int) -> int:
+    """Bytes `init_static` allocates (the model runner counts them before sizing the KV pool)."""
+    per_row = 4 + 8 + 4 + 8 + num_cap * 4  # mask, exclude, excluded, q index, weights
+    per_layer = num_cap * 4  # each layer's excluded mass
+    top_k = (num_cap + 1) * max_top_k * 12  # values (4) and indices (8), mean and per layer
+    return max_bs * (per_row + per_layer + top_k + max_width * 4)  # + the per-layer score row
 
 
 class StaticCaptureMixin:
@@ -61,34 +100,45 @@ class StaticCaptureMixin:
 
     graph_active: bool = False  # True between static_begin and static_finish
     static_max_bs: int = 0
+    graph_shape: Optional[StaticShape] = None  # the shape of the running (or last) static forward
 
-    def init_static(self, max_bs: int, width: Optional[int] = None) -> None:
-        """Allocate the graph-mode buffers for batches of up to `max_bs` rows.
-
-        `width` bounds the key positions a row can have (default: the context length); the
-        torch path reads that many keys per row, the kernel path only each row's own length.
-        """
+    def init_static(self, max_bs: int, max_width: Optional[int] = None) -> None:
+        """Allocate the graph-mode buffers for batches of up to `max_bs` rows whose sequences
+        are at most `max_width` long (default: the context length)."""
         if max_bs > self.max_rows:
             raise ValueError(f"graph batch {max_bs} exceeds the {self.max_rows} capture rows")
-        dev = self.device
-        num_cap = len(self.layers)
+        dev, f32, i64 = self.device, torch.float32, torch.int64
+        num_cap = max(len(self.layers), 1)
+        k = self.max_top_k
         self.static_max_bs = max_bs
-        self.static_width = min(int(width or self.max_context), self.max_context)
-        self.static_k = min(self.max_top_k, self.static_width)
+        self.static_widths = static_widths(
+            min(int(max_width or self.max_context), self.max_context)
+        )
+        width = self.static_widths[-1]
         self.g_row_mask = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.g_exclude = torch.zeros(max_bs, dtype=torch.int64, device=dev)
-        self.g_weights = torch.zeros(max_bs, max(num_cap, 1), dtype=torch.float32, device=dev)
-        self.g_q_index = torch.arange(max_bs, dtype=torch.int64, device=dev)
-        self.g_values = torch.zeros(max_bs, self.static_k, dtype=torch.float32, device=dev)
-        self.g_indices = torch.zeros(max_bs, self.static_k, dtype=torch.int64, device=dev)
-        self.g_excluded = torch.zeros(max_bs, dtype=torch.float32, device=dev)
-
-    @staticmethod
-    def static_supports(spec: Optional["CaptureSpec"]) -> bool:
-        """Whether a batch with this spec can use the graph-mode path (per-layer lists cannot)."""
-        return spec is None or not spec.per_layer
+        self.g_exclude = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.g_weights = torch.zeros(max_bs, num_cap, dtype=f32, device=dev)
+        self.g_q_index = torch.arange(max_bs, dtype=i64, device=dev)
+        self.g_values = torch.zeros(max_bs, k, dtype=f32, device=dev)
+        self.g_indices = torch.zeros(max_bs, k, dtype=i64, device=dev)
+        self.g_excluded = torch.zeros(max_bs, dtype=f32, device=dev)
+        self.g_layer_values = torch.zeros(num_cap, max_bs, k, dtype=f32, device=dev)
+        self.g_layer_indices = torch.zeros(num_cap, max_bs, k, dtype=i64, device=dev)
+        self.g_layer_excluded = torch.zeros(num_cap, max_bs, dtype=f32, device=dev)
+        self.g_layer_row = torch.zeros(max_bs, width, dtype=f32, device=dev)
 
     # ---- outside the graph -------------------------------------------------------------------
+    def static_shape(self, spec: "CaptureSpec", seq_lens_cpu: list[int]) -> StaticShape:
+        """The graph shape for a batch: width bucket of its longest capturing row, the captured
+        layers some row selected, per-layer lists or not."""
+        longest = max(seq_lens_cpu[i] for i in spec.batch_rows)
+        width = next((w for w in self.static_widths if w >= longest), None)
+        if width is None:
+            raise ValueError(f"sequence of {longest} exceeds the static width {self.static_widths}")
+        wanted = set().union(*(r.layers for r in spec.requests))
+        layers = tuple(layer for layer in self.layers if layer in wanted)
+        return StaticShape(width, layers, spec.per_layer)
+
     def load_static(self, spec: Optional["CaptureSpec"], bs: int) -> None:
         """Fill mask, exclusions and weights of the (padded) batch's first `bs` rows."""
         if bs > self.static_max_bs:
@@ -117,19 +167,37 @@ class StaticCaptureMixin:
         max_kv = max(seq_lens_cpu[i] for i in spec.batch_rows)
         k = min(spec.top_k, max_kv, self.max_top_k)
         # NOTE: index_select copies, so the next replay cannot overwrite this result.
-        return CaptureResult(
+        result = CaptureResult(
             spec,
             self.layers,
             self.g_values.index_select(0, rows)[:, :k],
             self.g_indices.index_select(0, rows)[:, :k],
             self.g_excluded.index_select(0, rows),
         )
+        if spec.per_layer:
+            result.layer_values = self.g_layer_values.index_select(1, rows)[:, :, :k]
+            result.layer_indices = self.g_layer_indices.index_select(1, rows)[:, :, :k]
+            result.layer_excluded = self.g_layer_excluded.index_select(1, rows)
+        return result
 
     # ---- inside the graph --------------------------------------------------------------------
-    def static_begin(self, bs: int) -> None:
+    def static_begin(self, bs: int, shape: StaticShape) -> None:
         """Start a static forward of `bs` (padded) rows: zero their score rows."""
-        self.rows[:bs, : self.static_width].zero_()
+        self.graph_shape = shape
+        self.rows[:bs, : shape.width].zero_()
         self.graph_active = True
+
+    def _rank_static(
+        self, row: torch.Tensor, forward_batch: "ForwardBatch", bs: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k (the shape's k) of [bs, width] score rows, all-reduced over TP first."""
+        from sgl_kernel.attention_capture import capture_rank
+
+        if get_tensor_model_parallel_world_size() > 1:
+            row = tensor_model_parallel_all_reduce(row.contiguous())
+        k = min(self.max_top_k, row.shape[1])
+        seq_lens = forward_batch.seq_lens[:bs]
+        return capture_rank(row, seq_lens, self.g_row_mask[:bs], self.g_exclude[:bs], k)
 
     def record_static(
         self,
@@ -138,16 +206,20 @@ class StaticCaptureMixin:
         lse: torch.Tensor,
         forward_batch: "ForwardBatch",
     ) -> None:
-        """One captured layer for every row of a decode batch (masked rows add nothing).
+        """One selected layer for every row of a decode batch (masked rows add nothing).
 
         q: [bs, Hq * D] after rotary, lse: [bs, Hq] (decode: row i is batch row i).
         """
+        shape = self.graph_shape
         c = self.slot_of_layer[layer.layer_id]
-        bs = q.shape[0]
+        bs, width = q.shape[0], shape.width
         keys_all = forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id)
         req_to_token = forward_batch.req_to_token_pool.req_to_token
         seq_lens = forward_batch.seq_lens[:bs]
-        if getattr(self, "use_kernel", False) and q.device.type == "cuda":
+        rows = self.rows[:bs, :width]
+        layer_row = self.g_layer_row[:bs, :width] if shape.per_layer else None
+        if getattr(self, "use_kernel", False):
+            # The kernel's grid spans `width` columns; a row's blocks past its length do nothing.
             self._capture_scores(
                 q,
                 lse,
@@ -158,64 +230,50 @@ class StaticCaptureMixin:
                 self.g_q_index[:bs],
                 self.g_row_mask[:bs],
                 self.g_weights[:bs, c],
-                self.rows,
+                rows,
                 score_scale(layer, forward_batch),
                 self.num_q_heads_total,
                 sliding_window=layer.sliding_window_size,
                 logit_cap=layer.logit_cap,
                 accumulate=True,
+                layer_rows=layer_row,
             )
-            return
-        hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
-        width = self.static_width
-        qr = q.reshape(bs, hq, d).float().view(bs, hkv, hq // hkv, d)
-        lr = lse.float().view(bs, hkv, hq // hkv, 1)
-        j = torch.arange(width, device=q.device)
-        valid = (j[None, :] < seq_lens[:, None]) & (self.g_row_mask[:bs, None] != 0)
-        slots = req_to_token[forward_batch.req_pool_indices[:bs], :width]
-        slots = torch.where(valid, slots, 0).reshape(-1)
-        keys = keys_all.index_select(0, slots).view(bs, width, hkv, d).float()
-        scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * score_scale(layer, forward_batch)
-        probs = torch.exp(softcap(scores, layer.logit_cap) - lr).sum(dim=(1, 2))  # [bs, width]
-        valid = valid & key_visible((seq_lens - 1)[:, None], j[None, :], layer.sliding_window_size)
-        probs = torch.where(valid, probs, 0.0) / self.num_q_heads_total
-        self.rows[:bs, :width].addcmul_(probs, self.g_weights[:bs, c : c + 1])
+        else:
+            j = torch.arange(width, device=q.device)
+            valid = (j[None, :] < seq_lens[:, None]) & (self.g_row_mask[:bs, None] != 0)
+            allowed = valid & key_visible(
+                (seq_lens - 1)[:, None], j[None, :], layer.sliding_window_size
+            )
+            slots = req_to_token[forward_batch.req_pool_indices[:bs], :width]
+            probs = head_summed_probs(
+                q.reshape(bs, -1),
+                lse,
+                keys_all,
+                slots,
+                allowed,
+                score_scale(layer, forward_batch),
+                layer.logit_cap,
+                self.num_q_heads_total,
+            )
+            rows.addcmul_(probs, self.g_weights[:bs, c : c + 1])
+            if layer_row is not None:
+                layer_row.copy_(probs)
+        if layer_row is not None:
+            vals, idx, excl = self._rank_static(layer_row, forward_batch, bs)
+            self.g_layer_values[c, :bs, : vals.shape[1]].copy_(vals)
+            self.g_layer_indices[c, :bs, : idx.shape[1]].copy_(idx)
+            self.g_layer_excluded[c, :bs].copy_(excl)
 
     def static_finish(self, forward_batch: "ForwardBatch", bs: int) -> None:
-        """Rank the rows (all-reduced over TP) into the static top-k outputs; ends the forward."""
-        from sgl_kernel.attention_capture import capture_rank
-
-        row = self.rows[:bs, : self.static_width]
-        if get_tensor_model_parallel_world_size() > 1:
-            # NOTE: the whole static width travels; eager capture reduces only [R, max_kv].
-            row = tensor_model_parallel_all_reduce(row.contiguous())
-        vals, idx, excl = capture_rank(
-            row,
-            forward_batch.seq_lens[:bs],
-            self.g_row_mask[:bs],
-            self.g_exclude[:bs],
-            self.static_k,
+        """Rank the rows (all-reduced over TP, the shape's width only) into the static top-k
+        outputs; ends the forward."""
+        vals, idx, excl = self._rank_static(
+            self.rows[:bs, : self.graph_shape.width], forward_batch, bs
         )
-        self.g_values[:bs].copy_(vals)
-        self.g_indices[:bs].copy_(idx)
+        self.g_values[:bs, : vals.shape[1]].copy_(vals)
+        self.g_indices[:bs, : idx.shape[1]].copy_(idx)
         self.g_excluded[:bs].copy_(excl)
         self.graph_active = False
 
     def static_abort(self) -> None:
         self.graph_active = False
-
-    def static_run(self, spec: Optional["CaptureSpec"], fb: "ForwardBatch", model: Any) -> Any:
-        """Eager run of the static path (tests, CPU): load, begin, forward, finish, result."""
-        bs = fb.batch_size
-        self.load_static(spec, bs)
-        try:
-            self.static_begin(bs)
-            fb.attention_capture = self
-            out = model(fb.input_ids, fb.positions, fb)
-            self.static_finish(fb, bs)
-        finally:
-            self.static_abort()
-            fb.attention_capture = None
-        if spec is not None:
-            out.attention_capture = self.static_result(spec, fb.seq_lens_cpu)
-        return out

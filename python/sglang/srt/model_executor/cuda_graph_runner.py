@@ -4,23 +4,27 @@ Owns the decode fast path of the model runner. At start-up it allocates static i
 largest bucket (input_ids, positions, req_pool_indices, seq_lens, out_cache_loc), asks the
 attention backend for its graph state (`init_cuda_graph_state`) and captures `model.forward` for
 every bucket (1, 2, 4, 8, then every 8 up to `--cuda-graph-max-bs`, capped by the running-request
-limit), largest first, all graphs sharing one memory pool. With `--return-attention-tokens` each
-bucket gets a second graph that also runs the static capture path (attention_capture/static.py),
-so batches whose rows ask for attention tokens replay too, while batches that do not ask replay
-the plain graph and pay nothing.
+limit), largest first, all graphs sharing one memory pool. With `--return-attention-tokens`,
+batches whose rows ask for attention tokens replay a capture graph that also runs the static
+capture path (attention_capture/static.py), recorded for the batch-size bucket and the batch's
+`StaticShape` (width bucket of its longest capturing row, the captured layers some row selected,
+per-layer lists or not); those are captured on first use, at most `MAX_CAPTURE_GRAPHS` kept (least
+recently used dropped), so start-up pays nothing for them. Batches that do not ask replay the plain
+graph and pay nothing.
 
 A replay copies the real batch into the static buffers, pads the rest of the bucket with dummy
 rows (token 0 at position fill-1, the backend's seq_len fill value, req_to_token row 0, new K/V
 into the pool's reserved padding slot 0, so no real slot is touched), lets the backend refresh its
 metadata (`init_forward_metadata_replay_cuda_graph`), replays, and returns the logits sliced to
-the real batch size. Extends, batches above the largest bucket and per-layer capture lists run
-eagerly, and so do sizes without their own bucket under `--disable-cuda-graph-padding`. `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
+the real batch size. Extends and batches above the largest bucket run eagerly, and so do sizes
+without their own bucket under `--disable-cuda-graph-padding`. `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -29,12 +33,16 @@ from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
+    from sglang.srt.attention_capture.static import StaticShape
     from sglang.srt.model_executor.forward_batch_info import ModelWorkerBatch
 
 logger = logging.getLogger(__name__)
 
 PAD_SLOT = 0  # MHATokenToKVPool reserves page 0 for padded tokens
 PAD_REQ_ROW = 0  # padded rows read (never write) req_to_token row 0
+# Capture graphs kept at once: (batch bucket, width bucket, selected layers, per-layer) shapes
+# seen in traffic; the plain graphs are always kept.
+MAX_CAPTURE_GRAPHS = 64
 
 
 def graph_batch_sizes(max_bs: int, explicit: Optional[list[int]] = None) -> list[int]:
@@ -81,8 +89,9 @@ class CudaGraphRunner:
         if self.capture_obj is not None:
             width = min(model_runner.context_len, model_runner.max_total_num_tokens)
             self.capture_obj.init_static(n, width)
-        self.graphs: dict[tuple[int, bool], Any] = {}
-        self.outputs: dict[tuple[int, bool], LogitsProcessorOutput] = {}
+        # Key: (batch bucket, None) for plain graphs, (bucket, StaticShape) for capture graphs.
+        self.graphs: OrderedDict[tuple[int, Optional[StaticShape]], Any] = OrderedDict()
+        self.outputs: dict[tuple[int, Optional[StaticShape]], LogitsProcessorOutput] = {}
         self.pool: Any = None
         if use_graphs:
             self.capture()
@@ -100,10 +109,8 @@ class CudaGraphRunner:
             return False
         if self.disable_padding and batch.batch_size not in self.batch_sizes:
             return False  # --disable-cuda-graph-padding: run eagerly rather than pad
-        spec = batch.attention_capture  # the worker batch's CaptureSpec, or None
-        if spec is None:
-            return True
-        return self.capture_obj is not None and self.capture_obj.static_supports(spec)
+        # A capturing batch (its CaptureSpec, any aggregation) needs the capture buffers.
+        return batch.attention_capture is None or self.capture_obj is not None
 
     # ---- capture -------------------------------------------------------------------------------
     def _static_batch(self, bs: int) -> ForwardBatch:
@@ -130,14 +137,14 @@ class CudaGraphRunner:
             capture_hidden_states=self.capture_hidden,
         )
 
-    def _run_static(self, bs: int, with_capture: bool) -> LogitsProcessorOutput:
+    def _run_static(self, bs: int, shape: Optional[StaticShape]) -> LogitsProcessorOutput:
         """The captured region: one padded decode forward (plus the static capture)."""
         fb = self._static_batch(bs)
-        if not with_capture:
+        if shape is None:
             return self.model(fb.input_ids, fb.positions, fb)
         cap = self.capture_obj
         try:
-            cap.static_begin(bs)
+            cap.static_begin(bs, shape)
             fb.attention_capture = cap
             out = self.model(fb.input_ids, fb.positions, fb)
             cap.static_finish(fb, bs)
@@ -145,44 +152,63 @@ class CudaGraphRunner:
             cap.static_abort()
         return out
 
-    def capture(self) -> None:
-        start = time.perf_counter()
-        variants = [False] + ([True] if self.capture_obj is not None else [])
+    def _capture_one(self, bs: int, shape: Optional[StaticShape]) -> None:
+        """Record the graph of bucket `bs` and `shape` from the static buffers as they are."""
+        self.backend.init_forward_metadata_capture_cuda_graph(
+            bs, bs, self.req_pool_indices[:bs], self.seq_lens[:bs], ForwardMode.DECODE
+        )
         stream = torch.cuda.Stream(device=self.device)
+        # Warm-up on the side stream: autotuning and lazy allocations stay out of the graph.
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run_static(bs, shape)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+            out = self._run_static(bs, shape)
+        if self.pool is None:
+            self.pool = graph.pool()
+        self.graphs[(bs, shape)] = graph
+        self.outputs[(bs, shape)] = out
+
+    def capture(self) -> None:
+        """The plain graph of every bucket (capture graphs are recorded on first use)."""
+        start = time.perf_counter()
         with torch.inference_mode():
             for bs in reversed(self.batch_sizes):
-                for with_capture in variants:
-                    self.backend.init_forward_metadata_capture_cuda_graph(
-                        bs,
-                        bs,
-                        self.req_pool_indices[:bs],
-                        self.seq_lens[:bs],
-                        ForwardMode.DECODE,
-                    )
-                    if with_capture:
-                        self.capture_obj.load_static(None, bs)
-                    # Warm-up on the side stream: autotuning and lazy allocations stay out.
-                    stream.wait_stream(torch.cuda.current_stream(self.device))
-                    with torch.cuda.stream(stream):
-                        for _ in range(2):
-                            self._run_static(bs, with_capture)
-                    torch.cuda.current_stream(self.device).wait_stream(stream)
-                    torch.cuda.synchronize(self.device)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                        out = self._run_static(bs, with_capture)
-                    if self.pool is None:
-                        self.pool = graph.pool()
-                    self.graphs[(bs, with_capture)] = graph
-                    self.outputs[(bs, with_capture)] = out
+                self._capture_one(bs, None)
         torch.cuda.synchronize(self.device)
         logger.info(
-            "Captured %d CUDA graphs (batch sizes %s%s) in %.1f s",
+            "Captured %d CUDA graphs (batch sizes %s) in %.1f s",
             len(self.graphs),
             self.batch_sizes,
-            ", with attention capture" if len(variants) > 1 else "",
             time.perf_counter() - start,
         )
+
+    def _graph(self, bs: int, shape: Optional[StaticShape]) -> tuple[Any, LogitsProcessorOutput]:
+        """The graph for (bs, shape), recorded now if missing (the static buffers already hold
+        the batch, so its warm-up runs compute exactly what the replay will)."""
+        key = (bs, shape)
+        if key not in self.graphs:
+            start = time.perf_counter()
+            captured = [k for k in self.graphs if k[1] is not None]
+            if len(captured) >= MAX_CAPTURE_GRAPHS:
+                oldest = captured[0]
+                del self.graphs[oldest], self.outputs[oldest]
+            self._capture_one(bs, shape)
+            logger.info(
+                "Captured an attention-capture CUDA graph (bs=%d, width=%d, layers=%s, "
+                "per_layer=%s) in %.2f s",
+                bs,
+                shape.width,
+                list(shape.layers),
+                shape.per_layer,
+                time.perf_counter() - start,
+            )
+        self.graphs.move_to_end(key)
+        return self.graphs[key], self.outputs[key]
 
     # ---- replay --------------------------------------------------------------------------------
     def replay(self, forward_batch: ForwardBatch, spec: Any = None) -> LogitsProcessorOutput:
@@ -213,17 +239,18 @@ class CudaGraphRunner:
             ForwardMode.DECODE,
             seq_lens_cpu=torch.tensor(seq_lens_cpu, dtype=torch.int64),
         )
-        with_capture = spec is not None
-        if with_capture:
+        shape = None
+        if spec is not None:
+            shape = self.capture_obj.static_shape(spec, fb.seq_lens_cpu)
             self.capture_obj.load_static(spec, pbs)
         if self.use_graphs:
-            self.graphs[(pbs, with_capture)].replay()
-            full = self.outputs[(pbs, with_capture)]
+            graph, full = self._graph(pbs, shape)
+            graph.replay()
         else:
-            full = self._run_static(pbs, with_capture)
+            full = self._run_static(pbs, shape)
         out = LogitsProcessorOutput(next_token_logits=full.next_token_logits[:bs])
         if fb.capture_hidden_states:
             out.hidden_states = full.hidden_states[:bs]
-        if with_capture:
+        if spec is not None:
             out.attention_capture = self.capture_obj.static_result(spec, fb.seq_lens_cpu)
         return out

@@ -141,17 +141,45 @@ class ModelRunner:
             # NOTE: every rank on this host draws from the same RAM.
             args = self.server_args
             fraction /= max(1, args.dp_size * self.tp_size // args.nnodes)
-        budget = memory_before * fraction - self.weight_bytes
+        fixed = self.fixed_buffer_bytes()
+        budget = memory_before * fraction - self.weight_bytes - fixed
         if budget < cell * 64:
             raise RuntimeError(
                 f"not enough memory for the KV cache: {memory_before / 2**30:.1f} GB available, "
-                f"weights take {self.weight_bytes / 2**30:.2f} GB, mem_fraction_static={fraction}; "
+                f"weights take {self.weight_bytes / 2**30:.2f} GB, request table and capture "
+                f"buffers {fixed / 2**30:.2f} GB, mem_fraction_static={fraction}; "
                 "raise --mem-fraction-static or set --max-total-tokens"
             )
         tokens = int(budget // cell)
         if default_fraction and not self.device.startswith("cuda"):
             tokens = min(tokens, cpu_default_pool_cap(mc.context_len))
         return tokens
+
+    def running_requests_bound(self) -> int:
+        """--max-running-requests, or the device's default before the pool size caps it."""
+        default = 1024 if self.device.startswith("cuda") else 256
+        return int(self.server_args.max_running_requests or default)
+
+    def fixed_buffer_bytes(self) -> int:
+        """Bytes allocated beside the KV pool whatever its size, taken out of its budget: the
+        req_to_token table and, with --return-attention-tokens, the capture buffers (upper
+        bounds: the running-request limit before the pool caps it, the whole context)."""
+        args, mc = self.server_args, self.model_config
+        rows = self.running_requests_bound()
+        total = ReqToTokenPool.size_bytes(rows + 1, mc.context_len + 4)
+        if getattr(args, "return_attention_tokens", False):
+            from sglang.srt.attention_capture import AttentionCapture, resolve_capture_layers
+
+            layers = resolve_capture_layers(args.attention_capture_layers, mc.num_hidden_layers)
+            graphs = self.device.startswith("cuda") and not args.disable_cuda_graph
+            total += AttentionCapture.buffer_bytes(
+                len(layers),
+                rows,
+                mc.context_len,
+                int(args.attention_tokens_top_k),
+                graph_bs=min(int(args.cuda_graph_max_bs), rows) if graphs else 0,
+            )
+        return total
 
     def init_memory_pool(self, memory_before: int) -> None:
         args, mc = self.server_args, self.model_config
@@ -167,8 +195,9 @@ class ModelRunner:
                 f"--max-total-tokens {max_tokens} is too small for page size {self.page_size}"
             )
         self.max_total_num_tokens = max_tokens
-        default_reqs = 1024 if self.device.startswith("cuda") else 256
-        self.max_running_requests = int(args.max_running_requests or min(default_reqs, max_tokens))
+        self.max_running_requests = int(
+            args.max_running_requests or min(self.running_requests_bound(), max_tokens)
+        )
         self.context_len = mc.context_len
         self.req_to_token_pool = ReqToTokenPool(
             self.max_running_requests + 1, self.context_len + 4, self.device

@@ -10,7 +10,9 @@ layer, all-layer mean, a subset, per-layer lists with an excluded sink) are a va
 eager head-mean rows with scores within 1e-4. Tensor parallelism 2 (real gloo group) gives HF's
 tokens and TP 1's attention tokens (OLMo 2 also with one KV head, replicated on both ranks). Config variants (untied GPT-2 head with per-layer attention
 scaling, sequential-residual NeoX) are checked on prefill logits and incremental HF greedy decoding.
-GPT-2's context length cannot exceed its learned position table.
+GPT-2's context length cannot exceed its learned position table; checkpoints in older layouts
+(GPT-2 without the `transformer.` prefix, saved mask/rotary buffers) load; int4 checkpoints of
+these architectures are refused.
 
 The reference for a generated sequence is one HF eager forward over prompt + our tokens (teacher
 forcing): at each step HF's argmax must be our token, so HF's own greedy decoding would produce
@@ -21,6 +23,7 @@ a thirtieth of the cost.
 
 from __future__ import annotations
 
+import logging
 import random
 import zlib
 
@@ -226,3 +229,35 @@ def test_int4_checkpoints_refused(name, cls, tmp_path):
     config = ModelConfig(awq, dtype="float32", device="cpu")
     with pytest.raises(ModelLoadError, match=f"int4 checkpoints of {cls} are not supported"):
         get_model(model_config=config, load_config=LoadConfig(), device="cpu")
+
+
+def _legacy_checkpoint(folder: str, name: str) -> None:
+    """Rewrite a saved checkpoint the way older ones are laid out: the original OpenAI GPT-2
+    conversion has no `transformer.` prefix and carries causal-mask buffers; old Pythia uploads
+    carry mask and rotary buffers beside the weights."""
+    from safetensors.torch import load_file, save_file
+
+    path = f"{folder}/model.safetensors"
+    state = load_file(path)
+    if name == "gpt2":
+        state = {k.removeprefix("transformer."): v for k, v in state.items()}
+        state["h.0.attn.bias"] = torch.ones(1, 1, 8, 8).tril()
+        state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    else:
+        state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8).tril()
+        state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+        state["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt_neox"])
+def test_legacy_checkpoint_layouts_load(name, tmp_path, caplog):
+    folder = make_tiny_model(name, str(tmp_path), initializer_range=INIT)
+    prompts = prompts_for(2, seed=3)
+    want = [HFRunner(folder).prefill_logits(p) for p in prompts]
+    _legacy_checkpoint(folder, name)
+    with caplog.at_level(logging.WARNING, logger="sglang.srt.models.utils"):
+        logits = SRTRunner(folder).prefill_logits(prompts)
+    assert "ignored" not in caplog.text, "buffers were taken for unknown weights"
+    for got, ref in zip(logits, want):
+        assert (got - ref).abs().max().item() < TOL, name

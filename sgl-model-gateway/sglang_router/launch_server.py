@@ -64,15 +64,24 @@ def stop(procs: list[subprocess.Popen]) -> None:
             proc.wait()
 
 
-def watch(procs: list[subprocess.Popen]) -> None:
-    """A server that exits ends the whole group: the router would otherwise wait for it for
-    `--router-worker-startup-timeout-secs` or serve with one replica fewer."""
-    while True:
-        for proc in procs:
-            if proc.poll() is not None:
-                logger.error("server pid %d exited with %s; stopping", proc.pid, proc.returncode)
+def watch(procs: list[subprocess.Popen], urls: list[str]) -> None:
+    """Until every server answers /health once: a server that exits ends the whole group (the
+    router would wait for it for `--router-worker-startup-timeout-secs`). Later a dead server
+    just leaves the router's pool through the health checks."""
+    import requests
+
+    pending = set(range(len(procs)))
+    while pending:
+        for i in sorted(pending):
+            if procs[i].poll() is not None:
+                logger.error("server on %s exited with %s; stopping", urls[i], procs[i].returncode)
                 stop(procs)
                 os._exit(1)
+            try:
+                if requests.get(urls[i] + "/health", timeout=2).status_code == 200:
+                    pending.discard(i)
+            except requests.RequestException:
+                pass
         time.sleep(1.0)
 
 
@@ -98,17 +107,25 @@ def main(argv: Optional[list[str]] = None) -> None:
     router_args = RouterArgs.from_cli_args(args, use_router_prefix=True)
     router_args.host, router_args.port = args.host, args.port
     ports = find_ports(args.host, args.router_dp_worker_base_port, args.dp_size)
+    router_args.worker_urls = [f"http://{args.host}:{port}" for port in ports]
+    problem = router_args.validate()
+    if problem:
+        sys.exit(f"error: {problem}")
     procs = []
     for i, port in enumerate(ports):
         cmd = [sys.executable, "-m", "sglang.launch_server", *server_argv]
         cmd += ["--host", args.host, "--port", str(port), "--base-gpu-id", str(i * args.tp_size)]
         procs.append(subprocess.Popen(cmd, start_new_session=True))
-    threading.Thread(target=watch, args=(procs,), daemon=True).start()
-    router_args.worker_urls = [f"http://{args.host}:{port}" for port in ports]
-    problem = router_args.validate()
-    if problem:
+    threading.Thread(target=watch, args=(procs, router_args.worker_urls), daemon=True).start()
+
+    # NOTE: uvicorn restores these handlers when the router stops and re-raises the signal it
+    # caught, so they also run after a SIGTERM/SIGINT the router handled.
+    def on_signal(signum: int, frame) -> None:
         stop(procs)
-        sys.exit(f"error: {problem}")
+        sys.exit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         status = launch_router(router_args)
     finally:

@@ -1,6 +1,7 @@
 """The router (sgl-model-gateway, module `sglang_router`) in front of two real servers.
 
-Two servers run a tiny random-weight Llama with SmolLM2's tokenizer (small KV pools); each test
+Two servers run a tiny random-weight Llama with SmolLM2's tokenizer (small KV pools), started
+with a router of their own by `python -m sglang_router.launch_server --dp-size 2`; each test
 starts its own router process (`python -m sglang_router.launch_router`) in front of them and
 drives it with `requests` and the official `openai` client:
 
@@ -13,7 +14,8 @@ drives it with `requests` and the official `openai` client:
 - `/add_worker`, `/remove_worker` and the `/workers` REST form under load lose no request; a
   discovery file and `--api-key` work;
 - a worker killed mid-run: its requests are retried on the other and succeed, it leaves the pool
-  and rejoins after a restart (last test: it restarts a shared server).
+  and rejoins after a restart (it restarts a shared server, so it runs next to last);
+- SIGTERM to `launch_server` stops its router and servers together (last).
 
 In-process tests cover the approximate tree, the cache-aware decision, the circuit breaker and
 the limiter. Run: python -m pytest -q test/srt/test_model_gateway.py
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import openai
+import psutil
 import pytest
 import requests
 
@@ -40,9 +44,11 @@ import sglang_router
 from sglang.test.runners import make_tiny_text_model
 from sglang.test.test_utils import (
     DEFAULT_URL_FOR_TEST,
+    descendants,
     find_free_port,
     kill_process_tree,
     popen_launch_server,
+    wait_pids_gone,
 )
 from sglang_router.policies import CacheAware
 from sglang_router.proxy import Limiter
@@ -152,22 +158,49 @@ def folder(tmp_path_factory) -> str:
 
 
 class Servers:
-    """The two workers (started side by side); `restart` brings one back on its port."""
+    """The two workers, started with their own router by `python -m
+    sglang_router.launch_server --dp-size 2`; `kill` and `restart` end one and bring it back on
+    its port (outside the launcher's group)."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self.urls = [f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}" for _ in range(2)]
-        with ThreadPoolExecutor(2) as pool:
-            self.procs = list(pool.map(self._launch, self.urls))
+        self.router = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
+        cmd = [sys.executable, "-m", "sglang_router.launch_server", "--model-path", folder]
+        cmd += ["--dp-size", "2", "--host", "127.0.0.1", "--port", self.router.rsplit(":", 1)[1]]
+        cmd += ["--router-dp-worker-base-port", str(find_free_port()), "--router-policy"]
+        cmd += ["round_robin", "--router-prometheus-port", str(find_free_port())]
+        cmd += ["--router-worker-startup-check-interval", "1", *SERVER_ARGS]
+        self.launcher = subprocess.Popen(cmd, start_new_session=True)
+        self.restarted: list[subprocess.Popen] = []
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.launcher.poll() is None, "launch_server exited"
+            try:
+                if requests.get(f"{self.router}/liveness", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        self.urls = requests.get(f"{self.router}/list_workers", timeout=30).json()["urls"]
+        self.server_pids = [self._pid(url) for url in self.urls]
 
-    def _launch(self, url: str) -> subprocess.Popen:
-        return popen_launch_server(self.folder, url, other_args=SERVER_ARGS)
+    def _pid(self, url: str) -> int:
+        port = url.rsplit(":", 1)[1]
+        for child in psutil.Process(self.launcher.pid).children():
+            cmdline = child.cmdline()
+            if "sglang.launch_server" in cmdline and port in cmdline:
+                return child.pid
+        raise LookupError(url)
+
+    def kill(self, i: int) -> None:
+        kill_process_tree(self.server_pids[i])
 
     def restart(self, i: int) -> None:
-        self.procs[i] = self._launch(self.urls[i])
+        self.restarted.append(
+            popen_launch_server(self.folder, self.urls[i], other_args=SERVER_ARGS)
+        )
 
     def stop(self) -> None:
-        for proc in self.procs:
+        for proc in [self.launcher, *self.restarted]:
             kill_process_tree(proc.pid)
 
 
@@ -565,7 +598,7 @@ def test_discovery_file_and_api_key(servers, tmp_path):
 
 
 def test_killed_worker_retried_leaves_and_rejoins(servers):
-    """Last: it kills and restarts the second server."""
+    """Next to last: it kills and restarts the second server."""
     a, b = servers.urls
     args = ["--worker-urls", a, b, "--policy", "round_robin", "--health-check-interval-secs", "1"]
     args += ["--health-failure-threshold", "1", "--health-success-threshold", "1"]
@@ -575,7 +608,7 @@ def test_killed_worker_retried_leaves_and_rejoins(servers):
             deadline = time.monotonic() + 60
             while _num_reqs(b) == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            kill_process_tree(servers.procs[1].pid)  # b dies with requests in flight
+            servers.kill(1)  # b dies with requests in flight
             codes = [f.result().status_code for f in futures]
         assert codes == [200] * 8
         assert r.metric("sgl_router_retries_total", route="/generate") >= 1
@@ -599,3 +632,12 @@ def test_killed_worker_retried_leaves_and_rejoins(servers):
         served = r.metric("sgl_router_processed_requests_total", worker=b)
         assert [_gen(r.url, 4).status_code for _ in range(4)] == [200] * 4
         assert r.metric("sgl_router_processed_requests_total", worker=b) > served
+
+
+def test_launch_server_stops_together(servers):
+    """Last: SIGTERM to `launch_server` stops its router and its servers."""
+    assert requests.get(f"{servers.router}/list_workers", timeout=30).json()["urls"] == servers.urls
+    group = [servers.launcher.pid] + descendants(servers.launcher.pid)
+    servers.launcher.terminate()
+    assert servers.launcher.wait(60) == 128 + signal.SIGTERM
+    assert wait_pids_gone(group, 60) == []

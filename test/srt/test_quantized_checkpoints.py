@@ -205,3 +205,30 @@ def test_bfloat16_int4pack_runs(tiny, tmp_path, monkeypatch):
     print(f"\nawq bf16 int4pack: {same}/{STEPS * len(PROMPTS)} greedy tokens equal HF float32")
     assert all(len(o.output_ids) == STEPS for o in outs)
     assert torch.isfinite(srt.prefill_logits(PROMPTS[:1])).all()
+
+
+@pytest.mark.parametrize("out_features", [80, 192])  # a partial 64-row block, full blocks only
+def test_float32_prefill_dequantizes_the_packed_codes_exactly(out_features):
+    """From DENSE_MIN_ROWS rows on, float32 int4pack layers unpack the kernel's codes and run a
+    dense matmul: the unpacked weight must be the format's (q - zero) * scale bit for bit."""
+    from sglang.srt.layers.quantization.int4 import (
+        DENSE_MIN_ROWS,
+        Int4Shard,
+        PackedInt4,
+        int4pack_layout_known,
+    )
+
+    gen = torch.Generator().manual_seed(out_features)
+    shard = Int4Shard(
+        q=torch.randint(0, 16, (out_features, 128), generator=gen, dtype=torch.uint8),
+        scales=(torch.rand(4, out_features, generator=gen) * 0.01).half(),
+        zeros=torch.randint(0, 16, (4, out_features), generator=gen).float(),
+        g_idx=torch.arange(128) // 32,
+    )
+    packed = PackedInt4(shard, None, 32, torch.float32)
+    if not int4pack_layout_known():  # another CPU build packs differently: kernel only
+        assert packed.dense is None
+        return
+    assert torch.equal(packed.dense_weight(), shard.dequantize())
+    x = torch.randn(DENSE_MIN_ROWS, 128, generator=gen)
+    assert torch.equal(packed(x), torch.nn.functional.linear(x, shard.dequantize()))

@@ -19,7 +19,7 @@ memory in one of two forms, chosen once per process (`SGLANG_INT4_MATMUL`):
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -27,9 +27,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
 
 KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+# From this many activation rows on, float32 int4pack layers dequantize and run a dense matmul
+# (PackedInt4); measured crossover in benchmark/results/int4_matmul_cpu.md.
+DENSE_MIN_ROWS = 4
 MATMUL_CHOICES = ("int4pack", "dequant")
 
 
@@ -111,8 +113,60 @@ def _kernel_layout(shard: Int4Shard) -> Optional[tuple[Optional[torch.Tensor], i
     return (None if identity else perm), size
 
 
+def dequantize_grouped(
+    q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int
+) -> torch.Tensor:
+    """W [out, in] float32 = (q - zero) * scale for contiguous groups of `group` input columns.
+
+    q: uint8 [out, in]; zeros, scales: [out, in / group]. One rounding per weight, the formats'
+    own formula.
+    """
+    out_features, in_features = q.shape
+    w = q.float().view(out_features, -1, group)
+    w.sub_(zeros.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))
+    return w.view(out_features, in_features)
+
+
+def unpack_int4pack(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """Codes uint8 [out, in] back from `aten._convert_weight_to_int4pack_for_cpu`'s layout.
+
+    The AVX512 build stores output rows in blocks of 64: per block and input column, 32 bytes,
+    byte d holding rows d (low nibble) and d + 32 (high), byte 16 + d rows d + 16 and d + 48; a
+    last partial block of 16, 32 or 48 rows stores rows n and n + 1 in one byte.
+    `int4pack_layout_known` checks this on the running build before anyone relies on it.
+    """
+    flat = packed.reshape(-1)
+    out = torch.empty(out_features, in_features, dtype=torch.uint8, device=packed.device)
+    full = out_features // 64 * 64
+    if full:
+        block = flat[: full * in_features // 2].view(full // 64, in_features, 2, 16)
+        low, high = block & 0xF, block >> 4
+        rows = torch.stack([low[:, :, 0], low[:, :, 1], high[:, :, 0], high[:, :, 1]], 2)
+        out[:full] = rows.reshape(full // 64, in_features, 64).permute(0, 2, 1).reshape(full, -1)
+    rest = out_features - full
+    if rest:
+        tail = flat[full * in_features // 2 :].view(in_features, rest // 2)
+        out[full:] = torch.stack([tail & 0xF, tail >> 4], -1).reshape(in_features, rest).T
+    return out
+
+
+@functools.cache
+def int4pack_layout_known() -> bool:
+    """True when `unpack_int4pack` inverts this build's packing (checked on a probe)."""
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (112, 64), generator=generator, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return torch.equal(unpack_int4pack(packed, 112, 64), probe.to(torch.uint8))
+
+
 class PackedInt4:
-    """One int4 matmul in the CPU kernel's layout."""
+    """One int4 matmul in the CPU kernel's layout.
+
+    With float32 activations the kernel is fast only for a few rows (decode): from
+    `DENSE_MIN_ROWS` rows on (prefill), the weight is dequantized from the packed codes and a
+    dense matmul runs instead, which measured many times faster
+    (benchmark/results/int4_matmul_cpu.md). bfloat16/float16 activations always use the kernel.
+    """
 
     label = "int4pack (aten._weight_int4pack_mm_for_cpu)"
 
@@ -129,15 +183,28 @@ class PackedInt4:
             q.to(torch.int32).contiguous(), 1
         )
         self.scales_zeros = torch.stack([s, (8.0 - z) * s], -1).to(dtype).contiguous()
-        self.out_features = q.shape[0]
+        self.out_features, self.in_features = q.shape
+        # Per-group scale and zero kept as the checkpoint has them, for dense prefill.
+        self.dense: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if dtype == torch.float32 and int4pack_layout_known():
+            self.dense = (z.T.to(torch.uint8).contiguous(), shard.scales[firsts].T.contiguous())
 
     def tensors(self) -> list[torch.Tensor]:
         extra = [] if self.perm is None else [self.perm]
-        return [self.weight, self.scales_zeros, *extra]
+        dense = list(self.dense) if self.dense is not None else []
+        return [self.weight, self.scales_zeros, *dense, *extra]
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [out, in] float32 (columns in kernel order) from the packed codes; float32 only."""
+        assert self.dense is not None, "dense weights are kept for float32 activations only"
+        codes = unpack_int4pack(self.weight, self.out_features, self.in_features)
+        return dequantize_grouped(codes, *self.dense, self.group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.dense is not None and x.shape[0] >= DENSE_MIN_ROWS:
+            return F.linear(x, self.dense_weight())
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.weight, self.group, self.scales_zeros
         )
@@ -152,20 +219,33 @@ class DequantInt4:
         q = shard.q
         if q.shape[1] % 2:
             q = torch.cat([q, q.new_zeros(q.shape[0], 1)], 1)
-        self.in_features = shard.q.shape[1]
+        self.in_features = in_features = shard.q.shape[1]
         self.codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous().to(device)
-        self.scales = shard.scales.to(device)
-        self.zeros = shard.zeros.to(device=device, dtype=torch.uint8)
-        self.g_idx = shard.g_idx.to(device)
+        # Contiguous equal groups (everything but act-order) dequantize by a reshape; otherwise
+        # scales and zeros are gathered per column through g_idx.
+        size = max(int((shard.g_idx == 0).sum()), 1)
+        self.group = (
+            size
+            if in_features % size == 0
+            and bool((shard.g_idx == torch.arange(in_features) // size).all())
+            else None
+        )
+        groups = in_features // size if self.group else shard.scales.shape[0]
+        self.scales = shard.scales[:groups].T.contiguous().to(device)  # [out, groups]
+        self.zeros = shard.zeros[:groups].T.contiguous().to(device=device, dtype=torch.uint8)
+        self.g_idx = None if self.group else shard.g_idx.to(device)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.codes, self.scales, self.zeros, self.g_idx]
+        extra = [] if self.g_idx is None else [self.g_idx]
+        return [self.codes, self.scales, self.zeros, *extra]
 
     def weight(self) -> torch.Tensor:
+        """W [out, in] in float32, (q - zero) * scale (one rounding, as the formats define it)."""
         q = torch.stack([self.codes & 0xF, self.codes >> 4], -1).flatten(1)[:, : self.in_features]
-        scales = self.scales.float()[self.g_idx].T
-        zeros = self.zeros.float()[self.g_idx].T
-        return (q.float() - zeros) * scales
+        if self.group is None:
+            zeros, scales = self.zeros.float()[:, self.g_idx], self.scales.float()[:, self.g_idx]
+            return (q.float() - zeros) * scales
+        return dequantize_grouped(q, self.zeros, self.scales, self.group)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight().to(x.dtype))

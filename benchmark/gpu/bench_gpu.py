@@ -218,7 +218,7 @@ class Driver:
         if a.suite and not smoke:
             # The suite first (issue 15): a kernel that fails there makes the numbers moot.
             text = self.run("gpu_suite", [sys.executable, "test/srt/run_suite.py", "--suite",
-                            "per-commit-1-gpu", "--timeout-per-file", "150"], 170)  # fmt: skip
+                            "per-commit-1-gpu", "--timeout-per-file", "150"], 200)  # fmt: skip
             self.results["gpu_suite"] = (text or "").strip().splitlines()[-1:] or ["failed"]
         text = self.run("bandwidth", me + ["bandwidth", "--device", a.device,
                                            "--size-mb", str(64 if smoke else 2048)], 60)  # fmt: skip

@@ -30,7 +30,8 @@ from sglang.srt.attention_capture.static import static_buffer_bytes, static_widt
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.cuda_graph_runner import CudaGraphRunner
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.layers.attention import TritonMissingError
+from sglang.srt.server_args import ServerArgs, check_gpu_extra
 from sglang.test.runners import SRTRunner, cpu_threads_hint, make_tiny_model
 
 cpu_threads_hint()
@@ -196,7 +197,7 @@ def test_torch_capture_arithmetic_is_chunked(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_top_k_upper_bound() -> None:
     ServerArgs(model_path="m", attention_tokens_top_k=MAX_TOP_K).check_server_args()
-    with pytest.raises(ValueError, match=f"between 1 and {MAX_TOP_K}"):
+    with pytest.raises(ValueError, match=f"at most {MAX_TOP_K}"):
         ServerArgs(model_path="m", attention_tokens_top_k=MAX_TOP_K + 1).check_server_args()
 
 
@@ -205,7 +206,9 @@ def test_cuda_without_triton_refuses_to_start() -> None:
 
     if importlib.util.find_spec("triton") is not None:
         pytest.skip("Triton is installed in this environment")
-    ServerArgs(model_path="m", device="cuda", attention_backend="torch_native").check_server_args()
+    check_gpu_extra(ServerArgs(model_path="m", device="cuda", attention_backend="torch_native"))
+    with pytest.raises(TritonMissingError, match="gpu extra"):
+        check_gpu_extra(ServerArgs(model_path="m", device="cuda"))  # triton by default on CUDA
     proc = subprocess.run(
         [sys.executable, "-m", "sglang.launch_server", "--model-path", "m", "--device", "cuda"],
         capture_output=True,

@@ -345,7 +345,6 @@ class ServerArgs:
                     )
 
         _check_refused(self)
-        _check_gpu_extras(self)
         if self.enable_torch_compile:
             _check_torch_compile(self)
         _check_port("port", self.port)
@@ -354,6 +353,7 @@ class ServerArgs:
 
         for name in _POSITIVE_FIELDS:
             _check_at_least(name, getattr(self, name), 1)
+        _check_capture_top_k(self.attention_tokens_top_k)
         for name in _OPTIONAL_POSITIVE_FIELDS:
             if getattr(self, name) is not None:
                 _check_at_least(name, getattr(self, name), 1)
@@ -425,12 +425,17 @@ class ServerArgs:
 _FIELD_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ServerArgs)}
 
 
-def _check_gpu_extras(args: ServerArgs) -> None:
-    """Triton on a CUDA device (the gpu extra) and a bounded --attention-tokens-top-k."""
+def _check_capture_top_k(top_k: int) -> None:
     from sglang.srt.attention_capture.config import check_server_top_k
+
+    check_server_top_k(top_k)
+
+
+def check_gpu_extra(args: ServerArgs) -> None:
+    """At launch (not when args are built: configs for a GPU machine may be made elsewhere):
+    a CUDA device running triton/flashinfer attention needs Triton (TritonMissingError)."""
     from sglang.srt.layers.attention import check_triton_installed
 
-    check_server_top_k(args.attention_tokens_top_k)
     check_triton_installed(args.device, [getattr(args, n) for n in _ATTENTION_BACKEND_FIELDS])
 
 

@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.port_args import PortArgs
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.server_args import ServerArgs, check_gpu_extra
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def launch_subprocesses(
             "nodes with --node-rank > 0 run model ranks only: start them with "
             "`python -m sglang.launch_server`, not the Engine"
         )
+    check_gpu_extra(server_args)  # CUDA without Triton: one error before any child
     resolve_server_paths(server_args)  # hub ids: one download, one error, before any child
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")

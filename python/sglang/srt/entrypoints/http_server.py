@@ -477,11 +477,13 @@ def launch_server(server_args: ServerArgs) -> int:
 
 def main_from_argv(argv: Optional[list[str]] = None) -> None:
     from sglang.srt.distributed.placement import ParallelConfigError
+    from sglang.srt.layers.attention import TritonMissingError
     from sglang.srt.model_loader.resolve import ModelLoadError
-    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.server_args import check_gpu_extra, prepare_server_args
 
     server_args = prepare_server_args(argv)
     try:
+        check_gpu_extra(server_args)
         if server_args.node_rank > 0:
             from sglang.srt.entrypoints.rank_launcher import run_worker_node
 
@@ -491,8 +493,9 @@ def main_from_argv(argv: Optional[list[str]] = None) -> None:
     except ParallelConfigError as e:
         logger.error("%s", e)
         code = 1
-    except ModelLoadError as e:
-        # A model that cannot be used is a bad --model-path: one line and exit 2, like argparse.
+    except (ModelLoadError, TritonMissingError) as e:
+        # A model that cannot be used is a bad --model-path, a GPU without Triton a bad install:
+        # one line and exit 2, like argparse.
         print(f"python -m sglang.launch_server: error: {e}", file=sys.stderr, flush=True)
         code = 2
     # Skip interpreter teardown hooks that could wait on half-closed sockets.

@@ -41,15 +41,19 @@ TRITON_MISSING = (
 )
 
 
+class TritonMissingError(ValueError):
+    """A CUDA device would run Triton attention, and Triton is not installed."""
+
+
 def check_triton_installed(device: Any, names: list[str]) -> None:
-    """Raise ValueError(TRITON_MISSING) when a CUDA device would run `triton`/`flashinfer`
-    without Triton importable (the start-up check; torch_native chosen by name stays allowed)."""
+    """Raise TritonMissingError when a CUDA device would run `triton`/`flashinfer` without
+    Triton importable (the launch check; torch_native chosen by name stays allowed)."""
     if not str(device).startswith("cuda") or not set(names) & {"triton", "flashinfer"}:
         return
     from sgl_kernel.triton_common import triton_available
 
     if not triton_available():
-        raise ValueError(TRITON_MISSING)
+        raise TritonMissingError(TRITON_MISSING)
 
 
 def resolve_attention_backend(name: str, device: Any) -> str:

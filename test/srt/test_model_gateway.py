@@ -604,10 +604,11 @@ def test_killed_worker_retried_leaves_and_rejoins(servers):
     args += ["--health-failure-threshold", "1", "--health-success-threshold", "1"]
     with router(*args, "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "200") as r:
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_gen, r.url, 48) for _ in range(8)]
+            futures = [pool.submit(_gen, r.url, 256) for _ in range(8)]
             deadline = time.monotonic() + 60
             while _num_reqs(b) == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)
+            assert _num_reqs(b) > 0
             servers.kill(1)  # b dies with requests in flight
             codes = [f.result().status_code for f in futures]
         assert codes == [200] * 8

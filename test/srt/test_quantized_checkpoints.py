@@ -152,6 +152,16 @@ def test_marlin_names_run_our_int4_path(tiny, tmp_path, caplog, monkeypatch):
         SRTRunner(str(tmp_path / "awq"), load_format="dummy")
 
 
+def test_auto_dtype_on_cpu_is_bfloat16_for_int4(tiny, tmp_path):
+    """The CPU int4 kernel is fast with bfloat16 activations only; float32 stays available."""
+    from sglang.srt.configs.model_config import ModelConfig
+
+    write_quantized(tiny, str(tmp_path / "q"), str(tmp_path / "r"), method="awq")
+    assert ModelConfig(str(tmp_path / "q"), device="cpu").dtype == torch.bfloat16
+    assert ModelConfig(str(tmp_path / "q"), device="cpu", dtype="float32").dtype == torch.float32
+    assert ModelConfig(tiny, device="cpu").dtype == torch.float32  # unquantized: unchanged
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

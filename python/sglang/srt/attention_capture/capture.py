@@ -1,11 +1,11 @@
 """The capture itself: exact attention probabilities of the rows that asked, then top-k.
 
-Owns the device side of the feature: the torch path (the CPU default and the reference) and,
-when the attention backend runs Triton kernels (`use_kernel`), sgl_kernel's fused
-`capture_scores` as the drop-in for `record`'s arithmetic. `AttentionCapture` is created once
-per model runner when the server runs with `--return-attention-tokens` and allocates its
-buffers then: one float32 score row per running request over the whole context, and per-layer
-top-k outputs. Each forward that has capturing rows goes through `begin` (per-forward indices:
+Owns the device side of the feature: the torch path (its arithmetic in torch_scores.py, the CPU
+default and the reference) and, when the attention backend runs Triton kernels (`use_kernel`),
+sgl_kernel's fused `capture_scores` as the drop-in for `record`'s arithmetic. `AttentionCapture`
+is created once per model runner when the server runs with `--return-attention-tokens` and
+allocates its buffers then (`buffer_bytes`, which the model runner takes out of the KV budget):
+one float32 score row per running request over the whole context, and per-layer top-k outputs. Each forward that has capturing rows goes through `begin` (per-forward indices:
 which query token each row takes, which KV slots its keys sit in), `record` from every captured
 layer (one extra read of K: q.K, exp(s - lse) with the kernel's log-sum-exp, summed over query
 heads, weighted into the row), and `finish` (all-reduce over the TP group, sink exclusion,

@@ -169,7 +169,7 @@ CASES: list[tuple[str, Any, int, str]] = [
         400,
         "json_schema.schema",
     ),
-    ("/v1/chat/completions", chat(tools=[TOOL]), 400, "tools are not supported yet"),
+    ("/v1/chat/completions", chat(tools=[TOOL]), 400, "tool_choice 'auto' are not supported yet"),
     ("/v1/chat/completions", chat(tools=[TOOL], tool_choice="auto"), 400, "tools"),
     ("/v1/chat/completions", chat(tool_choice="required"), 400, "tool_choice"),
     ("/v1/chat/completions", chat(json_schema="{bad"), 400, "not valid JSON"),

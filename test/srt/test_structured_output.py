@@ -259,3 +259,81 @@ def test_two_constraints_are_400(server):
     sp = {"regex": "a", "json_schema": "{}"}
     resp = requests.post(f"{server}/generate", json={"text": "x", "sampling_params": sp})
     assert resp.status_code == 400 and "only one of" in resp.text
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string", "maxLength": 20}},
+            "required": ["timezone"],
+        },
+    },
+}
+TOOLS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_forced_tool_calls_parse_and_validate(client, choice, stream):
+    tool_choice = (
+        "required"
+        if choice == "required"
+        else {"type": "function", "function": {"name": "get_time"}}
+    )
+    kw = dict(
+        model="default",
+        messages=[{"role": "user", "content": "What's the weather like in Paris today?"}],
+        tools=[WEATHER, TIME],
+        tool_choice=tool_choice,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+    )
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        assert not "".join(d.content or "" for d in deltas)
+    else:
+        msg = client.chat.completions.create(**kw).choices[0]
+        calls, finish = msg.message.tool_calls or [], msg.finish_reason
+    assert finish == "tool_calls" and calls
+    for call in calls:
+        assert call.id.startswith("call_") and call.type == "function"
+        schema = TOOLS[call.function.name]["function"]["parameters"]
+        jsonschema.validate(json.loads(call.function.arguments), schema)
+    if choice == "named":
+        assert [c.function.name for c in calls] == ["get_time"]
+
+
+def test_tool_choice_errors(client):
+    base = dict(model="default", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+    bad = [
+        (dict(tools=[WEATHER]), "tool_choice 'auto'"),
+        (
+            dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+            "nope",
+        ),
+        (dict(tool_choice="required"), "no tools"),
+    ]
+    for extra, needle in bad:
+        with pytest.raises(openai.BadRequestError, match=re.escape(needle)):
+            client.chat.completions.create(**base, **extra)

@@ -343,9 +343,12 @@ class ChoiceLogprobs(BaseModel):
     content: Optional[list[ChatCompletionTokenLogprob]] = None
 
 
-class ChatCompletionMessage(BaseModel):
+class ChatCompletionMessage(_WireModel):
+    _omit_if_none = frozenset({"tool_calls"})
+
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
 
 class ChatCompletionResponseChoice(_WireModel):
@@ -370,10 +373,11 @@ class ChatCompletionResponse(_WireModel):
 
 
 class DeltaMessage(_WireModel):
-    _omit_if_none = frozenset({"role", "content", "hidden_states"})
+    _omit_if_none = frozenset({"role", "content", "hidden_states", "tool_calls"})
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
     # Sent alone in a chunk after the finishing one, as upstream (return_hidden_states).
     hidden_states: Optional[list[Any]] = None
 

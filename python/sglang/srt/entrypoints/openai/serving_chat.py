@@ -9,10 +9,14 @@ logprobs object and the `chat.completion.chunk` stream, whose first chunk per ch
 (constrained/); with `regex`, `ebnf` or `json_schema` also in the body it is refused (one
 constraint per request).
 
-Not supported yet, so refused with 400 rather than answered with unconstrained text: tool
-calling: `tools` unless `tool_choice` is "none" (upstream's default with tools is "auto"), and a
-`tool_choice` that demands a call. With `tool_choice: "none"` the tools are not shown to the
-model, as upstream.
+`tool_choice` "required" or a named function forces a call with a JSON schema
+(function_call/function_call_parser.py): the answer carries `message.tool_calls` and
+`finish_reason: "tool_calls"`; streamed, the calls come in one delta when the output is complete.
+
+Not supported yet, so refused with 400 rather than answered with unconstrained text: `tools`
+with `tool_choice` "auto" (or unset, upstream's default with tools), which needs a parser of the
+model's tool-call format. With `tool_choice: "none"` the tools are not shown to the model, as
+upstream.
 """
 
 from __future__ import annotations
@@ -35,6 +39,10 @@ from sglang.srt.entrypoints.openai.protocol import (
     TopLogprob,
     now,
     random_id,
+)
+from sglang.srt.function_call.function_call_parser import (
+    forced_call_schema,
+    parse_forced_calls,
 )
 from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
@@ -98,11 +106,17 @@ class OpenAIServingChat(ServingBase):
             max_new = max(self.context_len - len(prompt_ids), 0)
         params = sampling_params_for(request, max_new)
         schema = _response_format_schema(request)
+        source = "response_format"
+        forced = forced_call_schema(request.tools, request.tool_choice)
+        if forced is not None:
+            if schema is not None:
+                raise ValueError("a tool_choice that forces a call cannot have a response_format")
+            schema, source = forced, "tool_choice"
         if schema is not None:
             others = [k for k in ("json_schema", "regex", "ebnf") if params.get(k) is not None]
             if others:
                 raise ValueError(
-                    f"response_format cannot be combined with {', '.join(others)}: "
+                    f"{source} cannot be combined with {', '.join(others)}: "
                     "one constraint per request"
                 )
             params["json_schema"] = schema
@@ -137,12 +151,17 @@ class OpenAIServingChat(ServingBase):
             if request.logprobs:
                 lps = meta.get("output_token_logprobs") or []
                 logprobs = self.logprobs(lps, meta.get("output_top_logprobs"))
+            message = ChatCompletionMessage(content=out.get("text", ""))
+            reason = finish.reason
+            calls = self.forced_calls(request, out.get("text", ""), reason)
+            if calls is not None:
+                message, reason = ChatCompletionMessage(tool_calls=calls), "tool_calls"
             choices.append(
                 ChatCompletionResponseChoice(
                     index=index,
-                    message=ChatCompletionMessage(content=out.get("text", "")),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=finish.reason,
+                    finish_reason=reason,
                     matched_stop=finish.matched,
                     **self.extras(request, meta),
                 )
@@ -154,6 +173,15 @@ class OpenAIServingChat(ServingBase):
             choices=choices,
             usage=usage_of(finals, request.n, self.enable_cache_report),
         )
+
+    @staticmethod
+    def forced_calls(
+        request: ChatCompletionRequest, text: str, reason: str | None
+    ) -> list[dict[str, Any]] | None:
+        """The tool calls of a finished forced-call answer (None: no call forced, or cut off)."""
+        if reason != "stop" or not request.tools or request.tool_choice in (None, "none", "auto"):
+            return None
+        return parse_forced_calls(text, request.tool_choice)
 
     def logprobs(self, lps: list[Any], tops: list[Any] | None) -> ChoiceLogprobs:
         tops = list(tops or [])
@@ -196,23 +224,31 @@ class OpenAIServingChat(ServingBase):
                 delta = DeltaMessage(role="assistant", content="")
                 chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
             piece = self.text_delta(cursor, out)
+            finish = finish_of(meta)
+            reason = finish.reason
+            if forcing:
+                # The call is sent whole once it parses; a cut-off one goes out as text.
+                calls = self.forced_calls(request, out.get("text", ""), reason)
+                if calls is not None:
+                    chunks.append(chunk(_tool_call_delta(index, calls)))
+                    reason = "tool_calls"
+                piece = out.get("text", "") if reason not in (None, "tool_calls") else ""
             logprobs = None
             if request.logprobs:
                 lps, tops = cursor.new_logprobs(meta)
                 if lps:
                     logprobs = self.logprobs(lps, tops)
-            finish = finish_of(meta)
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
                 extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
-            if piece or logprobs or finish.reason or extras.get("attention_tokens"):
+            if piece or logprobs or reason or extras.get("attention_tokens"):
                 chunks.append(
                     chunk(
                         ChatCompletionResponseStreamChoice(
                             index=index,
                             delta=DeltaMessage(content=piece or None),
                             logprobs=logprobs,
-                            finish_reason=finish.reason,
+                            finish_reason=reason,
                             matched_stop=finish.matched,
                             **extras,
                         )
@@ -224,8 +260,15 @@ class OpenAIServingChat(ServingBase):
                 chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
             return chunks
 
+        forcing = forced_call_schema(request.tools, request.tool_choice) is not None
         on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
+
+
+def _tool_call_delta(index: int, calls: list[dict[str, Any]]) -> ChatCompletionResponseStreamChoice:
+    """One delta carrying every call whole, each with its `index` as OpenAI streams them."""
+    delta = DeltaMessage(tool_calls=[{"index": i, **call} for i, call in enumerate(calls)])
+    return ChatCompletionResponseStreamChoice(index=index, delta=delta)
 
 
 def _response_format_schema(request: ChatCompletionRequest) -> str | None:
@@ -251,10 +294,9 @@ def _check_unsupported(request: ChatCompletionRequest) -> None:
         raise ValueError(
             f"tool_choice must be 'none', 'auto', 'required' or an object, got {choice!r}"
         )
-    if request.tools and choice != "none":
+    if request.tools and choice in (None, "auto"):
         raise ValueError(
-            "tools are not supported yet: tool calls are not parsed out of the output; send "
-            "tool_choice 'none' (the tools are then not shown to the model) or leave tools out"
+            "tools with tool_choice 'auto' are not supported yet: the model's own tool-call "
+            "format is not parsed; send tool_choice 'required' or a named function (enforced "
+            "with a grammar), or 'none'"
         )
-    if choice == "required" or isinstance(choice, dict):
-        raise ValueError("tool_choice that requires a tool call is not supported yet")

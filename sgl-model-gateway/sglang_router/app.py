@@ -194,7 +194,7 @@ class Router:
             pass
 
     async def _generate(self, path: str, body: bytes, headers: dict[str, str], send: Send) -> None:
-        metrics.REQUESTS.labels(path).inc()
+        metrics.child(metrics.REQUESTS, path).inc()
         text: Optional[str] = None
         if self.policy.needs_text:
             try:
@@ -219,7 +219,7 @@ class Router:
 
         def select(workers: list[Worker]) -> Worker:
             worker = policy.select(workers, text)
-            metrics.POLICY_DECISIONS.labels(policy.name, worker.url).inc()
+            metrics.child(metrics.POLICY_DECISIONS, policy.name, worker.url).inc()
             return worker
 
         return select
@@ -233,7 +233,7 @@ class Router:
         headers: dict[str, str],
         send: Send,
     ) -> None:
-        metrics.REQUESTS.labels(route).inc()
+        metrics.child(metrics.REQUESTS, route).inc()
         pick = self.any_worker.select
         await self.proxy.forward(
             route, method, path_qs, body, headers, lambda ws: pick(ws, None), send

@@ -175,7 +175,7 @@ class Proxy:
             tried.add(worker.url)
             try:
                 await self._attempt(worker, method, path_qs, body, headers, send, start)
-                metrics.REQUEST_DURATION.labels(route).observe(time.perf_counter() - start)
+                metrics.child(metrics.REQUEST_DURATION, route).observe(time.perf_counter() - start)
                 return
             except _Failed as failed:
                 last = failed
@@ -194,7 +194,7 @@ class Proxy:
         start: float,
     ) -> None:
         assert self.session is not None
-        metrics.PROCESSED.labels(worker.url).inc()
+        metrics.child(metrics.PROCESSED, worker.url).inc()
         worker.begin()
         resp: Any = None
         done = False

@@ -44,7 +44,7 @@ class CircuitBreaker:
     def record(self, success: bool) -> None:
         if not self.enabled:
             return
-        metrics.CB_OUTCOMES.labels(self.worker, "success" if success else "failure").inc()
+        metrics.child(metrics.CB_OUTCOMES, self.worker, "success" if success else "failure").inc()
         if success:
             self.failures = 0
             self.successes += 1
@@ -88,11 +88,11 @@ class Worker:
 
     def begin(self) -> None:
         self.in_flight += 1
-        metrics.RUNNING.labels(self.url).set(self.in_flight)
+        metrics.child(metrics.RUNNING, self.url).set(self.in_flight)
 
     def end(self) -> None:
         self.in_flight -= 1
-        metrics.RUNNING.labels(self.url).set(self.in_flight)
+        metrics.child(metrics.RUNNING, self.url).set(self.in_flight)
 
     def set_polled_load(self, loads: list[dict], in_flight_at_poll: int) -> None:
         self.dp_loads = loads

@@ -9,6 +9,8 @@ drives it with `requests` and the official `openai` client:
   directly (ids, timestamps and cache counts aside);
 - cache_aware sends requests sharing a long prefix to the worker holding it (the workers'
   `cached_tokens` prove it), round_robin splits them;
+- a worker answering 503: streams retried on the other, its circuit breaker opens; with
+  `--disable-retries` the 503 reaches the client;
 - the queue limit answers 429 (queue full) and 408 (queue timeout) and the router stays up; a
   client that disconnects aborts its request on the worker;
 - `/add_worker`, `/remove_worker` and the `/workers` REST form under load lose no request; a
@@ -431,11 +433,13 @@ def _num_reqs(url: str) -> int:
 class SlowWorker:
     """A stand-in worker whose /generate streams `n` events (default 400), one every 50 ms, for
     what a real worker on the tiny model finishes too fast to observe: requests holding the only
-    slot for seconds, and the moment a connection is closed (`aborted`)."""
+    slot for seconds, the moment a connection is closed (`aborted`); and, with `fail_status`,
+    a worker that answers every /generate with that status (`calls` counts them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, fail_status: Optional[int] = None) -> None:
         from aiohttp import web
 
+        self.fail_status, self.calls = fail_status, 0
         self.aborted = threading.Event()
         self.url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
         app = web.Application()
@@ -456,6 +460,9 @@ class SlowWorker:
     async def _generate(self, request):
         from aiohttp import web
 
+        self.calls += 1
+        if self.fail_status:
+            return web.json_response({"message": "overloaded"}, status=self.fail_status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         n = (await request.json()).get("n", 400)
@@ -503,6 +510,28 @@ def test_queue_limit_timeout_and_client_disconnect():
                 assert r.metric("sgl_router_queue_rejections_total", reason=reason) == 1
     finally:
         slow.stop()
+
+
+def test_status_retries_and_circuit_breaker():
+    """A worker answering 503: streams are retried on the other one (nothing was sent yet), its
+    circuit breaker opens after `--cb-failure-threshold` failures and it gets no more requests;
+    with `--disable-retries` its 503 reaches the client."""
+    good, bad = SlowWorker(), SlowWorker(fail_status=503)
+    try:
+        urls = ["--worker-urls", bad.url, good.url, "--policy", "round_robin"]
+        with router(*urls, "--cb-failure-threshold", "2", "--retry-initial-backoff-ms", "1") as r:
+            for _ in range(6):
+                out = r.post("/generate", json={"text": "x", "stream": True, "n": 2})
+                assert out.status_code == 200 and out.text.endswith("data: [DONE]\n\n")
+            assert bad.calls == 2 and good.calls == 6
+            assert r.metric("sgl_router_cb_state", worker=bad.url) == 1  # open
+            assert r.metric("sgl_router_retries_total", route="/generate") == 2
+        with router(*urls, "--disable-retries") as r:
+            codes = [r.post("/generate", json={"text": "x", "n": 1}).status_code for _ in range(4)]
+            assert sorted(codes) == [200, 200, 503, 503]
+    finally:
+        good.stop()
+        bad.stop()
 
 
 class Load:

@@ -273,6 +273,10 @@ def test_auto_resolution_on_cpu(monkeypatch):
 def test_auto_resolution_on_cuda(monkeypatch):
     import torch
 
+    from sglang.srt import server_args as server_args_module
+
+    # A GPU machine: an NVIDIA driver node, and torch sees a device.
+    monkeypatch.setattr(server_args_module, "_nvidia_driver_present", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     args = ServerArgs(model_path="m")
     assert args.device == "cuda"
@@ -283,6 +287,17 @@ def test_auto_resolution_on_cuda(monkeypatch):
     assert args.cuda_graph_max_bs == 160
     assert args.mem_fraction_static == 0.88
     assert ServerArgs(model_path="m", tp_size=8).mem_fraction_static == 0.81
+
+
+def test_auto_device_without_driver_skips_torch(monkeypatch):
+    """No NVIDIA driver node: "cpu" without asking torch (the HTTP process does not import it)."""
+    import torch
+
+    from sglang.srt import server_args as server_args_module
+
+    monkeypatch.setattr(server_args_module, "_nvidia_driver_present", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # would say cuda if asked
+    assert ServerArgs(model_path="m").device == "cpu"
 
 
 def test_split_attention_backends_default_to_main_choice():

@@ -9,23 +9,18 @@ drives it with `requests` and the official `openai` client:
   directly (ids, timestamps and cache counts aside);
 - cache_aware sends requests sharing a long prefix to the worker holding it (the workers'
   `cached_tokens` prove it), round_robin splits them;
-- a worker answering 503: streams retried on the other, its circuit breaker opens; with
-  `--disable-retries` the 503 reaches the client;
-- the queue limit answers 429 (queue full) and 408 (queue timeout) and the router stays up; a
-  client that disconnects aborts its request on the worker;
 - `/add_worker`, `/remove_worker` and the `/workers` REST form under load lose no request; a
   discovery file and `--api-key` work;
 - a worker killed mid-run: its requests are retried on the other and succeed, it leaves the pool
   and rejoins after a restart (it restarts a shared server, so it runs next to last);
 - SIGTERM to `launch_server` stops its router and servers together (last).
 
-In-process tests cover the approximate tree, the cache-aware decision, the circuit breaker and
-the limiter. Run: python -m pytest -q test/srt/test_model_gateway.py
+The router's parts, retries, the circuit breaker and the queue limit are tested in
+test_model_gateway_units.py. Run: python -m pytest -q test/srt/test_model_gateway.py
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import signal
@@ -35,7 +30,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import openai
 import psutil
@@ -43,6 +38,7 @@ import pytest
 import requests
 
 import sglang_router
+from sglang.test.router_utils import RouterProcess, running_router
 from sglang.test.runners import make_tiny_text_model
 from sglang.test.test_utils import (
     DEFAULT_URL_FOR_TEST,
@@ -52,10 +48,6 @@ from sglang.test.test_utils import (
     popen_launch_server,
     wait_pids_gone,
 )
-from sglang_router.policies import CacheAware
-from sglang_router.proxy import Limiter
-from sglang_router.tree import Tree
-from sglang_router.workers import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, Worker
 
 SERVER_ARGS = [
     "--max-total-tokens",
@@ -77,78 +69,6 @@ def test_installed_package_is_ours():
     assert Path(sglang_router.__file__).resolve().is_relative_to(here), (
         f"sglang_router comes from {sglang_router.__file__}; run `make install`"
     )
-
-
-# ------------------------------------------------------------------------------- in-process
-
-
-def _worker(url: str, in_flight: int = 0) -> Worker:
-    worker = Worker(url, CircuitBreaker(url, 3, 2, 60.0))
-    worker.in_flight = in_flight
-    return worker
-
-
-def test_tree_prefix_match_and_eviction():
-    tree = Tree()
-    tree.insert("hello world", "a")
-    tree.insert("hello there", "b")
-    tree.insert("hello world, again", "b")
-    assert tree.prefix_match("hello world, again and again", ["a", "b"]) == (18, "b")
-    assert tree.prefix_match("hello world!", ["a"]) == (11, "a")
-    assert tree.prefix_match("hello th", ["a"]) == (6, "a")  # a owns "hello " only
-    assert tree.prefix_match("xyz", ["a", "b"]) == (0, None)
-    assert tree.tenant_chars == {"a": 11, "b": 23}  # b: "hello " "there" "world" ", again"
-    tree.insert("zzzz", "a")
-    tree.evict(max_chars=5)  # a's least recently used leaf ("hello world" branch) goes first
-    assert tree.tenant_chars["a"] <= 5 and tree.prefix_match("zzzz", ["a"]) == (4, "a")
-    assert tree.prefix_match("hello", ["a"]) == (0, None)
-    tree.remove_tenant("b")
-    assert tree.prefix_match("hello world", ["b"]) == (0, None) and "b" not in tree.tenant_chars
-
-
-def test_cache_aware_decision():
-    policy = CacheAware(0.5, balance_abs_threshold=4, balance_rel_threshold=1.5, max_tree_size=1000)
-    a, b = _worker("http://a"), _worker("http://b")
-    first = policy.select([a, b], "shared prefix, request one")
-    # Matching more than half the text: the holder; a new text: the smallest tree.
-    assert policy.select([a, b], "shared prefix, request two") is first
-    other = policy.select([a, b], "something unrelated entirely")
-    assert other is not first
-    # Imbalance (difference > 4 and ratio > 1.5) overrides the match: least loaded.
-    first.in_flight = 10
-    assert policy.select([a, b], "shared prefix, request three") is other
-
-
-def test_circuit_breaker_opens_half_opens_and_closes():
-    cb = CircuitBreaker("http://w", failure_threshold=2, success_threshold=2, timeout_s=0.05)
-    cb.record(False)
-    assert cb.allows()
-    cb.record(False)
-    assert cb.state == OPEN and not cb.allows()
-    time.sleep(0.06)
-    assert cb.allows() and cb.state == HALF_OPEN
-    cb.record(False)  # one failure while half-open opens it again
-    assert cb.state == OPEN
-    time.sleep(0.06)
-    assert cb.allows()
-    cb.record(True)
-    cb.record(True)
-    assert cb.state == CLOSED
-
-
-def test_limiter_queue_full_and_timeout():
-    async def run() -> list[Optional[int]]:
-        limiter = Limiter(max_concurrent=1, queue_size=1, timeout_s=0.2)
-        assert await limiter.acquire() is None
-        waiter = asyncio.ensure_future(limiter.acquire())
-        await asyncio.sleep(0)
-        full = await limiter.acquire()  # the one queue slot is taken
-        timed_out = await waiter  # nobody released within 0.2 s
-        limiter.release()
-        again = await limiter.acquire()
-        return [full, timed_out, again]
-
-    assert asyncio.run(run()) == [429, 408, None]
 
 
 # ----------------------------------------------------------------------------- real servers
@@ -215,63 +135,6 @@ def servers(folder) -> Iterator[Servers]:
         s.stop()
 
 
-class Router:
-    def __init__(self, *args: str) -> None:
-        self.url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1"]
-        cmd += ["--port", self.url.rsplit(":", 1)[1], "--prometheus-port", str(find_free_port())]
-        cmd += ["--worker-startup-check-interval", "1", *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.log: list[str] = []
-        threading.Thread(target=self._tee, daemon=True).start()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "router exited:\n" + "\n".join(self.log)
-            try:
-                if requests.get(f"{self.url}/liveness", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                time.sleep(0.2)
-        raise TimeoutError("router did not start")
-
-    def _tee(self) -> None:
-        for line in self.proc.stdout:  # type: ignore[union-attr]
-            self.log.append(line.decode(errors="replace").rstrip())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(self.url + path, timeout=kw.pop("timeout", 120), **kw)
-
-    def post(self, path: str, **kw) -> requests.Response:
-        return requests.post(self.url + path, timeout=kw.pop("timeout", 120), **kw)
-
-    def metric(self, name: str, **labels: str) -> float:
-        want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-        prefix = f"{name}{{{want}}} " if want else f"{name} "
-        lines = self.get("/metrics").text.splitlines()
-        return sum(float(x.split()[-1]) for x in lines if x.startswith(prefix))
-
-
-def router(*args: str):
-    """A router for the duration of a with-block."""
-
-    class _Ctx:
-        def __enter__(self) -> Router:
-            self.r = Router(*args)
-            return self.r
-
-        def __exit__(self, *exc) -> None:
-            self.r.stop()
-
-    return _Ctx()
-
-
 def _strip(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
@@ -318,7 +181,7 @@ def _flush(url: str) -> None:
 
 def test_every_route_same_as_worker(servers):
     direct = servers.urls[0]
-    with router("--worker-urls", *servers.urls) as r:
+    with running_router("--worker-urls", *servers.urls) as r:
         cases = [
             ("/generate", {"text": "The capital of", "sampling_params": GREEDY, **ATTN}),
             ("/generate", {"input_ids": [1, 5, 9, 200], "sampling_params": GREEDY, **ATTN}),
@@ -390,7 +253,7 @@ def _prefix_workload(seed: int, groups: int = 3, per_group: int = 4) -> list[str
     return [f"{p} question {i}: {rng.choice(WORDS)}?" for i in range(per_group) for p in prefixes]
 
 
-def _cache_misses(r: Router, prompts: list[str]) -> int:
+def _cache_misses(r: RouterProcess, prompts: list[str]) -> int:
     """Requests whose prompt the serving worker had (mostly) not cached."""
     misses = 0
     for text in prompts:
@@ -401,7 +264,7 @@ def _cache_misses(r: Router, prompts: list[str]) -> int:
 
 
 def test_cache_aware_keeps_prefix_on_its_worker(servers):
-    with router("--worker-urls", *servers.urls, "--policy", "cache_aware") as r:
+    with running_router("--worker-urls", *servers.urls, "--policy", "cache_aware") as r:
         _flush(r.url)
         assert _cache_misses(r, _prefix_workload(1)) == 3  # one per prefix group
         # Both workers took groups (a new prefix goes to the smaller tree).
@@ -410,7 +273,7 @@ def test_cache_aware_keeps_prefix_on_its_worker(servers):
         ]
         assert all(n >= 4 for n in per_worker), per_worker
         assert r.metric("sgl_router_cache_hits_total") == 9
-    with router("--worker-urls", *servers.urls, "--policy", "round_robin") as r:
+    with running_router("--worker-urls", *servers.urls, "--policy", "round_robin") as r:
         _flush(r.url)
         # Three groups in turn on two workers: every group visits both, missing once on each.
         assert _cache_misses(r, _prefix_workload(2)) == 6
@@ -428,110 +291,6 @@ def _num_reqs(url: str) -> int:
         x["num_reqs"] + x["num_waiting_reqs"]
         for x in requests.get(f"{url}/get_load", timeout=30).json()
     )
-
-
-class SlowWorker:
-    """A stand-in worker whose /generate streams `n` events (default 400), one every 50 ms, for
-    what a real worker on the tiny model finishes too fast to observe: requests holding the only
-    slot for seconds, the moment a connection is closed (`aborted`); and, with `fail_status`,
-    a worker that answers every /generate with that status (`calls` counts them)."""
-
-    def __init__(self, fail_status: Optional[int] = None) -> None:
-        from aiohttp import web
-
-        self.fail_status, self.calls = fail_status, 0
-        self.aborted = threading.Event()
-        self.url = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
-        app = web.Application()
-        app.router.add_get("/health", self._health)
-        app.router.add_post("/generate", self._generate)
-        self.loop = asyncio.new_event_loop()
-        self.runner = web.AppRunner(app)
-        self.loop.run_until_complete(self.runner.setup())
-        port = int(self.url.rsplit(":", 1)[1])
-        self.loop.run_until_complete(web.TCPSite(self.runner, "127.0.0.1", port).start())
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-
-    async def _health(self, request):
-        from aiohttp import web
-
-        return web.Response(text="ok")
-
-    async def _generate(self, request):
-        from aiohttp import web
-
-        self.calls += 1
-        if self.fail_status:
-            return web.json_response({"message": "overloaded"}, status=self.fail_status)
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        n = (await request.json()).get("n", 400)
-        try:
-            for i in range(n):
-                await resp.write(b'data: {"i": %d}\n\n' % i)
-                await asyncio.sleep(0.05)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.aborted.set()
-            return resp
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-
-
-def test_queue_limit_timeout_and_client_disconnect():
-    slow = SlowWorker()
-    try:
-        args = ["--worker-urls", slow.url, "--max-concurrent-requests", "1"]
-        with router(*args, "--queue-size", "1", "--queue-timeout-secs", "5") as r:
-            # NOTE: the session and the line iterator are kept: dropping either closes the
-            # stream's connection, which would end the request early.
-            client = requests.Session()
-            hold = client.post(f"{r.url}/generate", json={"text": "x", "stream": True}, stream=True)
-            lines = hold.iter_lines()
-            assert next(lines) == b'data: {"i": 0}'  # relayed before the stream ends
-            with ThreadPoolExecutor(1) as pool:
-                queued = pool.submit(r.post, "/generate", json={"text": "y"})
-                deadline = time.monotonic() + 30
-                while not r.metric("sgl_router_requests_total", route="/generate") >= 2:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                full = r.post("/generate", json={"text": "z"})  # slot busy, queue full
-                assert full.status_code == 429 and "queue" in full.json()["message"]
-                assert queued.result().status_code == 408  # waited 5 s in the queue
-            assert not slow.aborted.is_set()
-            hold.close()  # the client goes away: the router closes the worker's connection
-            assert slow.aborted.wait(30)
-            ok = r.post("/generate", json={"text": "again", "n": 2})  # the router stays up
-            assert ok.status_code == 200 and ok.text.endswith("data: [DONE]\n\n")
-            for reason in ("queue_full", "queue_timeout"):
-                assert r.metric("sgl_router_queue_rejections_total", reason=reason) == 1
-    finally:
-        slow.stop()
-
-
-def test_status_retries_and_circuit_breaker():
-    """A worker answering 503: streams are retried on the other one (nothing was sent yet), its
-    circuit breaker opens after `--cb-failure-threshold` failures and it gets no more requests;
-    with `--disable-retries` its 503 reaches the client."""
-    good, bad = SlowWorker(), SlowWorker(fail_status=503)
-    try:
-        urls = ["--worker-urls", bad.url, good.url, "--policy", "round_robin"]
-        with router(*urls, "--cb-failure-threshold", "2", "--retry-initial-backoff-ms", "1") as r:
-            for _ in range(6):
-                out = r.post("/generate", json={"text": "x", "stream": True, "n": 2})
-                assert out.status_code == 200 and out.text.endswith("data: [DONE]\n\n")
-            assert bad.calls == 2 and good.calls == 6
-            assert r.metric("sgl_router_cb_state", worker=bad.url) == 1  # open
-            assert r.metric("sgl_router_retries_total", route="/generate") == 2
-        with router(*urls, "--disable-retries") as r:
-            codes = [r.post("/generate", json={"text": "x", "n": 1}).status_code for _ in range(4)]
-            assert sorted(codes) == [200, 200, 503, 503]
-    finally:
-        good.stop()
-        bad.stop()
 
 
 class Load:
@@ -567,7 +326,7 @@ def _settle(load: Load, n: int) -> None:
 
 def test_add_and_remove_workers_under_load(servers):
     a, b = servers.urls
-    with router("--worker-urls", a, "--policy", "round_robin") as r:
+    with running_router("--worker-urls", a, "--policy", "round_robin") as r:
         load = Load(r.url)
         _settle(load, 3)
         assert r.post(f"/add_worker?url={b}").status_code == 200
@@ -597,7 +356,7 @@ def test_discovery_file_and_api_key(servers, tmp_path):
     listing = tmp_path / "workers.txt"
     listing.write_text(f"{a}\n")
     auth = {"Authorization": "Bearer secret"}
-    with router(
+    with running_router(
         "--worker-urls-file",
         str(listing),
         "--discovery-interval-secs",
@@ -631,7 +390,9 @@ def test_killed_worker_retried_leaves_and_rejoins(servers):
     a, b = servers.urls
     args = ["--worker-urls", a, b, "--policy", "round_robin", "--health-check-interval-secs", "1"]
     args += ["--health-failure-threshold", "1", "--health-success-threshold", "1"]
-    with router(*args, "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "200") as r:
+    with running_router(
+        *args, "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "200"
+    ) as r:
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(_gen, r.url, 256) for _ in range(8)]
             deadline = time.monotonic() + 60

@@ -4,18 +4,22 @@ In-process: the approximate tree (prefix match, eviction), the cache-aware decis
 breaker and the concurrency limiter. With `SlowWorker` stand-ins (aiohttp, in a thread) for what
 a real worker finishes too fast to observe or never does: a worker answering 503 (streams retried
 on the other, circuit breaker opening, `--disable-retries`), and the queue limit (429 when full,
-408 after the timeout) with a client disconnect closing the worker's connection.
+408 after the timeout) with a client disconnect closing the worker's connection. Flags the router
+does not implement, and impossible values, exit 2 at start-up.
 Run: python -m pytest -q test/srt/test_model_gateway_units.py
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
+import pytest
 import requests
 
 from sglang.test.router_utils import running_router
@@ -202,3 +206,18 @@ def test_status_retries_and_circuit_breaker():
     finally:
         good.stop()
         bad.stop()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--pd-disaggregation"], "unrecognized arguments: --pd-disaggregation"),
+        (["--cache-threshold", "2"], "--cache-threshold must be within [0, 1]"),
+        (["--worker-urls", "localhost:1"], "must start with http:// or https://"),
+    ],
+)
+def test_refused_flags_exit_2(flags, message):
+    """Upstream flags this router does not implement, and impossible values, end start-up."""
+    cmd = [sys.executable, "-m", "sglang_router.launch_router", *flags]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr

@@ -37,6 +37,7 @@ LOAD_BALANCE_METHODS = ["round_robin", "total_requests", "total_tokens"]
 DEVICES = ["cuda", "cpu"]
 TOKENIZER_MODES = ["auto", "slow"]
 GRAMMAR_BACKENDS = ["xgrammar", "outlines", "llguidance", "none"]
+REASONING_PARSER_NAMES = ["deepseek-r1", "qwen3"]
 KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1"]
 # Upstream's method names, so a known name gets the "not supported yet" refusal below and a typo
 # gets argparse's "invalid choice".
@@ -63,6 +64,7 @@ _CHOICES: dict[str, list[str]] = {
     "decode_attention_backend": ATTENTION_BACKENDS,
     "sampling_backend": SAMPLING_BACKENDS,
     "grammar_backend": GRAMMAR_BACKENDS,
+    "reasoning_parser": REASONING_PARSER_NAMES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
     "quantization": QUANTIZATION_METHODS,
 }
@@ -237,6 +239,7 @@ class ServerArgs:
     sampling_backend: Optional[str] = None
     grammar_backend: str = "xgrammar"
     constrained_json_disable_any_whitespace: bool = False
+    reasoning_parser: Optional[str] = None
     disable_cuda_graph: bool = False
     disable_cuda_graph_padding: bool = False
     cuda_graph_max_bs: Optional[int] = None
@@ -329,8 +332,8 @@ class ServerArgs:
     def check_server_args(self) -> None:
         """Raise ValueError naming the flag when a setting is out of range or inconsistent."""
         for name, choices in _CHOICES.items():
-            if name == "quantization" and self.quantization is None:
-                continue  # the one choice field whose default is "none given"
+            if name in ("quantization", "reasoning_parser") and getattr(self, name) is None:
+                continue  # choice fields whose default is "none given"
             _check_choice(name, getattr(self, name), choices)
         if self.device == "cpu":
             # NOTE: SGLANG_TRITON_INTERPRET_OK=1 (tests only) runs the triton backend on CPU

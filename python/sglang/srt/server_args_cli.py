@@ -124,6 +124,8 @@ _HELP: dict[str, str] = {
     "sampling_backend": "Sampling kernels (default: pytorch).",
     "grammar_backend": "Constrained decoding backend (json_schema, regex, ebnf, "
     "response_format): xgrammar, or none to refuse constrained requests with HTTP 400.",
+    "reasoning_parser": "Split the think block of a reasoning model's chat answer into "
+    "message.reasoning_content: deepseek-r1 or qwen3.",
     "constrained_json_disable_any_whitespace": "JSON constraints allow no free whitespace "
     "between tokens (default: any whitespace, as upstream).",
     "disable_cuda_graph": "Run decode without CUDA graphs.",

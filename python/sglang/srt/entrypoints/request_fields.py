@@ -62,7 +62,6 @@ _OPENAI_INERT = frozenset(
         "extra_key",
         "custom_labels",
         "custom_params",
-        "separate_reasoning",
         "stream_reasoning",
         "parallel_tool_calls",
     }

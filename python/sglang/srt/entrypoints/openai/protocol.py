@@ -256,6 +256,8 @@ class ChatCompletionRequest(RequestBase):
     parallel_tool_calls: Optional[bool] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     continue_final_message: bool = False
+    # With --reasoning-parser: the think block goes to reasoning_content (reasoning_parser.py).
+    separate_reasoning: bool = True
 
 
 # ---------------------------------------------------------------- usage
@@ -344,10 +346,11 @@ class ChoiceLogprobs(BaseModel):
 
 
 class ChatCompletionMessage(_WireModel):
-    _omit_if_none = frozenset({"tool_calls"})
+    _omit_if_none = frozenset({"tool_calls", "reasoning_content"})
 
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
 
 
@@ -373,10 +376,13 @@ class ChatCompletionResponse(_WireModel):
 
 
 class DeltaMessage(_WireModel):
-    _omit_if_none = frozenset({"role", "content", "hidden_states", "tool_calls"})
+    _omit_if_none = frozenset(
+        {"role", "content", "hidden_states", "tool_calls", "reasoning_content"}
+    )
 
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
     # Sent alone in a chunk after the finishing one, as upstream (return_hidden_states).
     hidden_states: Optional[list[Any]] = None

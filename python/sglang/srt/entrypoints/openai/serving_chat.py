@@ -40,6 +40,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     now,
     random_id,
 )
+from sglang.srt.reasoning_parser import ReasoningParser
 from sglang.srt.function_call.function_call_parser import (
     forced_call_schema,
     parse_forced_calls,
@@ -65,10 +66,11 @@ class ChatPlan(NamedTuple):
 class OpenAIServingChat(ServingBase):
     def __init__(self, tokenizer_manager: Any, template: ChatTemplate | None = None) -> None:
         super().__init__(tokenizer_manager)
+        args = getattr(tokenizer_manager, "server_args", None)
         if template is None:
-            args = getattr(tokenizer_manager, "server_args", None)
             template = load_chat_template(getattr(args, "chat_template", None))
         self.template = template
+        self.reasoning_parser: str | None = getattr(args, "reasoning_parser", None)
 
     # ------------------------------------------------------------ conversion
 
@@ -152,6 +154,11 @@ class OpenAIServingChat(ServingBase):
                 lps = meta.get("output_token_logprobs") or []
                 logprobs = self.logprobs(lps, meta.get("output_top_logprobs"))
             message = ChatCompletionMessage(content=out.get("text", ""))
+            if self.separates_reasoning(request):
+                thought, answer = ReasoningParser(self.reasoning_parser).parse_non_stream(
+                    out.get("text", "")
+                )
+                message = ChatCompletionMessage(content=answer, reasoning_content=thought)
             reason = finish.reason
             calls = self.forced_calls(request, out.get("text", ""), reason)
             if calls is not None:
@@ -173,6 +180,9 @@ class OpenAIServingChat(ServingBase):
             choices=choices,
             usage=usage_of(finals, request.n, self.enable_cache_report),
         )
+
+    def separates_reasoning(self, request: ChatCompletionRequest) -> bool:
+        return self.reasoning_parser is not None and request.separate_reasoning
 
     @staticmethod
     def forced_calls(
@@ -233,6 +243,10 @@ class OpenAIServingChat(ServingBase):
                     chunks.append(chunk(_tool_call_delta(index, calls)))
                     reason = "tool_calls"
                 piece = out.get("text", "") if reason not in (None, "tool_calls") else ""
+            thought = None
+            if parsers is not None:
+                parser = parsers.setdefault(index, ReasoningParser(self.reasoning_parser))
+                thought, piece = parser.parse_stream_chunk(out.get("text", ""), reason is not None)
             logprobs = None
             if request.logprobs:
                 lps, tops = cursor.new_logprobs(meta)
@@ -241,12 +255,14 @@ class OpenAIServingChat(ServingBase):
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
                 extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
-            if piece or logprobs or reason or extras.get("attention_tokens"):
+            if piece or thought or logprobs or reason or extras.get("attention_tokens"):
                 chunks.append(
                     chunk(
                         ChatCompletionResponseStreamChoice(
                             index=index,
-                            delta=DeltaMessage(content=piece or None),
+                            delta=DeltaMessage(
+                                content=piece or None, reasoning_content=thought or None
+                            ),
                             logprobs=logprobs,
                             finish_reason=reason,
                             matched_stop=finish.matched,
@@ -261,6 +277,9 @@ class OpenAIServingChat(ServingBase):
             return chunks
 
         forcing = forced_call_schema(request.tools, request.tool_choice) is not None
+        parsers: dict[int, ReasoningParser] | None = (
+            {} if self.separates_reasoning(request) and not forcing else None
+        )
         on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
 

@@ -52,7 +52,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_sampling.py", 20),
         TestFile("test_attention_viz.py", 5),
         TestFile("test_model_loader.py", 60),
-        TestFile("test_quantized_checkpoints.py", 75),
+        TestFile("test_quantized_checkpoints.py", 120),
         TestFile("test_hub_ids.py", 60),
         TestFile("test_torch_native_backend.py", 20),
         TestFile("test_kv_cache_dtype.py", 60),

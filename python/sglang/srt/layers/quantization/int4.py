@@ -223,16 +223,18 @@ class DequantInt4:
         self.codes = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous().to(device)
         # Contiguous equal groups (everything but act-order) dequantize by a reshape; otherwise
         # scales and zeros are gathered per column through g_idx.
-        size = max(int((shard.g_idx == 0).sum()), 1)
+        # (A row-parallel TP shard starts at some group `first`.)
+        first = int(shard.g_idx[0])
+        size = int((shard.g_idx == first).sum())
         self.group = (
             size
             if in_features % size == 0
-            and bool((shard.g_idx == torch.arange(in_features) // size).all())
+            and bool((shard.g_idx == first + torch.arange(in_features) // size).all())
             else None
         )
-        groups = in_features // size if self.group else shard.scales.shape[0]
-        self.scales = shard.scales[:groups].T.contiguous().to(device)  # [out, groups]
-        self.zeros = shard.zeros[:groups].T.contiguous().to(device=device, dtype=torch.uint8)
+        rows = slice(first, first + in_features // size) if self.group else slice(None)
+        self.scales = shard.scales[rows].T.contiguous().to(device)  # [out, groups]
+        self.zeros = shard.zeros[rows].T.contiguous().to(device=device, dtype=torch.uint8)
         self.g_idx = None if self.group else shard.g_idx.to(device)
 
     def tensors(self) -> list[torch.Tensor]:

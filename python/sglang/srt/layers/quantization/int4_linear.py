@@ -5,7 +5,7 @@ Called by the loader (`get_model`) between building the model and `load_weights`
 empty placeholder parameters named like the checkpoint tensors (`qweight`, `qzeros`, `scales`,
 `g_idx`), so the model's own `load_weights` (name mapping, q/k/v and gate/up stacking) routes
 them unchanged. Their loaders collect the tensors of each stacked part; once a layer has all of
-them it is unpacked (awq.py / gptq.py), repacked for the chosen int4 matmul (int4.py) and
+them it is unpacked (awq.py / gptq.py), cut to this TP rank's part, repacked for the chosen int4 matmul (int4.py) and
 stored as buffers, so the full-precision weight never exists. `finish_int4` checks that every
 layer got its tensors and reports the kernels in use.
 """
@@ -20,9 +20,11 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.linear import (
+    ColumnParallelLinear,
     LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    RowParallelLinear,
 )
 from sglang.srt.layers.quantization import QuantConfig
 from sglang.srt.layers.quantization.int4 import Int4LinearMethod, Int4Shard
@@ -40,6 +42,33 @@ def _shard_ids(layer: LinearBase) -> list[Any]:
     if isinstance(layer, MergedColumnParallelLinear):
         return list(range(len(layer.output_sizes)))
     return [None]
+
+
+def _tp_slice(layer: LinearBase, shard: Int4Shard, shard_id: Any) -> Int4Shard:
+    """This rank's part of a whole checkpoint matrix, split like the dense weight loaders do:
+    output rows for column-parallel layers (KV heads replicated when TP exceeds them), input
+    columns (with their g_idx entries; the group table stays whole) for row-parallel ones."""
+    if layer.tp_size == 1:
+        return shard
+    if isinstance(layer, RowParallelLinear):
+        size = layer.input_size_per_partition
+        cols = slice(layer.tp_rank * size, (layer.tp_rank + 1) * size)
+        return Int4Shard(shard.q[:, cols], shard.scales, shard.zeros, shard.g_idx[cols])
+    if isinstance(layer, QKVParallelLinear):
+        if shard_id == "q":
+            size, rank = layer.q_size, layer.tp_rank
+        else:
+            size, rank = layer.kv_size, layer.tp_rank // layer.kv_replicas
+    elif isinstance(layer, MergedColumnParallelLinear):
+        size, rank = layer.output_sizes[shard_id] // layer.tp_size, layer.tp_rank
+    elif isinstance(layer, ColumnParallelLinear):
+        size, rank = layer.output_size_per_partition, layer.tp_rank
+    else:  # replicated
+        return shard
+    rows = slice(rank * size, (rank + 1) * size)
+    return Int4Shard(
+        shard.q[rows].contiguous(), shard.scales[:, rows], shard.zeros[:, rows], shard.g_idx
+    )
 
 
 def _excluded(name: str, patterns: tuple[str, ...]) -> bool:
@@ -82,7 +111,8 @@ class Int4State:
         if len(parts) < len(self.config.tensor_names()):
             return
         try:
-            self.shards[shard_id] = self.config.unpack(self.pending.pop(shard_id))
+            shard = self.config.unpack(self.pending.pop(shard_id))
+            self.shards[shard_id] = _tp_slice(layer, shard, shard_id)
         except ValueError as exc:
             raise ValueError(f"{self.name} (part {shard_id!r}): {exc}") from exc
         if len(self.shards) == len(self.shard_ids):
@@ -122,8 +152,6 @@ def attach_int4(model: nn.Module, config: QuantConfig) -> int:
     for name, layer in model.named_modules():
         if not isinstance(layer, LinearBase) or _excluded(name, config.modules_to_not_convert):
             continue
-        if layer.tp_size != 1:
-            raise ValueError("int4 checkpoints are served with --tp 1 only in this build")
         state = Int4State(layer, config, name)
         del layer.weight
         for kind in config.tensor_names():

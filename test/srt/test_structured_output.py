@@ -376,3 +376,23 @@ def test_reasoning_split(client, stream):
     kw["extra_body"] = {"ebnf": THINK_GRAMMAR, "separate_reasoning": False}
     whole = client.chat.completions.create(**kw).choices[0].message
     assert whole.content.startswith("<think>") and getattr(whole, "reasoning_content", None) is None
+
+
+@pytest.mark.parametrize(
+    "kind,text,expected",
+    [
+        ("deepseek-r1", "Let me see.\n</think>\n\nIt is 4.", ("Let me see.", "It is 4.")),
+        ("deepseek-r1", "cut off before the end", ("cut off before the end", "")),
+        ("qwen3", "<think>\nhmm</think>Four.", ("hmm", "Four.")),
+        ("qwen3", "No think block, a < b.", (None, "No think block, a < b.")),
+    ],
+)
+def test_reasoning_parser_stream_matches_whole(kind, text, expected):
+    from sglang.srt.reasoning_parser import ReasoningParser
+
+    assert ReasoningParser(kind).parse_non_stream(text) == expected
+    parser, thought, answer = ReasoningParser(kind), "", ""
+    for end in range(1, len(text) + 1):  # one character per chunk: every tag gets split
+        r, c = parser.parse_stream_chunk(text[:end], end == len(text))
+        thought, answer = thought + r, answer + c
+    assert (thought.strip() or None, answer) == (expected[0] or None, expected[1])

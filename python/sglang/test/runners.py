@@ -58,6 +58,34 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
         cls="Phi3Config", sliding_window=16, partial_rotary_factor=0.5, tie_word_embeddings=False
     ),
     "olmo2": dict(cls="Olmo2Config", tie_word_embeddings=False),
+    # MoE: 4 experts, top 2; Qwen3-MoE renormalises the top-k (norm_topk_prob), Qwen2-MoE does
+    # not and has one dense layer (mlp_only_layers) besides its shared expert.
+    "mixtral": dict(
+        cls="MixtralConfig",
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=16,
+        tie_word_embeddings=False,
+    ),
+    "qwen3_moe": dict(
+        cls="Qwen3MoeConfig",
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+    ),
+    "qwen2_moe": dict(
+        cls="Qwen2MoeConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        shared_expert_intermediate_size=96,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        tie_word_embeddings=False,
+    ),
     # Qwen sliding windows on layers >= max_window_layers only (here layers 1 and 2).
     "qwen2_window": dict(
         cls="Qwen2Config",

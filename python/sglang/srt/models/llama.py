@@ -108,17 +108,17 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: Any, layer_id: int) -> None:
         super().__init__()
         self.self_attn = self.make_attention(config, layer_id)
-        self.mlp = LlamaMLP(
-            config.hidden_size,
-            config.intermediate_size,
-            bias=bool(getattr(config, "mlp_bias", False)),
-        )
+        self.mlp = self.make_mlp(config, layer_id)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def make_attention(self, config: Any, layer_id: int) -> nn.Module:
         bias = bool(getattr(config, "attention_bias", False))
         return LlamaAttention(config, layer_id, qkv_bias=bias, o_bias=bias)
+
+    def make_mlp(self, config: Any, layer_id: int) -> nn.Module:
+        bias = bool(getattr(config, "mlp_bias", False))
+        return LlamaMLP(config.hidden_size, config.intermediate_size, bias=bias)
 
     def forward(
         self,

@@ -92,6 +92,8 @@ def server():
         "--return-attention-tokens",
         "--reasoning-parser",
         "qwen3",
+        "--tool-call-parser",
+        "qwen25",
     ]
     with running_server(other_args=args) as url:
         yield url
@@ -334,7 +336,6 @@ def test_forced_tool_calls_parse_and_validate(client, choice, stream):
 def test_tool_choice_errors(client):
     base = dict(model="default", messages=[{"role": "user", "content": "x"}], max_tokens=4)
     bad = [
-        (dict(tools=[WEATHER]), "tool_choice 'auto'"),
         (
             dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
             "nope",
@@ -396,3 +397,76 @@ def test_reasoning_parser_stream_matches_whole(kind, text, expected):
         r, c = parser.parse_stream_chunk(text[:end], end == len(text))
         thought, answer = thought + r, answer + c
     assert (thought.strip() or None, answer) == (expected[0] or None, expected[1])
+
+
+# What a Qwen 2.5 model writes for a call; the grammar makes the default model write it.
+QWEN_CALL = (
+    'root ::= "Checking. <tool_call>\\n" '
+    '"{\\"name\\": \\"get_time\\", \\"arguments\\": {\\"timezone\\": \\"UTC\\"}}" '
+    '"\\n</tool_call>"'
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_calls_parsed_from_the_output(client, stream):
+    kw = dict(
+        model="default",
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=[WEATHER, TIME],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"ebnf": QWEN_CALL},
+    )
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
+        content = "".join(d.content or "" for d in deltas)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+    else:
+        choice = client.chat.completions.create(**kw).choices[0]
+        calls, content = choice.message.tool_calls, choice.message.content
+        finish = choice.finish_reason
+    assert finish == "tool_calls" and content == "Checking."
+    got = [(c.function.name, json.loads(c.function.arguments)) for c in calls]
+    assert got == [("get_time", {"timezone": "UTC"})]
+    assert all(c.id.startswith("call_") for c in calls)
+
+
+HAND_WRITTEN = [
+    (
+        "qwen25",
+        '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>',
+        None,
+        [("f", {"a": 1})],
+    ),
+    ("qwen25", 'Hi <tool_call>{"name": "g", "arguments": {}}</tool_call>', "Hi", [("g", {})]),
+    ("qwen25", "<tool_call>{broken</tool_call>", "<tool_call>{broken</tool_call>", []),
+    ("llama3", '<|python_tag|>{"name": "f", "parameters": {"a": 1}}', None, [("f", {"a": 1})]),
+    (
+        "llama3",
+        '{"name": "f", "parameters": {}}; {"name": "g", "parameters": {}}',
+        None,
+        [("f", {}), ("g", {})],
+    ),
+    ("llama3", "Plain answer.", "Plain answer.", []),
+    (
+        "mistral",
+        'Sure. [TOOL_CALLS] [{"name": "g", "arguments": {"b": "x"}}]',
+        "Sure.",
+        [("g", {"b": "x"})],
+    ),
+    (
+        "mistral",
+        '[TOOL_CALLS] [{"name": "nope", "arguments": {}}]',
+        '[TOOL_CALLS] [{"name": "nope", "arguments": {}}]',
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("parser,text,content,calls", HAND_WRITTEN)
+def test_tool_call_parsers_on_hand_written_outputs(parser, text, content, calls):
+    from sglang.srt.function_call.tool_call_parsers import parse_tool_calls
+
+    assert parse_tool_calls(parser, text, {"f", "g"}) == (content, calls)

@@ -38,6 +38,7 @@ DEVICES = ["cuda", "cpu"]
 TOKENIZER_MODES = ["auto", "slow"]
 GRAMMAR_BACKENDS = ["xgrammar", "outlines", "llguidance", "none"]
 REASONING_PARSER_NAMES = ["deepseek-r1", "qwen3"]
+TOOL_CALL_PARSER_NAMES = ["llama3", "mistral", "qwen25"]
 KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1"]
 # Upstream's method names, so a known name gets the "not supported yet" refusal below and a typo
 # gets argparse's "invalid choice".
@@ -65,6 +66,7 @@ _CHOICES: dict[str, list[str]] = {
     "sampling_backend": SAMPLING_BACKENDS,
     "grammar_backend": GRAMMAR_BACKENDS,
     "reasoning_parser": REASONING_PARSER_NAMES,
+    "tool_call_parser": TOOL_CALL_PARSER_NAMES,
     "kv_cache_dtype": KV_CACHE_DTYPES,
     "quantization": QUANTIZATION_METHODS,
 }
@@ -240,6 +242,7 @@ class ServerArgs:
     grammar_backend: str = "xgrammar"
     constrained_json_disable_any_whitespace: bool = False
     reasoning_parser: Optional[str] = None
+    tool_call_parser: Optional[str] = None
     disable_cuda_graph: bool = False
     disable_cuda_graph_padding: bool = False
     cuda_graph_max_bs: Optional[int] = None
@@ -332,7 +335,8 @@ class ServerArgs:
     def check_server_args(self) -> None:
         """Raise ValueError naming the flag when a setting is out of range or inconsistent."""
         for name, choices in _CHOICES.items():
-            if name in ("quantization", "reasoning_parser") and getattr(self, name) is None:
+            optional = ("quantization", "reasoning_parser", "tool_call_parser")
+            if name in optional and getattr(self, name) is None:
                 continue  # choice fields whose default is "none given"
             _check_choice(name, getattr(self, name), choices)
         if self.device == "cpu":

@@ -124,6 +124,8 @@ _HELP: dict[str, str] = {
     "sampling_backend": "Sampling kernels (default: pytorch).",
     "grammar_backend": "Constrained decoding backend (json_schema, regex, ebnf, "
     "response_format): xgrammar, or none to refuse constrained requests with HTTP 400.",
+    "tool_call_parser": "Parse tool calls out of chat answers under tool_choice auto: "
+    "llama3, mistral or qwen25 (Qwen 2.5/3, Hermes-style <tool_call> blocks).",
     "reasoning_parser": "Split the think block of a reasoning model's chat answer into "
     "message.reasoning_content: deepseek-r1 or qwen3.",
     "constrained_json_disable_any_whitespace": "JSON constraints allow no free whitespace "

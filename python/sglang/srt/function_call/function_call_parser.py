@@ -4,8 +4,8 @@ The chat route asks this module for the schema that constrains the output (const
 model can only write a call that parses, and then turns the finished text into OpenAI
 `tool_calls`: for "required" the output is a JSON array of `{"name", "parameters"}` objects, one
 per call, each name one of the request's tools and its parameters that tool's schema; for a named
-function the output is that function's arguments object. `tool_choice` "auto" needs a parser of
-the model's own tool-call format, which this module does not have (the route refuses it).
+function the output is that function's arguments object. `tool_choice` "auto" reads the model's
+own format instead (tool_call_parsers.py, `--tool-call-parser`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import secrets
 from typing import Any, Optional
 
 
-def _functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def tool_functions(tools: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """name -> parameters schema; ValueError (HTTP 400) for a malformed tool."""
     out: dict[str, dict[str, Any]] = {}
     for tool in tools:
@@ -52,7 +52,7 @@ def forced_call_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> 
         return None
     if not tools:
         raise ValueError("tool_choice requires a tool call but the request has no tools")
-    functions = _functions(tools)
+    functions = tool_functions(tools)
     if name is not None:
         if name not in functions:
             raise ValueError(f"tool_choice names {name!r}, which is not among the tools")
@@ -77,9 +77,12 @@ def parse_forced_calls(text: str, tool_choice: Any) -> Optional[list[dict[str, A
         return None
     name = named_function(tool_choice)
     if name is not None:
-        pairs = [(name, value)]
-    else:
-        pairs = [(call["name"], call["parameters"]) for call in value]
+        return openai_calls([(name, value)])
+    return openai_calls([(call["name"], call["parameters"]) for call in value])
+
+
+def openai_calls(pairs: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI `tool_calls` entries for (name, arguments) pairs, each with a fresh id."""
     return [
         {
             "id": f"call_{secrets.token_hex(12)}",

@@ -43,8 +43,11 @@ from sglang.srt.entrypoints.openai.protocol import (
 from sglang.srt.reasoning_parser import ReasoningParser
 from sglang.srt.function_call.function_call_parser import (
     forced_call_schema,
+    openai_calls,
     parse_forced_calls,
+    tool_functions,
 )
+from sglang.srt.function_call.tool_call_parsers import parse_tool_calls
 from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamCursor,
@@ -71,6 +74,7 @@ class OpenAIServingChat(ServingBase):
             template = load_chat_template(getattr(args, "chat_template", None))
         self.template = template
         self.reasoning_parser: str | None = getattr(args, "reasoning_parser", None)
+        self.tool_call_parser: str | None = getattr(args, "tool_call_parser", None)
 
     # ------------------------------------------------------------ conversion
 
@@ -94,7 +98,9 @@ class OpenAIServingChat(ServingBase):
 
     def plan(self, request: ChatCompletionRequest) -> ChatPlan:
         """Validate and convert; raises ValueError (HTTP 400) for requests we cannot serve."""
-        _check_unsupported(request)
+        _check_unsupported(request, self.tool_call_parser)
+        if request.tools and request.tool_choice != "none":
+            tool_functions(request.tools)  # a malformed tool is a 400 before generating
         if request.top_logprobs and not request.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         prompt_ids = self.tokenizer.encode(self.render_prompt(request), add_special_tokens=False)
@@ -160,9 +166,10 @@ class OpenAIServingChat(ServingBase):
                 )
                 message = ChatCompletionMessage(content=answer, reasoning_content=thought)
             reason = finish.reason
-            calls = self.forced_calls(request, out.get("text", ""), reason)
-            if calls is not None:
-                message, reason = ChatCompletionMessage(tool_calls=calls), "tool_calls"
+            found = self.tool_calls(request, out.get("text", ""), reason)
+            if found is not None:
+                message = ChatCompletionMessage(content=found[0], tool_calls=found[1])
+                reason = "tool_calls"
             choices.append(
                 ChatCompletionResponseChoice(
                     index=index,
@@ -184,14 +191,26 @@ class OpenAIServingChat(ServingBase):
     def separates_reasoning(self, request: ChatCompletionRequest) -> bool:
         return self.reasoning_parser is not None and request.separate_reasoning
 
-    @staticmethod
-    def forced_calls(
-        request: ChatCompletionRequest, text: str, reason: str | None
-    ) -> list[dict[str, Any]] | None:
-        """The tool calls of a finished forced-call answer (None: no call forced, or cut off)."""
-        if reason != "stop" or not request.tools or request.tool_choice in (None, "none", "auto"):
+    def parses_tool_calls(self, request: ChatCompletionRequest) -> bool:
+        """Whether the output may hold tool calls (forced, or "auto" with a parser)."""
+        if not request.tools or request.tool_choice == "none":
+            return False
+        return request.tool_choice not in (None, "auto") or self.tool_call_parser is not None
+
+    def tool_calls(
+        self, request: ChatCompletionRequest, text: str, reason: str | None
+    ) -> tuple[str | None, list[dict[str, Any]]] | None:
+        """(content, tool_calls) of a finished answer that holds calls, else None."""
+        if reason is None or not self.parses_tool_calls(request):
             return None
-        return parse_forced_calls(text, request.tool_choice)
+        if request.tool_choice in (None, "auto"):
+            names = set(tool_functions(request.tools))
+            content, pairs = parse_tool_calls(self.tool_call_parser, text, names)
+            return (content, openai_calls(pairs)) if pairs else None
+        if reason != "stop":
+            return None  # a forced call cut off by max_tokens does not parse
+        calls = parse_forced_calls(text, request.tool_choice)
+        return (None, calls) if calls is not None else None
 
     def logprobs(self, lps: list[Any], tops: list[Any] | None) -> ChoiceLogprobs:
         tops = list(tops or [])
@@ -236,13 +255,13 @@ class OpenAIServingChat(ServingBase):
             piece = self.text_delta(cursor, out)
             finish = finish_of(meta)
             reason = finish.reason
-            if forcing:
-                # The call is sent whole once it parses; a cut-off one goes out as text.
-                calls = self.forced_calls(request, out.get("text", ""), reason)
-                if calls is not None:
-                    chunks.append(chunk(_tool_call_delta(index, calls)))
-                    reason = "tool_calls"
-                piece = out.get("text", "") if reason not in (None, "tool_calls") else ""
+            if buffering:
+                # Calls are sent whole once the output is complete; without calls, the text.
+                found = self.tool_calls(request, out.get("text", ""), reason)
+                piece = out.get("text", "") if reason is not None else ""
+                if found is not None:
+                    chunks.append(chunk(_tool_call_delta(index, *found)))
+                    reason, piece = "tool_calls", ""
             thought = None
             if parsers is not None:
                 parser = parsers.setdefault(index, ReasoningParser(self.reasoning_parser))
@@ -276,17 +295,20 @@ class OpenAIServingChat(ServingBase):
                 chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
             return chunks
 
-        forcing = forced_call_schema(request.tools, request.tool_choice) is not None
+        buffering = self.parses_tool_calls(request)
         parsers: dict[int, ReasoningParser] | None = (
-            {} if self.separates_reasoning(request) and not forcing else None
+            {} if self.separates_reasoning(request) and not buffering else None
         )
         on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
 
 
-def _tool_call_delta(index: int, calls: list[dict[str, Any]]) -> ChatCompletionResponseStreamChoice:
-    """One delta carrying every call whole, each with its `index` as OpenAI streams them."""
-    delta = DeltaMessage(tool_calls=[{"index": i, **call} for i, call in enumerate(calls)])
+def _tool_call_delta(
+    index: int, content: str | None, calls: list[dict[str, Any]]
+) -> ChatCompletionResponseStreamChoice:
+    """One delta carrying the content and every call whole, each call with its `index`."""
+    tool_calls = [{"index": i, **call} for i, call in enumerate(calls)]
+    delta = DeltaMessage(content=content, tool_calls=tool_calls)
     return ChatCompletionResponseStreamChoice(index=index, delta=delta)
 
 
@@ -302,7 +324,7 @@ def _response_format_schema(request: ChatCompletionRequest) -> str | None:
     return json.dumps(fmt.json_schema.schema_)
 
 
-def _check_unsupported(request: ChatCompletionRequest) -> None:
+def _check_unsupported(request: ChatCompletionRequest, parser: str | None) -> None:
     """400 for what would otherwise be answered without the constraint the client asked for."""
     choice = request.tool_choice
     if (
@@ -313,9 +335,9 @@ def _check_unsupported(request: ChatCompletionRequest) -> None:
         raise ValueError(
             f"tool_choice must be 'none', 'auto', 'required' or an object, got {choice!r}"
         )
-    if request.tools and choice in (None, "auto"):
+    if request.tools and choice in (None, "auto") and parser is None:
         raise ValueError(
-            "tools with tool_choice 'auto' are not supported yet: the model's own tool-call "
-            "format is not parsed; send tool_choice 'required' or a named function (enforced "
-            "with a grammar), or 'none'"
+            "tools with tool_choice 'auto' are not supported yet without --tool-call-parser "
+            "(the model's own tool-call format is not parsed); send tool_choice 'required' or "
+            "a named function (enforced with a grammar), or 'none'"
         )

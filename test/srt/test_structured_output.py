@@ -470,3 +470,22 @@ def test_tool_call_parsers_on_hand_written_outputs(parser, text, content, calls)
     from sglang.srt.function_call.tool_call_parsers import parse_tool_calls
 
     assert parse_tool_calls(parser, text, {"f", "g"}) == (content, calls)
+
+
+def test_tool_results_are_accepted_and_rendered(client):
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'},
+    }
+    messages = [
+        {"role": "user", "content": "What time is it?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    kw = dict(model="default", tools=[TIME], tool_choice="none", max_tokens=8)
+    resp = client.chat.completions.create(messages=messages, **kw)
+    before = client.chat.completions.create(messages=messages[:2], **kw)
+    assert resp.choices[0].message.content
+    # The tool turn went through the chat template into the prompt.
+    assert resp.usage.prompt_tokens > before.usage.prompt_tokens

@@ -170,8 +170,13 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_config_variants(variant, tmp_path):
-    base, overrides = VARIANTS[variant]
-    folder = make_tiny_model(base, str(tmp_path), initializer_range=INIT, **overrides)
+    check_variant(*VARIANTS[variant], str(tmp_path), variant)
+
+
+def check_variant(base: str, overrides: dict, folder: str, variant: str) -> None:
+    """Prefill logits and 16 greedy tokens with their logprobs of `base` with config `overrides`
+    against HF."""
+    folder = make_tiny_model(base, folder, initializer_range=INIT, **overrides)
     hf = HFRunner(folder)
     prompts = prompts_for(2, seed=5)
     srt = SRTRunner(folder)

@@ -10,9 +10,11 @@ reference, same checks): prefill logits (1e-4), 32 greedy tokens and their logpr
 batch 1 and in a mixed batch, chunked prefill with prompt logprobs, a prefix-cache hit, and every
 generated token's attention tokens against HF's eager head-mean rows. Tensor parallelism 2 (real
 gloo group; each rank holds half of every expert's intermediate dim) gives HF's tokens and TP 1's
-attention tokens. The experts' two execution paths (grouped by expert; dense over all experts, the
-CUDA-graph path) agree, routing normalises as each architecture says, and checkpoints missing an
-expert or with a non-SiLU expert activation are refused.
+attention tokens. Config variants (experts on every other layer, Qwen2-MoE renormalised, Mixtral
+top 1) are checked on prefill logits and greedy tokens. The experts' two execution paths (grouped
+by expert; dense over all experts, the CUDA-graph path) agree, routing normalises as each
+architecture says, and checkpoints missing an expert or with a non-SiLU expert activation are
+refused.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 # `arch` fixture (pytest resolves fixtures where a test is collected).
 from test_model_parity_archs import (  # noqa: F401
     check_tp2,
+    check_variant,
     prompts_for,
     test_batch1_and_mixed_batch,
     test_chunked_prefill_prompt_logprobs_and_prefix_hit,
@@ -50,6 +53,20 @@ def arch(request, tmp_path_factory):
     prompts = prompts_for(4, seed=zlib.crc32(name.encode()) % 1000)
     prompts.append(prompts[0] + [7, 8, 9])  # extends prompt 0: a prefix-cache hit after it
     return name, folder, HFRunner(folder), prompts
+
+
+# Other branches of the configs, on logits and greedy tokens only.
+VARIANTS = {
+    # Experts on every other layer only, top-k weights not renormalised.
+    "qwen3_moe_sparse_step2": ("qwen3_moe", dict(decoder_sparse_step=2, norm_topk_prob=False)),
+    "qwen2_moe_normalised": ("qwen2_moe", dict(norm_topk_prob=True, mlp_only_layers=[])),
+    "mixtral_top1": ("mixtral", dict(num_experts_per_tok=1)),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants(variant, tmp_path):
+    check_variant(*VARIANTS[variant], str(tmp_path), variant)
 
 
 def test_tp2_matches_tp1_and_hf(tmp_path_factory):

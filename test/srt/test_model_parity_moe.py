@@ -9,8 +9,8 @@ weights renormalised); Qwen2-MoE without it, with its sigmoid-gated shared exper
 reference, same checks): prefill logits (1e-4), 32 greedy tokens and their logprobs (1e-4) at
 batch 1 and in a mixed batch, chunked prefill with prompt logprobs, a prefix-cache hit, and every
 generated token's attention tokens against HF's eager head-mean rows. Tensor parallelism 2 (real
-gloo group; each rank holds half of every expert's intermediate dim) gives HF's tokens and TP 1's
-attention tokens. Config variants (experts on every other layer, Qwen2-MoE renormalised, Mixtral
+gloo group, all three models; each rank holds half of every expert's intermediate dim) gives HF's
+tokens and TP 1's attention tokens. Config variants (experts on every other layer, Qwen2-MoE renormalised, Mixtral
 top 1) are checked on prefill logits and greedy tokens. The experts' two execution paths (grouped
 by expert; dense over all experts, the CUDA-graph path) agree, routing normalises as each
 architecture says, and checkpoints missing an expert or with a non-SiLU expert activation are
@@ -73,7 +73,7 @@ def test_tp2_matches_tp1_and_hf(tmp_path_factory):
     folders = {
         name: make_tiny_model(name, str(tmp_path_factory.mktemp(f"tp-{name}")),
                               initializer_range=INIT)
-        for name in ("mixtral", "qwen2_moe")
+        for name in ARCHS
     }  # fmt: skip
     check_tp2(folders)
 

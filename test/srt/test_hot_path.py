@@ -119,3 +119,33 @@ def test_cpu_binding_env_parsing():
     ):
         with pytest.raises(ParallelConfigError, match=match):
             cpu_binding(spec, 0, ranks)
+
+
+def test_cpu_weights_column_major_same_values(tmp_path, monkeypatch):
+    """After loading on CPU, dense matmul weights live in transposed storage with the same shape
+    and values, and every linear layer gives the checkpoint layout's output within float32
+    rounding (layers/cpu_weight_layout.py). Model-level exactness: the HF parity tests."""
+    import torch
+    import torch.nn.functional as F
+
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.cpu_weight_layout import LAYOUT_ENV
+    from sglang.srt.layers.linear import LinearBase
+    from sglang.srt.model_loader import get_model
+    from sglang.test.runners import make_tiny_model
+
+    folder = make_tiny_model("llama", str(tmp_path / "m"))
+    linears = {}
+    for layout in ("row", "column"):
+        monkeypatch.setenv(LAYOUT_ENV, layout)
+        cfg = ModelConfig(folder, dtype="float32", device="cpu")
+        model = get_model(model_config=cfg, load_config=LoadConfig(), device="cpu")
+        linears[layout] = [m.weight for m in model.modules() if isinstance(m, LinearBase)]
+        assert linears[layout]
+        assert all(w.is_contiguous() == (layout == "row") for w in linears[layout])
+    gen = torch.Generator().manual_seed(0)
+    for row, col in zip(linears["row"], linears["column"]):
+        assert torch.equal(row, col)
+        x = torch.randn(5, row.shape[1], generator=gen)
+        torch.testing.assert_close(F.linear(x, col), F.linear(x, row), rtol=1e-5, atol=1e-6)

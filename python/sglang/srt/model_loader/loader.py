@@ -68,6 +68,10 @@ def get_model(
     else:
         model.load_weights(weights)
     model.eval()
+    if torch.device(device).type == "cpu":
+        from sglang.srt.layers.cpu_weight_layout import use_column_major_weights
+
+        use_column_major_weights(model)
     logger.info(
         "Loaded %s (%s, %s) on %s in %.1f s",
         model_class.__name__,

@@ -13,8 +13,8 @@ gloo group, all three models; each rank holds half of every expert's intermediat
 tokens and TP 1's attention tokens. Config variants (experts on every other layer, Qwen2-MoE renormalised, Mixtral
 top 1) are checked on prefill logits and greedy tokens. The experts' two execution paths (grouped
 by expert; dense over all experts, the CUDA-graph path) agree, routing normalises as each
-architecture says, and checkpoints missing an expert or with a non-SiLU expert activation are
-refused.
+architecture says, `--enable-torch-compile` decodes HF's tokens, and checkpoints missing an
+expert or with a non-SiLU expert activation are refused.
 """
 
 from __future__ import annotations
@@ -38,7 +38,13 @@ from test_model_parity_archs import (  # noqa: F401
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers.moe import FusedMoE, select_experts
 from sglang.srt.model_loader.resolve import ModelLoadError
-from sglang.test.runners import HFRunner, cpu_threads_hint, make_tiny_model
+from sglang.test.runners import (
+    HFRunner,
+    SRTRunner,
+    assert_greedy_matches,
+    cpu_threads_hint,
+    make_tiny_model,
+)
 
 ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe"]
 INIT = 0.2
@@ -134,3 +140,14 @@ def test_non_silu_experts_refused(tmp_path):
     folder = make_tiny_model("mixtral", str(tmp_path), hidden_act="gelu")
     with pytest.raises((ModelLoadError, ValueError), match="hidden_act 'gelu' are not supported"):
         _load(folder)
+
+
+def test_torch_compile_decode(tmp_path):
+    """With --enable-torch-compile the decode forward is compiled around the experts (left eager:
+    their row counts are data) and still gives HF's greedy tokens and logprobs."""
+    folder = make_tiny_model("qwen2_moe", str(tmp_path), initializer_range=INIT)
+    hf = HFRunner(folder)
+    prompts = prompts_for(3, seed=4)
+    srt = SRTRunner(folder, enable_torch_compile=True, torch_compile_max_bs=3)
+    outs = srt.generate(prompts, 8, return_logprob=True)
+    assert_greedy_matches(outs, [hf.greedy(p, 8) for p in prompts], "torch.compile")

@@ -93,6 +93,10 @@ class FusedMoE(nn.Module):
         gate, up = F.linear(x, self.w13_weight[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2_weight[e])
 
+    # Left out of torch.compile (--enable-torch-compile): the grouped path's per-expert row counts
+    # are data, so Dynamo would specialise on them and recompile at every step; and the capture
+    # check must run when the graph is captured, not when it is traced.
+    @torch.compiler.disable
     def forward(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor:

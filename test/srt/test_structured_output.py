@@ -489,3 +489,12 @@ def test_tool_results_are_accepted_and_rendered(client):
     assert resp.choices[0].message.content
     # The tool turn went through the chat template into the prompt.
     assert resp.usage.prompt_tokens > before.usage.prompt_tokens
+
+
+def test_stop_string_ends_a_constrained_output(server):
+    sp = {"regex": "[0-9]{3}-[0-9]{4}", "stop": "-", "max_new_tokens": 16, "temperature": 0}
+    out = requests.post(
+        f"{server}/generate", json={"text": "Call", "sampling_params": sp}, timeout=300
+    ).json()
+    assert re.fullmatch("[0-9]{3}", out["text"]), out["text"]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": "-"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import jsonschema
 import pytest
@@ -110,3 +111,51 @@ def test_grammar_backend_none_refuses(tiny):
     srt.scheduler.add_request(req)
     assert req.finished_reason.status_code == 400
     assert "--grammar-backend none" in req.finished_reason.message
+
+
+def engine_main(folder: str, tokenizer_path: str) -> None:
+    """Engine.generate with constraints (run in a fresh interpreter: the Engine spawns)."""
+    import sglang as sgl
+
+    engine = sgl.Engine(
+        model_path=folder,
+        tokenizer_path=tokenizer_path,
+        max_total_tokens=2048,
+        log_level="error",
+        constrained_json_disable_any_whitespace=True,  # random weights would pad with spaces
+    )
+    try:
+        outs = engine.generate(
+            prompt=["Sentiment:", "Code:"],
+            sampling_params=[
+                {"json_schema": json.dumps(ENUM_SCHEMA), "max_new_tokens": 64},
+                {"regex": REGEX, "max_new_tokens": 64},
+            ],
+        )
+        jsonschema.validate(json.loads(outs[0]["text"]), ENUM_SCHEMA)
+        assert re.fullmatch(REGEX, outs[1]["text"]), outs[1]["text"]
+        try:
+            engine.generate(prompt="x", sampling_params={"regex": "(a", "max_new_tokens": 2})
+        except ValueError as e:
+            assert "parenthesis" in str(e)
+        else:
+            raise AssertionError("a bad regex must raise ValueError")
+    finally:
+        engine.shutdown()
+
+
+def test_engine_generate_with_constraints(tiny):
+    import subprocess
+    import sys
+
+    folder, _ = tiny
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from test_structured_output_scheduler import engine_main; engine_main(*sys.argv[2:])"
+    )
+    here = str(Path(__file__).resolve().parent)
+    tok = resolve_model_path("smollm2-135m-instruct")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, here, folder, tok], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -211,7 +211,7 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
     async def step_profile(reset: bool = False) -> Any:
         """Per-stage time of every served step (--enable-step-profile; docs/step_profile.md)."""
-        store = tm.step_profile
+        store = getattr(tm, "step_profile", None)
         if store is None:
             return bad_request("/step_profile needs a server started with --enable-step-profile")
         summary = store.summary()
@@ -254,7 +254,7 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         if not obj.stream:
             await gen.aclose()
             return JSONResponse(first)
-        chunks = timed_chunks(_sse(first, gen), tm.step_profile)
+        chunks = timed_chunks(_sse(first, gen), getattr(tm, "step_profile", None))
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     def models() -> dict[str, Any]:

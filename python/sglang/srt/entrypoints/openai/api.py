@@ -86,7 +86,8 @@ async def serve(
     except Exception as exc:
         logger.exception("OpenAI request failed")
         return error_response(f"{type(exc).__name__}: {exc}", 500)
-    chunks = timed_chunks(_resume(first, result), serving.tokenizer_manager.step_profile)
+    profile = getattr(serving.tokenizer_manager, "step_profile", None)
+    chunks = timed_chunks(_resume(first, result), profile)
     return StreamingResponse(chunks, media_type="text/event-stream")
 
 

@@ -5,9 +5,10 @@ rely on). `F.linear(x, w)` multiplies by `w.T`; on CPU, MKL's GEMM at decode's s
 runs faster when that `w.T` is a contiguous `[in, out]` matrix. So once the weights are loaded,
 each dense weight keeps its shape and values but moves to the transposed storage (strides
 `(1, out)`). The LM head and the embedding it may share move too: an embedding lookup then reads
-strided rows, a few hundred elements per token. Measured on SmolLM2-135M's shapes, torch 2.13, a
-2-core AVX-512 Xeon without bf16 instructions (benchmark/results/cpu_weight_layout.md): float32
-GEMMs 1.6x faster at 4-8 rows and 1.1x at 32, bfloat16 1.4x faster at one row and even beyond.
+strided rows, a few hundred elements per token. Only float32 weights move. Measured on
+SmolLM2-135M, torch 2.13, a 2-core AVX-512 Xeon without bf16 instructions, idle
+(benchmark/results/cpu_weight_layout.md): the float32 decode step is 3-23 % faster at batch 1, 8
+and 32; bfloat16 was 4-16 % faster at batch 1 but 9-20 % slower at batch 32, so it stays row-major.
 
 `SGLANG_CPU_WEIGHT_LAYOUT=row` keeps the checkpoint layout (for A/B measurements).
 """
@@ -44,7 +45,8 @@ def use_column_major_weights(model: nn.Module) -> int:
         if (
             not isinstance(weight, torch.Tensor)
             or weight.dim() != 2
-            or not weight.is_floating_point()
+            # bf16/fp16 stay row-major: no clear gain without native bf16 (module docstring).
+            or weight.dtype != torch.float32
         ):
             continue
         if weight.stride() == (1, weight.shape[0]):

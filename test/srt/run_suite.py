@@ -55,6 +55,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_quantized_checkpoints.py", 120),
         TestFile("test_hub_ids.py", 60),
         TestFile("test_torch_native_backend.py", 20),
+        TestFile("test_sdpa_with_lse.py", 5),
         TestFile("test_kv_cache_dtype.py", 60),
         TestFile("test_torch_compile.py", 90),
         TestFile("test_model_parity.py", 180),

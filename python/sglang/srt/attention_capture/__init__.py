@@ -12,8 +12,7 @@ torch, which only `capture` needs.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sglang.srt.lazy_exports import lazy_getattr
 
 _WHERE = {
     "AttentionCapture": "capture",
@@ -31,8 +30,4 @@ _WHERE = {
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+__getattr__ = lazy_getattr(__name__, _WHERE)

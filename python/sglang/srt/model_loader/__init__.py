@@ -6,21 +6,16 @@ must not pay for importing torch, which `loader` needs.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sglang.srt.lazy_exports import lazy_getattr
 
 _WHERE = {
-    "get_model": "sglang.srt.model_loader.loader",
-    "ModelLoadError": "sglang.srt.model_loader.resolve",
-    "known_short_names": "sglang.srt.model_loader.resolve",
-    "resolve_model_path": "sglang.srt.model_loader.resolve",
-    "iterate_weights": "sglang.srt.model_loader.weight_utils",
+    "get_model": "loader",
+    "ModelLoadError": "resolve",
+    "known_short_names": "resolve",
+    "resolve_model_path": "resolve",
+    "iterate_weights": "weight_utils",
 }
 
 __all__ = sorted(_WHERE)
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_WHERE[name]), name)
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -305,7 +305,7 @@ class SchedulerProcess:
                 seen.add(id(req))
                 reqs.append(req)
         self.pending.clear()
-        started = time.perf_counter()
+        started = time.perf_counter() if self.scheduler.clock.enabled else 0.0
         out = BatchTokenIDOut([], [], [], [], [], [], [], [], [], [], [])
         for req in reqs:
             state = self.send_state.get(req.rid)

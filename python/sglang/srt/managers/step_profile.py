@@ -155,18 +155,16 @@ class StepProfileStore:
         self.samples.clear()
 
 
-async def timed_chunks(
-    chunks: AsyncIterator[T], store: Optional[StepProfileStore]
-) -> AsyncIterator[T]:
-    """Pass a streamed response's chunks through, timing each one when profiling.
+def timed_chunks(chunks: AsyncIterator[T], store: Optional[StepProfileStore]) -> AsyncIterator[T]:
+    """A streamed response's chunks, timed when profiling (`store`), else `chunks` itself.
 
     `RESPONSE`: from the tokenizer manager handling the step's output to this chunk being ready
     (waking the request's coroutine and formatting it). `HTTP_WRITE`: from yielding the chunk to
     being asked for the next one, which the ASGI server does once the chunk is written."""
-    if store is None:
-        async for chunk in chunks:
-            yield chunk
-        return
+    return chunks if store is None else _timed(chunks, store)
+
+
+async def _timed(chunks: AsyncIterator[T], store: StepProfileStore) -> AsyncIterator[T]:
     async for chunk in chunks:
         ready = time.perf_counter()
         store.add(RESPONSE, max(0.0, ready - store.last_output_at))

@@ -227,11 +227,13 @@ class HFRunner:
         max_new_tokens: int,
         attentions: bool = True,
         cache: Any = None,
+        per_head: bool = False,
     ) -> tuple[GenOutput, list[torch.Tensor]]:
         """Greedy decoding plus, per generated token t, the eager attention of the query that
         produced it: a float64 [num_layers, context] tensor of the head-mean softmax row
         (`attentions[layer][0, :, -1, :]` averaged over heads, as in generate(output_attentions)).
-        `cache`: an empty transformers Cache to decode with (e.g. one that rounds K/V)."""
+        `cache`: an empty transformers Cache to decode with (e.g. one that rounds K/V).
+        `per_head`: [num_layers, num_heads, context] rows, each head's own (no head mean)."""
         ids: list[int] = []
         lps: list[float] = []
         rows: list[torch.Tensor] = []
@@ -244,9 +246,11 @@ class HFRunner:
             if attentions:
                 # A sliding-window cache hands back only the last keys of a windowed layer: pad
                 # its row on the left (those positions are outside the window: probability 0).
-                heads = [a[0, :, -1, :].double().mean(0) for a in out.attentions]
-                ctx = max(h.shape[0] for h in heads)
-                rows.append(torch.stack([F.pad(h, (ctx - h.shape[0], 0)) for h in heads]))
+                heads = [a[0, :, -1, :].double() for a in out.attentions]
+                if not per_head:
+                    heads = [h.mean(0) for h in heads]
+                ctx = max(h.shape[-1] for h in heads)
+                rows.append(torch.stack([F.pad(h, (ctx - h.shape[-1], 0)) for h in heads]))
             past = out.past_key_values
             logprobs = torch.log_softmax(out.logits[0, -1].float(), -1)
             token = int(torch.argmax(logprobs))

@@ -17,13 +17,15 @@ through a `CaptureSpec`; a forward with no capturing row never reaches this modu
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from sgl_kernel.attention_scores import key_visible
 
 from sglang.srt.attention_capture.config import AttentionRequest
+from sglang.srt.attention_capture.heads import HeadPlan, aggregate_heads, plan_heads
+from sglang.srt.attention_capture.row_stats import row_stats, span_bounds, span_mass
 from sglang.srt.attention_capture.static import (
     StaticCaptureMixin,
     score_scale,
@@ -49,12 +51,15 @@ NOT_RANKED = -1.0
 class CaptureSpec:
     """Which requests of a batch capture in this forward (built on the CPU by the scheduler).
 
-    `batch_rows[i]` is the index in the batch of capture row i; `requests[i]` its options.
+    `batch_rows[i]` is the index in the batch of capture row i; `requests[i]` its options;
+    `prompt_lens[i]` its prompt's length (what `attention_stats` splits prompt from completion
+    mass at; needed only when some row asks for statistics).
     In an extend, a row takes the last token of its request's segment; in a decode, its one token.
     """
 
     batch_rows: list[int]
     requests: list[AttentionRequest]
+    prompt_lens: list[int] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -68,6 +73,12 @@ class CaptureSpec:
     def top_k(self) -> int:
         return max(r.top_k for r in self.requests)
 
+    @property
+    def plain(self) -> bool:
+        """Every row takes the plain head mean and asks no span mass or statistics (what the
+        static graph path serves; other specs run eagerly)."""
+        return all(r.plain_heads and not r.spans and not r.stats for r in self.requests)
+
 
 def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:
     """The spec for a batch of scheduler requests, or None when no request captures now.
@@ -77,6 +88,7 @@ def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:
     """
     rows: list[int] = []
     options: list[AttentionRequest] = []
+    prompt_lens: list[int] = []
     for i, req in enumerate(reqs):
         opt = req.attention
         if opt is None:
@@ -85,9 +97,10 @@ def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:
             continue
         rows.append(i)
         options.append(opt)
+        prompt_lens.append(len(req.origin_input_ids))
     if not rows:
         return None
-    return CaptureSpec(rows, options)
+    return CaptureSpec(rows, options, prompt_lens)
 
 
 @dataclass
@@ -102,6 +115,16 @@ class CaptureResult:
     layer_values: Optional[torch.Tensor] = None  # [C, R, k] when some row wants per-layer lists
     layer_indices: Optional[torch.Tensor] = None
     layer_excluded: Optional[torch.Tensor] = None  # [C, R]
+    # attention_head_aggregation "none": [R, S, k] / [R, S] per chosen head (S slots), and per
+    # captured layer [C, R, S, k] / [C, R, S] when some such row also wants per-layer lists.
+    head_values: Optional[torch.Tensor] = None
+    head_indices: Optional[torch.Tensor] = None
+    head_excluded: Optional[torch.Tensor] = None
+    layer_head_values: Optional[torch.Tensor] = None
+    layer_head_indices: Optional[torch.Tensor] = None
+    layer_head_excluded: Optional[torch.Tensor] = None
+    span_mass: Optional[torch.Tensor] = None  # [R, S] mass of each row's spans (row_stats.py)
+    stats: Optional[torch.Tensor] = None  # [R, 5] statistics, columns in config.STAT_NAMES order
 
 
 class AttentionCapture(StaticCaptureMixin):
@@ -218,6 +241,21 @@ class AttentionCapture(StaticCaptureMixin):
         self.windows: dict[int, torch.Tensor] = {}
         self.k = min(spec.top_k, max_kv, self.max_top_k)
         self.rows[:num, :max_kv].zero_()
+        self.heads: Optional[HeadPlan] = plan_heads(spec.requests, self.num_q_heads_total, dev)
+        self.head_rows: Optional[torch.Tensor] = None
+        self.layer_head_lists: Optional[list[torch.Tensor]] = None
+        if self.heads is not None and self.heads.num_slots:
+            # Per-head rows only for forwards with a row that splits its heads (<= 8 slots).
+            slots = self.heads.num_slots
+            self.head_rows = torch.zeros(num, slots, max_kv, device=dev)
+            if spec.per_layer:
+                shape = (len(self.layers), num, slots, self.k)
+                self.layer_head_lists = [
+                    torch.full(shape, NOT_RANKED, device=dev),
+                    torch.zeros(shape, dtype=torch.int64, device=dev),
+                    torch.zeros(shape[:3], device=dev),
+                ]
+        self.spans = span_bounds([r.spans for r in spec.requests], dev)
         self.spec, self.active = spec, True
 
     def wants_layer(self, layer_id: int) -> bool:
@@ -253,7 +291,9 @@ class AttentionCapture(StaticCaptureMixin):
         hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
         c = self.slot_of_layer[layer.layer_id]
-        if self.use_kernel:
+        if self.heads is not None:
+            probs = self._record_heads(layer, q, lse, forward_batch, c)
+        elif self.use_kernel:
             probs = self._record_fused(layer, q, lse, forward_batch, c)
         else:
             # The backend's LSE is of the soft-capped scores (Gemma 2): head_summed_probs caps.
@@ -274,6 +314,40 @@ class AttentionCapture(StaticCaptureMixin):
             self.layer_values[c, :num, : self.k] = vals
             self.layer_indices[c, :num, : self.k] = idx
             self.layer_excluded[c, :num] = excl
+
+    def _record_heads(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+        c: int,
+    ) -> torch.Tensor:
+        """`record` for a forward with head selection (heads.py): every local head's row, then
+        each capturing row's own aggregation. Returns the layer's unweighted [R, W] share."""
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        num = self.spec.num_rows
+        per_head = head_summed_probs(
+            q.view(-1, hq * d)[self.q_index],
+            lse[self.q_index],
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.kv_slots,
+            self._allowed(layer.sliding_window_size),
+            score_scale(layer, forward_batch),
+            layer.logit_cap,
+            self.num_q_heads_total,
+            per_head=True,
+        )
+        probs, split = aggregate_heads(self.heads, per_head)
+        weight = self.weights[:, c : c + 1]
+        self.rows[:num, : self.max_kv].addcmul_(probs, weight)
+        if split is not None:
+            self.head_rows.addcmul_(split, weight[:, :, None])
+            if self.layer_head_lists is not None:
+                ranked = self._rank(tensor_model_parallel_all_reduce(split))
+                for out, value in zip(self.layer_head_lists, ranked):
+                    out[c] = value
+        return probs
 
     def _record_fused(
         self,
@@ -310,12 +384,16 @@ class AttentionCapture(StaticCaptureMixin):
         return layer_rows
 
     def _rank(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k of score rows after leaving out padding and the excluded leading positions."""
+        """Top-k of [R, W] score rows (or [R, S, W] per-head rows) after leaving out padding
+        and the excluded leading positions."""
         j = torch.arange(self.max_kv, device=self.device)
         sink = j[None, :] < self.exclude[:, None]
-        excluded = torch.where(sink & self.valid, row, 0.0).sum(dim=1)
-        ranked = row.masked_fill(sink | ~self.valid, NOT_RANKED)
-        vals, idx = ranked.topk(self.k, dim=1)
+        valid = self.valid
+        if row.dim() == 3:
+            sink, valid = sink[:, None, :], valid[:, None, :]
+        excluded = torch.where(sink & valid, row, 0.0).sum(dim=-1)
+        ranked = row.masked_fill(sink | ~valid, NOT_RANKED)
+        vals, idx = ranked.topk(self.k, dim=-1)
         return vals, idx, excluded
 
     def finish(self) -> CaptureResult:
@@ -330,6 +408,18 @@ class AttentionCapture(StaticCaptureMixin):
             result.layer_values = self.layer_values[:, :num, : self.k].clone()
             result.layer_indices = self.layer_indices[:, :num, : self.k].clone()
             result.layer_excluded = self.layer_excluded[:, :num].clone()
+        if self.spans is not None:
+            result.span_mass = span_mass(row, self.spans)
+        if any(r.stats for r in spec.requests):
+            prompt_lens = torch.tensor(spec.prompt_lens, dtype=torch.int64).to(self.device)
+            result.stats = row_stats(row, self.seq_lens, prompt_lens)
+        if self.head_rows is not None:
+            split = tensor_model_parallel_all_reduce(self.head_rows)
+            result.head_values, result.head_indices, result.head_excluded = self._rank(split)
+            if self.layer_head_lists is not None:
+                result.layer_head_values, result.layer_head_indices, result.layer_head_excluded = (
+                    self.layer_head_lists
+                )
         self.active, self.spec = False, None
         return result
 

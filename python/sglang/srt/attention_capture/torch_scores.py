@@ -37,8 +37,10 @@ def head_summed_probs(
     scale: float,
     logit_cap: float,
     num_q_heads_total: int,
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """[R, W] float32 probabilities of R query rows over W key positions each.
+    """[R, W] float32 probabilities of R query rows over W key positions each; with `per_head`,
+    [R, Hq, W] each head's own probabilities (not summed, not divided).
 
     q: [R, Hq * D] or [R, Hq, D] (this rank's heads, after rotary); lse: [R, Hq] natural-log
     log-sum-exp of the scaled (and capped) scores; keys_all: [slots, Hkv, D] the layer's pool;
@@ -50,7 +52,8 @@ def head_summed_probs(
     hq = q.numel() // (num * d)
     qr = q.reshape(num, hkv, hq // hkv, d).float()
     lr = lse.reshape(num, hkv, hq // hkv, 1).float()
-    out = torch.empty(num, width, dtype=torch.float32, device=q.device)
+    shape = (num, hq, width) if per_head else (num, width)
+    out = torch.empty(shape, dtype=torch.float32, device=q.device)
     step = chunk_positions(num, hq, hkv, d)
     for start in range(0, width, step):
         end = min(width, start + step)
@@ -58,6 +61,9 @@ def head_summed_probs(
         index = torch.where(ok, slots[:, start:end], 0).reshape(-1)
         keys = keys_all.index_select(0, index).view(num, end - start, hkv, d).float()
         scores = torch.einsum("rhgd,rjhd->rhgj", qr, keys) * scale
-        probs = torch.exp(softcap(scores, logit_cap) - lr).sum(dim=(1, 2))
-        out[:, start:end] = torch.where(ok, probs, 0.0)
-    return out / num_q_heads_total
+        probs = torch.exp(softcap(scores, logit_cap) - lr)
+        if per_head:
+            out[..., start:end] = torch.where(ok[:, None, :], probs.view(num, hq, -1), 0.0)
+        else:
+            out[:, start:end] = torch.where(ok, probs.sum(dim=(1, 2)), 0.0)
+    return out if per_head else out / num_q_heads_total

@@ -29,6 +29,10 @@ ATTENTION_FIELDS = (
     "attention_layers",
     "attention_layer_aggregation",
     "attention_exclude_sink",
+    "attention_heads",
+    "attention_head_aggregation",
+    "attention_spans",
+    "attention_stats",
 )
 # The most top logprobs a native request may ask per position (docs/request_fields.md); OpenAI's
 # top_logprobs stops at 20.
@@ -92,6 +96,10 @@ class GenerateReqInput:
     attention_layers: Optional[Any] = None
     attention_layer_aggregation: Optional[Union[str, list[Optional[str]]]] = None
     attention_exclude_sink: Optional[Union[int, list[Optional[int]]]] = None
+    attention_heads: Optional[Any] = None  # list of head ids (a list of lists: per prompt)
+    attention_head_aggregation: Optional[Union[str, list[Optional[str]]]] = None
+    attention_spans: Optional[Any] = None  # list of {name, start, end} (list of lists: per prompt)
+    attention_stats: Optional[Union[bool, list[Optional[bool]]]] = None
     top_k_attention: Optional[Union[int, list[Optional[int]]]] = None  # alias of the top-k field
 
     # Set by normalize_batch_and_arguments.
@@ -229,10 +237,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Fields whose one request's value is itself a list.
+_LIST_FIELDS = ("attention_layers", "attention_heads", "attention_spans")
+
+
 def _broadcast(name: str, value: Any, num: int, single: bool) -> list[Any]:
-    # attention_layers is itself a list per request, so only a list of lists is per-prompt.
+    # These fields are themselves lists per request, so only a list of lists is per-prompt.
     per_prompt = isinstance(value, list) and (
-        name != "attention_layers" or (value and isinstance(value[0], list))
+        name not in _LIST_FIELDS or (value and isinstance(value[0], list))
     )
     if per_prompt and not single:
         if len(value) != num:

@@ -367,6 +367,8 @@ class TokenizerManager:
             max_top_k=int(self.server_args.attention_tokens_top_k),
             captured_layers=self.captured_layers,
             num_layers=self.model_config.num_hidden_layers,
+            num_heads=self.model_config.num_attention_heads,
+            prompt_len=len(input_ids),
         )
         return TokenizedGenerateReqInput(
             rid=obj.rid,

@@ -109,8 +109,10 @@ class CudaGraphRunner:
             return False
         if self.disable_padding and batch.batch_size not in self.batch_sizes:
             return False  # --disable-cuda-graph-padding: run eagerly rather than pad
-        # A capturing batch (its CaptureSpec, any aggregation) needs the capture buffers.
-        return batch.attention_capture is None or self.capture_obj is not None
+        # A capturing batch (its CaptureSpec, any layer aggregation) needs the capture buffers;
+        # head selection, spans and statistics run eagerly (CaptureSpec.plain).
+        spec = batch.attention_capture
+        return spec is None or (self.capture_obj is not None and spec.plain)
 
     # ---- capture -------------------------------------------------------------------------------
     def _static_batch(self, bs: int) -> ForwardBatch:

@@ -140,6 +140,11 @@ class RequestBase(BaseModel):
     attention_layers: Optional[list[int]] = None
     attention_layer_aggregation: Optional[Literal["mean", "none"]] = None
     attention_exclude_sink: Optional[int] = None
+    attention_heads: Optional[list[int]] = None
+    attention_head_aggregation: Optional[Literal["mean", "max", "none"]] = None
+    # A list of {"name", "start", "end"}, or "messages" on the chat route.
+    attention_spans: Optional[Union[list[dict[str, Any]], str]] = None
+    attention_stats: Optional[bool] = None
 
     @property
     def include_usage(self) -> bool:

@@ -56,6 +56,17 @@ _ATTENTION_FIELDS = (
     "attention_layers",
     "attention_layer_aggregation",
     "attention_exclude_sink",
+    "attention_heads",
+    "attention_head_aggregation",
+    "attention_spans",
+    "attention_stats",
+)
+# Fields that are a 400 without return_attention_tokens, so they are passed on alone.
+_NEEDS_REPORT = (
+    "attention_heads",
+    "attention_head_aggregation",
+    "attention_spans",
+    "attention_stats",
 )
 
 
@@ -136,7 +147,12 @@ def choice_requests(
 def attention_kwargs(request: RequestBase) -> dict[str, Any]:
     """The fork's attention-token fields, present only when the client asked for the report."""
     if not request.return_attention_tokens:
-        return {}
+        # Passed on alone so that the tokenizer manager refuses them (400: they need the report).
+        return {
+            name: getattr(request, name)
+            for name in _NEEDS_REPORT
+            if getattr(request, name) not in (None, False)
+        }
     out: dict[str, Any] = {"return_attention_tokens": True}
     for name in _ATTENTION_FIELDS:
         value = getattr(request, name)

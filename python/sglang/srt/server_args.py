@@ -38,7 +38,7 @@ DEVICES = ["cuda", "cpu"]
 TOKENIZER_MODES = ["auto", "slow"]
 GRAMMAR_BACKENDS = ["xgrammar", "outlines", "llguidance", "none"]
 REASONING_PARSER_NAMES = ["deepseek-r1", "qwen3"]
-TOOL_CALL_PARSER_NAMES = ["llama3", "mistral", "qwen25"]
+TOOL_CALL_PARSER_NAMES = ["hermes", "llama3", "mistral", "qwen", "qwen25"]
 KV_CACHE_DTYPES = ["auto", "fp8_e5m2", "fp8_e4m3", "bf16", "bfloat16", "fp4_e2m1"]
 # Upstream's method names, so a known name gets the "not supported yet" refusal below and a typo
 # gets argparse's "invalid choice".
@@ -48,7 +48,7 @@ QUANTIZATION_METHODS = (
 ).split()
 # The --quantization values served (layers/quantization/__init__.py: FLAG_METHODS); a checkpoint
 # of another method is refused by the loader whatever the flag.
-QUANTIZATION_SERVED = ("awq", "awq_marlin", "gptq", "gptq_marlin")
+QUANTIZATION_SERVED = ("awq", "awq_marlin", "gptq", "gptq_marlin", "fp8", "compressed-tensors")
 CAPTURE_LAYER_KEYWORDS = ("last", "all", "auto")
 
 # Field -> allowed values; argparse enforces them on the command line, `check_server_args` on
@@ -80,7 +80,7 @@ _ATTENTION_BACKEND_FIELDS = (
 _POSITIVE_FIELDS = (
     "tp_size dp_size pp_size nnodes gpu_id_step page_size stream_interval decode_log_interval "
     "max_prefill_tokens cuda_graph_max_bs torch_compile_max_bs triton_attention_num_kv_splits "
-    "attention_tokens_top_k"
+    "attention_tokens_top_k attention_prompt_max_len"
 ).split()
 _OPTIONAL_POSITIVE_FIELDS = (
     "context_length",
@@ -103,8 +103,9 @@ REFUSED_VALUES: dict[str, dict[str, str]] = {
     "quantization": {
         **dict.fromkeys(
             [m for m in QUANTIZATION_METHODS if m not in QUANTIZATION_SERVED + ("gguf",)],
-            "only AWQ and GPTQ 4-bit checkpoints load (--quantization awq, awq_marlin, gptq, "
-            "gptq_marlin); serve other checkpoints unquantized or as a GGUF file",
+            "only AWQ / GPTQ 4-bit and FP8 checkpoints load (--quantization awq, awq_marlin, "
+            "gptq, gptq_marlin, fp8, compressed-tensors); serve other checkpoints unquantized "
+            "or as a GGUF file",
         ),
         "gguf": "a .gguf --model-path is recognised by its name; leave --quantization unset",
     },
@@ -180,6 +181,7 @@ class ServerArgs:
     context_length: Optional[int] = None
     dtype: str = "auto"
     quantization: Optional[str] = None
+    gguf_dequantize: bool = False
     kv_cache_dtype: str = "auto"
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None
@@ -232,6 +234,9 @@ class ServerArgs:
     enable_metrics: bool = False
     enable_cache_report: bool = False
     enable_return_hidden_states: bool = False
+    # Largest hidden_states_layers answer one request may ask for (layers x hidden x 4 bytes x
+    # max_new_tokens); larger requests get HTTP 400.
+    hidden_states_max_bytes: int = 64 * 1024 * 1024
     enable_step_profile: bool = False
 
     # Kernels and backends
@@ -258,6 +263,8 @@ class ServerArgs:
     return_attention_tokens: bool = False
     attention_tokens_top_k: int = 10
     attention_capture_layers: str = "last"
+    # Longest prompt attention_prompt_positions "all" may ask for, and the most listed positions.
+    attention_prompt_max_len: int = 512
 
     def __post_init__(self) -> None:
         self._resolve_defaults()

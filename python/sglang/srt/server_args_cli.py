@@ -56,6 +56,9 @@ _HELP: dict[str, str] = {
     "tokenizer_mode": "'auto' prefers the fast tokenizer, 'slow' forces the Python one.",
     "skip_tokenizer_init": "Load no tokenizer: requests carry input_ids, outputs are token ids.",
     "load_format": "Weight format; 'dummy' builds random weights from config.json alone.",
+    "gguf_dequantize": "GGUF: dequantize every tensor to the model dtype at load, as before the "
+    "packed path (by default Q4_0/Q4_1/Q4_K linear weights of a bfloat16/float16 CPU model stay "
+    "4-bit and run on the int4 kernel).",
     "trust_remote_code": "Let transformers run code shipped in the model folder (custom config "
     "or tokenizer classes); model architectures still come from the built-in registry.",
     "context_length": "Maximum context length (default: from the model config).",
@@ -115,6 +118,8 @@ _HELP: dict[str, str] = {
     "enable_cache_report": "Report cached prompt tokens in OpenAI usage.",
     "enable_return_hidden_states": "Allow requests to ask for return_hidden_states: the "
     "final-layer hidden states (after the final norm) in meta_info.hidden_states.",
+    "hidden_states_max_bytes": "Largest hidden_states_layers answer a request may ask for, in "
+    "bytes (layers x hidden size x 4 x max_new_tokens); larger requests get HTTP 400.",
     "enable_step_profile": "Time every part of the serving pipeline per step (scheduler phases, "
     "ZMQ hops, detokenizer, tokenizer manager, HTTP write) and serve the summary on "
     "GET /step_profile (docs/step_profile.md).",
@@ -125,7 +130,7 @@ _HELP: dict[str, str] = {
     "grammar_backend": "Constrained decoding backend (json_schema, regex, ebnf, "
     "response_format): xgrammar, or none to refuse constrained requests with HTTP 400.",
     "tool_call_parser": "Parse tool calls out of chat answers under tool_choice auto: "
-    "llama3, mistral or qwen25 (Qwen 2.5/3, Hermes-style <tool_call> blocks).",
+    "hermes or qwen25 / qwen (Hermes-style <tool_call> blocks, Qwen 2.5/3), llama3, mistral.",
     "reasoning_parser": "Split the think block of a reasoning model's chat answer into "
     "message.reasoning_content: deepseek-r1 or qwen3.",
     "constrained_json_disable_any_whitespace": "JSON constraints allow no free whitespace "
@@ -144,6 +149,8 @@ _HELP: dict[str, str] = {
     "return_attention_tokens": "Enable attention-token reports; without it such requests get 400.",
     "attention_tokens_top_k": "Largest top-k a request may ask for.",
     "attention_capture_layers": "Layers captured: last, all, auto (~4 spread over depth) or i,j,k.",
+    "attention_prompt_max_len": "Longest prompt for attention_prompt_positions 'all' (and most "
+    "positions a request may list).",
 }
 
 # Annotation (a string, under postponed evaluation) -> argparse keywords.

@@ -34,6 +34,8 @@ class LogitsProcessorOutput:
     # Final hidden states (after the final norm, as fed to the LM head) of every token of the
     # forward, [num_tokens, hidden]; only when the batch asked (capture_hidden_states).
     hidden_states: Optional[torch.Tensor] = None
+    # layers.layer_probe.ProbeResult of the rows asking hidden_states_layers / logit_lens.
+    layer_probe: Optional[Any] = None
 
 
 class LogitsProcessor(nn.Module):
@@ -44,7 +46,11 @@ class LogitsProcessor(nn.Module):
         self.final_logit_softcapping = final_logit_softcapping or 0.0
 
     def get_logits(self, hidden: torch.Tensor, lm_head: "VocabParallelEmbedding") -> torch.Tensor:
-        logits = F.linear(hidden, lm_head.weight)
+        packed = getattr(lm_head, "cpu_packed", None)  # layers/cpu_weight_layout.py
+        if packed is not None:
+            logits = packed.matmul(hidden, None)
+        else:
+            logits = F.linear(hidden, lm_head.weight)
         logits = tensor_model_parallel_all_gather(logits)
         logits = logits[:, : self.vocab_size].float()
         return softcap(logits, self.final_logit_softcapping)
@@ -64,6 +70,11 @@ class LogitsProcessor(nn.Module):
         out = LogitsProcessorOutput(next_token_logits=self.get_logits(last_hidden, lm_head))
         if forward_batch.capture_hidden_states:
             out.hidden_states = hidden_states  # a reference: copied only for rows that asked
+        if forward_batch.layer_probe is not None:
+            # The lens goes through this same head, so it sees the logits the sampler sees.
+            out.layer_probe = forward_batch.layer_probe.finish(
+                lambda h: self.get_logits(h, lm_head)
+            )
 
         idx = forward_batch.input_logprob_indices
         if idx is not None and idx.numel() > 0:

@@ -181,6 +181,8 @@ class DetokenizerManager:
             input_top_logprobs=batch.input_top_logprobs,
             attention_records=attention,
             hidden_states=batch.hidden_states,
+            attention_prompt=batch.attention_prompt,
+            probe_records=batch.probe_records,
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 
 import zmq
 
+from sglang.srt.managers.layer_probes import PROBE_FIELDS
 from sglang.srt.sampling.sampling_params import MAX_N, SamplingParams
 
 # The request fields of the fork's attention tokens (docs/attention_tokens.md).
@@ -29,6 +30,7 @@ ATTENTION_FIELDS = (
     "attention_layers",
     "attention_layer_aggregation",
     "attention_exclude_sink",
+    "attention_prompt_positions",
     "attention_heads",
     "attention_head_aggregation",
     "attention_spans",
@@ -101,6 +103,11 @@ class GenerateReqInput:
     attention_spans: Optional[Any] = None  # list of {name, start, end} (list of lists: per prompt)
     attention_stats: Optional[Union[bool, list[Optional[bool]]]] = None
     top_k_attention: Optional[Union[int, list[Optional[int]]]] = None  # alias of the top-k field
+    attention_prompt_positions: Optional[Any] = None  # a list of positions or "all"
+    # Layer probes (managers/layer_probes.py): residual stream after layers, logit lens.
+    hidden_states_layers: Optional[Any] = None
+    hidden_states_format: Optional[Union[str, list[Optional[str]]]] = None
+    logit_lens: Optional[Any] = None
 
     # Set by normalize_batch_and_arguments.
     is_single: bool = field(default=True, init=False)
@@ -176,6 +183,7 @@ class GenerateReqInput:
                 "return_hidden_states",
                 "lora_path",
                 *ATTENTION_FIELDS,
+                *PROBE_FIELDS,
             )
         }
 
@@ -225,7 +233,7 @@ class GenerateReqInput:
         sub = copy.copy(self)
         for name in ("text", "input_ids", "sampling_params", "rid", "return_logprob",
                      "logprob_start_len", "top_logprobs_num", "return_hidden_states",
-                     "lora_path", *ATTENTION_FIELDS):  # fmt: skip
+                     "lora_path", *ATTENTION_FIELDS, *PROBE_FIELDS):  # fmt: skip
             value = getattr(self, name)
             if value is not None:
                 setattr(sub, name, value[i])
@@ -238,13 +246,20 @@ def _is_int(value: Any) -> bool:
 
 
 # Fields whose one request's value is itself a list.
-_LIST_FIELDS = ("attention_layers", "attention_heads", "attention_spans")
+_LIST_FIELDS = (
+    "attention_layers",
+    "hidden_states_layers",
+    "attention_prompt_positions",
+    "attention_heads",
+    "attention_spans",
+)
 
 
 def _broadcast(name: str, value: Any, num: int, single: bool) -> list[Any]:
-    # These fields are themselves lists per request, so only a list of lists is per-prompt.
+    # A list of layers is itself one request's value, so only a list of lists is per-prompt.
     per_prompt = isinstance(value, list) and (
-        name not in _LIST_FIELDS or (value and isinstance(value[0], list))
+        name not in _LIST_FIELDS
+        or (value and isinstance(value[0], list))
     )
     if per_prompt and not single:
         if len(value) != num:
@@ -268,6 +283,8 @@ class TokenizedGenerateReqInput:
     return_hidden_states: bool = False
     # Validated attention-token options (attention_capture.AttentionRequest); None: not asked.
     attention_options: Optional[Any] = None
+    # Validated hidden_states_layers / logit_lens (managers.layer_probes.ProbeRequest) or None.
+    probe_options: Optional[Any] = None
 
 
 @dataclass
@@ -374,6 +391,10 @@ class BatchTokenIDOut:
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
     # New hidden-state entries, float32 CPU tensors (None: not asked; managers/hidden_states.py).
     hidden_states: list[Optional[list[Any]]] = field(default_factory=list)
+    # New (query position, AttentionRecord) pairs of attention_prompt_positions (None: none new).
+    attention_prompt: list[Optional[list[Any]]] = field(default_factory=list)
+    # New managers.layer_probes.ProbeRecord per new output token (None: not asked).
+    probe_records: list[Optional[list[Any]]] = field(default_factory=list)
     # managers/step_profile.PipelineStamp with --enable-step-profile, else None.
     profile: Any = None
 
@@ -400,4 +421,6 @@ class BatchStrOut:
     # Attention records of tokens whose text is final (trimmed with the text on a stop string).
     attention_records: list[Optional[list[Any]]] = field(default_factory=list)
     hidden_states: list[Optional[list[Any]]] = field(default_factory=list)  # as BatchTokenIDOut
+    attention_prompt: list[Optional[list[Any]]] = field(default_factory=list)  # as BatchTokenIDOut
+    probe_records: list[Optional[list[Any]]] = field(default_factory=list)  # as BatchTokenIDOut
     profile: Any = None  # as BatchTokenIDOut

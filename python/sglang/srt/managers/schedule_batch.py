@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from sglang.srt.managers.layer_probes import build_probe_spec
 from sglang.srt.model_executor.forward_batch_info import ForwardMode, ModelWorkerBatch
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from sglang.srt.attention_capture.config import AttentionRequest
+    from sglang.srt.managers.layer_probes import ProbeRequest
     from sglang.srt.sampling.sampling_batch_info import SamplingBatchInfo
 
 
@@ -87,6 +89,7 @@ class Req:
         eos_token_ids: Optional[set[int]] = None,
         attention: Optional["AttentionRequest"] = None,
         return_hidden_states: bool = False,
+        probe: Optional["ProbeRequest"] = None,
     ) -> None:
         self.rid = rid
         self.origin_input_text = origin_input_text
@@ -129,12 +132,19 @@ class Req:
         # Attention tokens (srt/attention_capture): options, and one record per output token.
         self.attention = attention
         self.attention_records: list[Any] = []
+        # attention_prompt_positions (attention_capture/prompt.py): rows computed below this
+        # position, and (position, record) pairs not sent yet.
+        self.prompt_attention_done = 0
+        self.prompt_attention_records: list[Any] = []
 
         # Hidden states (managers/hidden_states.py): the whole prompt's [N, hidden] first, then
         # one [hidden] vector per decode step; chunks of a prompt still being prefilled.
         self.return_hidden_states = return_hidden_states
         self.hidden_states: list[torch.Tensor] = []
         self.prompt_hidden_chunks: list[torch.Tensor] = []
+        # Layer probes (managers/layer_probes.py): options, and one ProbeRecord per output token.
+        self.probe = probe
+        self.probe_records: list[Any] = []
 
         # Constrained decoding (constrained/): the request's grammar matcher, once compiled.
         self.grammar: Any = None
@@ -284,6 +294,7 @@ class ScheduleBatch:
             input_logprob_top_nums=tops,
             attention_capture=self._capture_spec(extend=True),
             capture_hidden_states=any(r.return_hidden_states for r in self.reqs),
+            layer_probe=build_probe_spec(self.reqs, ext_lens),
         )
 
     def _prompt_logprob_positions(self, prefix_lens: list[int], ext_lens: list[int]):
@@ -340,6 +351,7 @@ class ScheduleBatch:
             top_logprobs_nums=[r.top_logprobs_num if r.return_logprob else 0 for r in self.reqs],
             attention_capture=self._capture_spec(extend=False),
             capture_hidden_states=any(r.return_hidden_states for r in self.reqs),
+            layer_probe=build_probe_spec(self.reqs, None),
         )
 
     def _capture_spec(self, extend: bool) -> Any:

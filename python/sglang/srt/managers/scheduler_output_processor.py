@@ -1,7 +1,7 @@
 """Turns one forward's sampled tokens into request state: outputs, logprobs, finish, caching.
 
 Owns the end of every scheduler step: appending sampled tokens, collecting output and prompt
-logprobs (and hidden states, through hidden_states.py), deciding when a request is finished (length, EOS, stop token ids, stop strings),
+logprobs (and hidden states, through hidden_states.py and layer_probes.py), deciding when a request is finished (length, EOS, stop token ids, stop strings),
 handing finished requests' KV to the prefix cache, moving prefilled requests into the running batch,
 and telling the listener (the serving layer's sender, or a test) which requests advanced.
 """
@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from sglang.srt.managers import hidden_states
+from sglang.srt.attention_capture.prompt import collect_prompt_records
+from sglang.srt.managers import hidden_states, layer_probes
 from sglang.srt.managers.schedule_batch import (
     FINISH_LENGTH,
     FINISH_MATCHED_STR,
@@ -46,6 +47,8 @@ class OutputProcessor:
         next_ids = sample.next_token_ids.tolist()
         out_logprobs = self._output_logprob_lists(batch, sample)
         records = self._attention_records(logits_output)
+        collect_prompt_records(batch.reqs, getattr(logits_output, "attention_capture", None))
+        probes = layer_probes.collect(logits_output)
         advanced: list[Req] = []
         to_running: list[Req] = []
         for i, req in enumerate(batch.reqs):
@@ -60,7 +63,7 @@ class OutputProcessor:
                 req.finished_reason = FINISH_LENGTH(0)
                 sched.tree_cache.cache_finished_req(req)
                 continue
-            self._append_token(req, next_ids[i], out_logprobs, i, records)
+            self._append_token(req, next_ids[i], out_logprobs, i, records, probes)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
             else:
@@ -80,8 +83,9 @@ class OutputProcessor:
         out_logprobs = self._output_logprob_lists(batch, sample)
         records = self._attention_records(logits_output)
         hidden_states.collect_decode(batch, getattr(logits_output, "hidden_states", None))
+        probes = layer_probes.collect(logits_output)
         for i, req in enumerate(batch.reqs):
-            self._append_token(req, next_ids[i], out_logprobs, i, records)
+            self._append_token(req, next_ids[i], out_logprobs, i, records, probes)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
         advanced = list(batch.reqs)
@@ -96,6 +100,7 @@ class OutputProcessor:
         logprobs: Optional[tuple],
         i: int,
         records: Optional[dict[int, Any]] = None,
+        probes: Optional[dict[int, Any]] = None,
     ) -> None:
         req.output_ids.append(token)
         if req.grammar is not None and not req.grammar.accept_token(token):
@@ -103,6 +108,8 @@ class OutputProcessor:
             logger.warning("request %s: token %d does not fit its grammar", req.rid, token)
         if records is not None and i in records:
             req.attention_records.append(records[i])
+        if probes is not None and i in probes:
+            req.probe_records.append(probes[i])
         if req.return_logprob and logprobs is not None:
             lp, top_val, top_idx = logprobs
             req.output_token_logprobs.append((lp[i], token))

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import zmq
 
+from sglang.srt.attention_capture.prompt import take_prompt_records
 from sglang.srt.distributed.placement import ParallelConfigError, RankPlacement
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -236,6 +237,7 @@ class SchedulerProcess:
                 stream=msg.stream,
                 attention=msg.attention_options,
                 return_hidden_states=msg.return_hidden_states,
+                probe=msg.probe_options,
             )
             self.send_state[req.rid] = _SendState()
             sched.add_request(req)
@@ -358,6 +360,10 @@ class SchedulerProcess:
             req.attention_records = []
         else:
             out.attention_records.append(None)
+        out.attention_prompt.append(take_prompt_records(req))
+        # Probe records leave the scheduler as attention records do.
+        out.probe_records.append(req.probe_records if req.probe is not None else None)
+        req.probe_records = []
         if req.return_hidden_states:
             out.hidden_states.append(req.hidden_states[state.sent_hidden :])
             state.sent_hidden = len(req.hidden_states)
@@ -497,6 +503,9 @@ def run_scheduler_process(
             "max_running_requests": scheduler.max_running_requests,
             "max_req_input_len": min(scheduler.context_len - 1, scheduler.max_total_num_tokens - 1),
             "context_len": scheduler.context_len,
+            # /get_model_info: the quantization and kernel in use (model_loader/loader.py).
+            "quantization": getattr(scheduler.model_runner.model, "quant_info", None),
+            "kv_cache_dtype": str(scheduler.model_runner.kv_dtype).removeprefix("torch."),
         }
     )
     control = ControlPlane(p) if p.tp_size > 1 else None

@@ -38,8 +38,10 @@ import zmq
 import zmq.asyncio
 
 from sglang.srt.attention_capture.config import parse_attention_request
+from sglang.srt.attention_capture.prompt import apply_prompt_positions, format_prompt_content
 from sglang.srt.attention_capture.records import format_content, report_header
 from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
+from sglang.srt.managers.layer_probes import PROBE_FIELDS, ProbeOutput, parse_probe_request
 from sglang.srt.managers.io_struct import (
     ATTENTION_FIELDS,
     AbortReq,
@@ -101,9 +103,13 @@ class ReqState:
     prompt_ids: list[int] = field(default_factory=list)
     attention_records: list[Any] = field(default_factory=list)
     attention_yielded: int = 0
+    # attention_prompt_positions: (query position, record) pairs not yielded yet.
+    attention_prompt: list[Any] = field(default_factory=list)
     # Hidden states (return_hidden_states): entries as JSON-ready lists, and how many were yielded.
     hidden_states: list[Any] = field(default_factory=list)
     yielded_hidden: int = 0
+    # hidden_states_layers / logit_lens: a layer_probes.ProbeOutput, None when not asked.
+    probe: Any = None
 
 
 class TokenizerManager:
@@ -171,6 +177,8 @@ class TokenizerManager:
         self.max_total_num_tokens = info["max_total_num_tokens"]
         self.max_req_input_len = info["max_req_input_len"]
         self.context_len = info["context_len"]
+        self.quantization_info = info.get("quantization")
+        self.kv_cache_dtype = info.get("kv_cache_dtype")
 
     def _ensure_handle_loop(self) -> None:
         if self._handle_task is None:
@@ -247,8 +255,12 @@ class TokenizerManager:
                 state.output_top_logprobs.extend(out.output_top_logprobs[i])
             if out.attention_records and out.attention_records[i]:
                 state.attention_records.extend(out.attention_records[i])
+            if out.attention_prompt and out.attention_prompt[i]:
+                state.attention_prompt.extend(out.attention_prompt[i])
             if out.hidden_states and out.hidden_states[i]:
                 state.hidden_states.extend(h.tolist() for h in out.hidden_states[i])
+            if out.probe_records and out.probe_records[i] and state.probe is not None:
+                state.probe.add(out.probe_records[i])
             if out.input_token_logprobs[i] is not None:
                 state.input_token_logprobs = list(out.input_token_logprobs[i])
                 state.input_top_logprobs = list(out.input_top_logprobs[i] or [])
@@ -370,6 +382,23 @@ class TokenizerManager:
             num_heads=self.model_config.num_attention_heads,
             prompt_len=len(input_ids),
         )
+        attention = apply_prompt_positions(
+            attention,
+            obj.attention_prompt_positions,
+            len(input_ids),
+            int(self.server_args.attention_prompt_max_len),
+        )
+        probe = parse_probe_request(
+            {name: getattr(obj, name) for name in PROBE_FIELDS},
+            num_layers=self.model_config.num_hidden_layers,
+            hidden_size=self.model_config.hidden_size,
+            max_new_tokens=(
+                sp.max_new_tokens
+                if sp.max_new_tokens is not None
+                else self.context_len - len(input_ids)
+            ),
+            max_bytes=int(self.server_args.hidden_states_max_bytes),
+        )
         return TokenizedGenerateReqInput(
             rid=obj.rid,
             input_text=input_text,
@@ -381,6 +410,7 @@ class TokenizerManager:
             stream=obj.stream,
             return_hidden_states=bool(obj.return_hidden_states),
             attention_options=attention,
+            probe_options=probe,
         )
 
     # ---- generation ------------------------------------------------------------------------------
@@ -423,6 +453,10 @@ class TokenizerManager:
         if tokenized.attention_options is not None:
             state.attention_options = tokenized.attention_options
             state.prompt_ids = tokenized.input_ids
+        if tokenized.probe_options is not None:
+            state.probe = ProbeOutput(
+                tokenized.probe_options, tokenized.attention_options is not None
+            )
         self.rid_to_state[rid] = state
         send_msg(self.send_to_scheduler, tokenized)
         if self.request_logger is not None:
@@ -530,6 +564,8 @@ class TokenizerManager:
             first = state.yielded_hidden if incremental else 0
             state.yielded_hidden = len(state.hidden_states)
             meta["hidden_states"] = state.hidden_states[first:]
+        if state.probe is not None:
+            state.probe.fill_meta(meta, self.token_text)
         return {"text": text, "output_ids": output_ids, "meta_info": meta}
 
     def _attention_report(self, state: ReqState) -> dict[str, Any]:
@@ -550,6 +586,14 @@ class TokenizerManager:
             state.output_ids,
             self.token_text,
         )
+        if state.attention_prompt:
+            # Sent once: the prefill's rows arrive with (or before) the first token.
+            items, state.attention_prompt = state.attention_prompt, []
+            report["prompt_content"] = format_prompt_content(
+                items, state.attention_options, state.prompt_ids, self.token_text
+            )
+        if state.probe is not None:
+            state.probe.attach_lens(report["content"], first, self.token_text)
         return report
 
     def token_text(self, token_id: int) -> str:

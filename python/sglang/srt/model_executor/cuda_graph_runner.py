@@ -17,7 +17,8 @@ rows (token 0 at position fill-1, the backend's seq_len fill value, req_to_token
 into the pool's reserved padding slot 0, so no real slot is touched), lets the backend refresh its
 metadata (`init_forward_metadata_replay_cuda_graph`), replays, and returns the logits sliced to
 the real batch size. Extends and batches above the largest bucket run eagerly, and so do sizes
-without their own bucket under `--disable-cuda-graph-padding`. `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
+without their own bucket under `--disable-cuda-graph-padding`, and so do batches with layer probes
+(hidden_states_layers, logit_lens: layers/layer_probe.py). `use_graphs=False` runs the same static, padded path without graphs (CPU tests).
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class CudaGraphRunner:
             return False
         if self.disable_padding and batch.batch_size not in self.batch_sizes:
             return False  # --disable-cuda-graph-padding: run eagerly rather than pad
+        if batch.layer_probe is not None:
+            return False  # layer probes (hidden_states_layers, logit_lens) run eagerly
         # A capturing batch (its CaptureSpec, any layer aggregation) needs the capture buffers;
         # head selection, spans and statistics run eagerly (CaptureSpec.plain).
         spec = batch.attention_capture

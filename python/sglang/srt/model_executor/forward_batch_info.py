@@ -59,6 +59,8 @@ class ModelWorkerBatch:
     # Some request asked for return_hidden_states: the logits processor hands back the final
     # hidden states of every token of this forward (managers/hidden_states.py slices them).
     capture_hidden_states: bool = False
+    # Rows asking for hidden_states_layers / logit_lens: a layers.layer_probe.ProbeSpec, or None.
+    layer_probe: Any = None
 
     @property
     def batch_size(self) -> int:
@@ -92,6 +94,8 @@ class ForwardBatch:
     # The runner's AttentionCapture while this forward captures (set by the model runner).
     attention_capture: Any = None
     capture_hidden_states: bool = False  # see ModelWorkerBatch
+    # The LayerProbe the models' layer loops tap this forward (None: no row probes).
+    layer_probe: Any = None
 
     @classmethod
     def init_new(
@@ -146,6 +150,10 @@ class ForwardBatch:
             input_logprob_top_nums=batch.input_logprob_top_nums,
             capture_hidden_states=batch.capture_hidden_states,
         )
+        if batch.layer_probe is not None:
+            from sglang.srt.layers.layer_probe import LayerProbe
+
+            fb.layer_probe = LayerProbe(batch.layer_probe, device)
         if init_attn_metadata:
             attn_backend.init_forward_metadata(fb)
         return fb

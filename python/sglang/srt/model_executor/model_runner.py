@@ -86,7 +86,10 @@ class ModelRunner:
         start = time.perf_counter()
         self.model = get_model(
             model_config=model_config,
-            load_config=LoadConfig(load_format=server_args.load_format),
+            load_config=LoadConfig(
+                load_format=server_args.load_format,
+                gguf_dequantize=bool(getattr(server_args, "gguf_dequantize", False)),
+            ),
             device=self.device,
         )
         # Buffers count: int4 layers keep their packed weights there (layers/quantization/).
@@ -259,6 +262,7 @@ class ModelRunner:
             self.compiled_forward is not None
             and fb.forward_mode.is_decode()
             and fb.batch_size <= self.torch_compile_max_bs
+            and fb.layer_probe is None  # the taps are Python the compiled graph does not hold
         ):
             model = self.compiled_forward
         capture = self.attention_capture

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.layernorm import GemmaRMSNorm
 from sglang.srt.layers.linear import (
     MergedColumnParallelLinear,
@@ -157,8 +158,9 @@ class Gemma2Model(nn.Module):
         hidden_states = self.embed_tokens(input_ids)
         # HF rounds sqrt(hidden) to the weights' dtype before multiplying (55.4 -> 55.5 in bf16).
         hidden_states = hidden_states * torch.tensor(self.embed_scale, dtype=hidden_states.dtype)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states = layer(positions, hidden_states, forward_batch)
+            tap_layer(forward_batch, i, hidden_states, None, self.norm)
         return self.norm(hidden_states)
 
 

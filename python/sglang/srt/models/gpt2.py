@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.activation import Activation
+from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
@@ -83,8 +84,9 @@ class GPT2Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         hidden_states = self.wte(input_ids) + self.wpe(positions)
-        for block in self.h:
+        for i, block in enumerate(self.h):
             hidden_states = block(hidden_states, forward_batch)
+            tap_layer(forward_batch, i, hidden_states, None, self.ln_f)
         return self.ln_f(hidden_states)
 
 

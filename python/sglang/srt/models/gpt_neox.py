@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.activation import Activation
+from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from sglang.srt.layers.radix_attention import RadixAttention
 from sglang.srt.layers.rotary_embedding import get_rope, partial_rotary_factor, rope_config
@@ -101,8 +102,9 @@ class GPTNeoXModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         hidden_states = self.embed_in(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states = layer(positions, hidden_states, forward_batch)
+            tap_layer(forward_batch, i, hidden_states, None, self.final_layer_norm)
         return self.final_layer_norm(hidden_states)
 
 

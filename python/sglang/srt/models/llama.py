@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
     MergedColumnParallelLinear,
@@ -153,8 +154,9 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+            tap_layer(forward_batch, i, hidden_states, residual, self.norm)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

@@ -20,6 +20,7 @@ from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
     tensor_model_parallel_all_reduce,
 )
+from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.linear import _copy_checked
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
@@ -121,8 +122,9 @@ class Olmo2Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             hidden_states = layer(positions, hidden_states, forward_batch)
+            tap_layer(forward_batch, i, hidden_states, None, self.norm)
         return self.norm(hidden_states)
 
 

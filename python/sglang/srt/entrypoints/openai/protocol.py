@@ -145,6 +145,12 @@ class RequestBase(BaseModel):
     # A list of {"name", "start", "end"}, or "messages" on the chat route.
     attention_spans: Optional[Union[list[dict[str, Any]], str]] = None
     attention_stats: Optional[bool] = None
+    # A list of prompt positions or "all"; checked by the tokenizer manager (400 naming it).
+    attention_prompt_positions: Optional[Any] = None
+    # Layer probes (docs/request_fields.md); checked by the tokenizer manager, 400 naming the field.
+    hidden_states_layers: Optional[Any] = None
+    hidden_states_format: Optional[Any] = None
+    logit_lens: Optional[Any] = None
 
     @property
     def include_usage(self) -> bool:
@@ -291,7 +297,9 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
 
 
-_CHOICE_EXTRAS = frozenset({"matched_stop", "hidden_states", "attention_tokens"})
+_CHOICE_EXTRAS = frozenset(
+    {"matched_stop", "hidden_states", "attention_tokens", "hidden_states_layers", "logit_lens"}
+)
 
 
 class CompletionResponseChoice(_WireModel):
@@ -304,6 +312,8 @@ class CompletionResponseChoice(_WireModel):
     matched_stop: Optional[Union[int, str]] = None
     hidden_states: Optional[list[Any]] = None
     attention_tokens: Optional[dict[str, Any]] = None
+    hidden_states_layers: Optional[dict[str, list[Any]]] = None
+    logit_lens: Optional[list[Any]] = None
 
 
 class CompletionResponse(_WireModel):
@@ -369,6 +379,8 @@ class ChatCompletionResponseChoice(_WireModel):
     matched_stop: Optional[Union[int, str]] = None
     hidden_states: Optional[list[Any]] = None
     attention_tokens: Optional[dict[str, Any]] = None
+    hidden_states_layers: Optional[dict[str, list[Any]]] = None
+    logit_lens: Optional[list[Any]] = None
 
 
 class ChatCompletionResponse(_WireModel):
@@ -402,6 +414,8 @@ class ChatCompletionResponseStreamChoice(_WireModel):
     finish_reason: Optional[str] = None
     matched_stop: Optional[Union[int, str]] = None
     attention_tokens: Optional[dict[str, Any]] = None
+    hidden_states_layers: Optional[dict[str, list[Any]]] = None
+    logit_lens: Optional[list[Any]] = None
 
 
 class ChatCompletionStreamResponse(_WireModel):

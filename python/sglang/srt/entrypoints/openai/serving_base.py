@@ -22,6 +22,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     UsageInfo,
     RequestBase,
 )
+from sglang.srt.managers.layer_probes import PROBE_FIELDS, openai_extras
 from sglang.srt.managers.request_errors import ClientDisconnected, RequestFailed
 from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -56,6 +57,7 @@ _ATTENTION_FIELDS = (
     "attention_layers",
     "attention_layer_aggregation",
     "attention_exclude_sink",
+    "attention_prompt_positions",
     "attention_heads",
     "attention_head_aggregation",
     "attention_spans",
@@ -63,6 +65,7 @@ _ATTENTION_FIELDS = (
 )
 # Fields that are a 400 without return_attention_tokens, so they are passed on alone.
 _NEEDS_REPORT = (
+    "attention_prompt_positions",
     "attention_heads",
     "attention_head_aggregation",
     "attention_spans",
@@ -140,6 +143,9 @@ def choice_requests(
                 "return_hidden_states": request.return_hidden_states,
             }
             kwargs.update(attention_kwargs(request))
+            kwargs.update(
+                {n: getattr(request, n) for n in PROBE_FIELDS if getattr(request, n) is not None}
+            )
             out.append(kwargs)
     return out
 
@@ -391,6 +397,7 @@ class ServingBase:
             out["hidden_states"] = entries[-1] if entries and meta["completion_tokens"] > 1 else []
         if request.return_attention_tokens and meta.get("attention_tokens") is not None:
             out["attention_tokens"] = meta["attention_tokens"]
+        out.update(openai_extras(meta))
         return out
 
 

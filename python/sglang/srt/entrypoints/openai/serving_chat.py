@@ -10,13 +10,13 @@ logprobs object and the `chat.completion.chunk` stream, whose first chunk per ch
 constraint per request).
 
 `tool_choice` "required" or a named function forces a call with a JSON schema
-(function_call/function_call_parser.py): the answer carries `message.tool_calls` and
-`finish_reason: "tool_calls"`; streamed, the calls come in one delta when the output is complete.
-
-Not supported yet, so refused with 400 rather than answered with unconstrained text: `tools`
-with `tool_choice` "auto" (or unset, upstream's default with tools), which needs a parser of the
-model's tool-call format. With `tool_choice: "none"` the tools are not shown to the model, as
-upstream.
+(function_call/function_call_parser.py); "auto" (or unset, upstream's default with tools) reads
+the model's own call format with `--tool-call-parser` and is refused with 400 without it. The
+answer carries `message.tool_calls` and `finish_reason: "tool_calls"`; streamed, each call's
+deltas come as the model writes it (name first, then argument fragments), through the same
+detector the whole answer uses (function_call/base_format_detector.py). With a reasoning parser
+the think block is split off first and calls are read from the rest. With `tool_choice: "none"`
+the tools are not shown to the model, as upstream.
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ from sglang.srt.entrypoints.openai.protocol import (
     random_id,
 )
 from sglang.srt.reasoning_parser import ReasoningParser
+from sglang.srt.function_call.base_format_detector import BaseFormatDetector, parse_whole
 from sglang.srt.function_call.function_call_parser import (
     forced_call_schema,
+    forced_detector,
     openai_calls,
-    parse_forced_calls,
+    template_messages,
+    tool_call_deltas,
     tool_functions,
 )
-from sglang.srt.function_call.tool_call_parsers import parse_tool_calls
+from sglang.srt.function_call.tool_call_parsers import make_detector
+from sglang.srt.managers.layer_probes import openai_extras
 from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamCursor,
@@ -80,7 +84,7 @@ class OpenAIServingChat(ServingBase):
 
     def render_prompt(self, request: ChatCompletionRequest) -> str:
         """The chat-templated prompt text for the request's messages."""
-        messages = [m.to_template_dict() for m in request.messages]
+        messages = template_messages([m.to_template_dict() for m in request.messages])
         if request.continue_final_message and messages[-1]["role"] != "assistant":
             raise ValueError("continue_final_message needs the last message to be from assistant")
         tools = request.tools if request.tool_choice != "none" else None
@@ -91,6 +95,26 @@ class OpenAIServingChat(ServingBase):
             continue_final_message=request.continue_final_message,
             tools=tools,
             template_kwargs=request.chat_template_kwargs,
+        )
+
+    def message_spans(
+        self, request: ChatCompletionRequest, prompt_ids: list[int]
+    ) -> list[dict[str, Any]]:
+        """`attention_spans: "messages"`: one span per message (attention_capture/message_spans.py)."""
+        from sglang.srt.attention_capture.message_spans import message_spans
+
+        tools = request.tools if request.tool_choice != "none" else None
+        return message_spans(
+            [m.to_template_dict() for m in request.messages],
+            lambda msgs: self.template.render(
+                self.tokenizer,
+                msgs,
+                add_generation_prompt=False,
+                tools=tools,
+                template_kwargs=request.chat_template_kwargs,
+            ),
+            lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+            prompt_ids,
         )
 
     def prompt_chars(self, request: ChatCompletionRequest) -> int:
@@ -104,6 +128,8 @@ class OpenAIServingChat(ServingBase):
         if request.top_logprobs and not request.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         prompt_ids = self.tokenizer.encode(self.render_prompt(request), add_special_tokens=False)
+        if request.attention_spans == "messages":
+            request.attention_spans = self.message_spans(request, prompt_ids)
 
         max_new = request.max_completion_tokens
         if max_new is None:
@@ -115,7 +141,8 @@ class OpenAIServingChat(ServingBase):
         params = sampling_params_for(request, max_new)
         schema = _response_format_schema(request)
         source = "response_format"
-        forced = forced_call_schema(request.tools, request.tool_choice)
+        parallel = request.parallel_tool_calls is not False
+        forced = forced_call_schema(request.tools, request.tool_choice, parallel)
         if forced is not None:
             if schema is not None:
                 raise ValueError("a tool_choice that forces a call cannot have a response_format")
@@ -159,16 +186,16 @@ class OpenAIServingChat(ServingBase):
             if request.logprobs:
                 lps = meta.get("output_token_logprobs") or []
                 logprobs = self.logprobs(lps, meta.get("output_top_logprobs"))
-            message = ChatCompletionMessage(content=out.get("text", ""))
+            thought, answer = None, out.get("text", "")
             if self.separates_reasoning(request):
-                thought, answer = ReasoningParser(self.reasoning_parser).parse_non_stream(
-                    out.get("text", "")
-                )
-                message = ChatCompletionMessage(content=answer, reasoning_content=thought)
+                parser = ReasoningParser(self.reasoning_parser)
+                thought, answer = parser.parse_non_stream(answer)
+            message = ChatCompletionMessage(content=answer, reasoning_content=thought)
             reason = finish.reason
-            found = self.tool_calls(request, out.get("text", ""), reason)
+            detector = self.tool_detector(request)
+            found = parse_whole(detector, answer) if detector and reason else None
             if found is not None:
-                message = ChatCompletionMessage(content=found[0], tool_calls=found[1])
+                message.content, message.tool_calls = found[0], openai_calls(found[1])
                 reason = "tool_calls"
             choices.append(
                 ChatCompletionResponseChoice(
@@ -189,28 +216,19 @@ class OpenAIServingChat(ServingBase):
         )
 
     def separates_reasoning(self, request: ChatCompletionRequest) -> bool:
-        return self.reasoning_parser is not None and request.separate_reasoning
+        # A forced call's grammar starts the output with the call: there is no think block.
+        forced = request.tools and request.tool_choice not in (None, "auto", "none")
+        return self.reasoning_parser is not None and request.separate_reasoning and not forced
 
-    def parses_tool_calls(self, request: ChatCompletionRequest) -> bool:
-        """Whether the output may hold tool calls (forced, or "auto" with a parser)."""
+    def tool_detector(self, request: ChatCompletionRequest) -> BaseFormatDetector | None:
+        """A fresh reader of the answer's tool calls (forced, or "auto" with a parser)."""
         if not request.tools or request.tool_choice == "none":
-            return False
-        return request.tool_choice not in (None, "auto") or self.tool_call_parser is not None
-
-    def tool_calls(
-        self, request: ChatCompletionRequest, text: str, reason: str | None
-    ) -> tuple[str | None, list[dict[str, Any]]] | None:
-        """(content, tool_calls) of a finished answer that holds calls, else None."""
-        if reason is None or not self.parses_tool_calls(request):
             return None
-        if request.tool_choice in (None, "auto"):
-            names = set(tool_functions(request.tools))
-            content, pairs = parse_tool_calls(self.tool_call_parser, text, names)
-            return (content, openai_calls(pairs)) if pairs else None
-        if reason != "stop":
-            return None  # a forced call cut off by max_tokens does not parse
-        calls = parse_forced_calls(text, request.tool_choice)
-        return (None, calls) if calls is not None else None
+        if request.tool_choice not in (None, "auto"):
+            return forced_detector(request.tools, request.tool_choice)
+        if self.tool_call_parser is None:
+            return None
+        return make_detector(self.tool_call_parser, set(tool_functions(request.tools)))
 
     def logprobs(self, lps: list[Any], tops: list[Any] | None) -> ChoiceLogprobs:
         tops = list(tops or [])
@@ -255,17 +273,20 @@ class OpenAIServingChat(ServingBase):
             piece = self.text_delta(cursor, out)
             finish = finish_of(meta)
             reason = finish.reason
-            if buffering:
-                # Calls are sent whole once the output is complete; without calls, the text.
-                found = self.tool_calls(request, out.get("text", ""), reason)
-                piece = out.get("text", "") if reason is not None else ""
-                if found is not None:
-                    chunks.append(chunk(_tool_call_delta(index, *found)))
-                    reason, piece = "tool_calls", ""
             thought = None
-            if parsers is not None:
+            if separate:
+                texts[index] = texts.get(index, "") + piece  # the parser reads the text so far
                 parser = parsers.setdefault(index, ReasoningParser(self.reasoning_parser))
-                thought, piece = parser.parse_stream_chunk(out.get("text", ""), reason is not None)
+                thought, piece = parser.parse_stream_chunk(texts[index], reason is not None)
+            calls = None
+            if index not in detectors:
+                detectors[index] = self.tool_detector(request)
+            detector = detectors[index]
+            if detector is not None:
+                piece, items = detector.feed(piece, reason is not None)
+                calls = tool_call_deltas(items) or None
+                if reason is not None and detector.has_calls:
+                    reason = "tool_calls"
             logprobs = None
             if request.logprobs:
                 lps, tops = cursor.new_logprobs(meta)
@@ -274,14 +295,16 @@ class OpenAIServingChat(ServingBase):
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
                 extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
-            if piece or thought or logprobs or reason or extras.get("attention_tokens"):
+            extras.update(openai_extras(meta, stream=True))
+            if piece or thought or calls or logprobs or reason or any(extras.values()):
+                delta = DeltaMessage(
+                    content=piece or None, reasoning_content=thought or None, tool_calls=calls
+                )
                 chunks.append(
                     chunk(
                         ChatCompletionResponseStreamChoice(
                             index=index,
-                            delta=DeltaMessage(
-                                content=piece or None, reasoning_content=thought or None
-                            ),
+                            delta=delta,
                             logprobs=logprobs,
                             finish_reason=reason,
                             matched_stop=finish.matched,
@@ -295,21 +318,12 @@ class OpenAIServingChat(ServingBase):
                 chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
             return chunks
 
-        buffering = self.parses_tool_calls(request)
-        parsers: dict[int, ReasoningParser] | None = (
-            {} if self.separates_reasoning(request) and not buffering else None
-        )
+        separate = self.separates_reasoning(request)
+        parsers: dict[int, ReasoningParser] = {}
+        texts: dict[int, str] = {}
+        detectors: dict[int, BaseFormatDetector | None] = {}
         on_usage = self.usage_chunk_builder(request, plan, model, ChatCompletionStreamResponse)
         return self.stream_events(plan.reqs, raw_request, on_output, on_usage)
-
-
-def _tool_call_delta(
-    index: int, content: str | None, calls: list[dict[str, Any]]
-) -> ChatCompletionResponseStreamChoice:
-    """One delta carrying the content and every call whole, each call with its `index`."""
-    tool_calls = [{"index": i, **call} for i, call in enumerate(calls)]
-    delta = DeltaMessage(content=content, tool_calls=tool_calls)
-    return ChatCompletionResponseStreamChoice(index=index, delta=delta)
 
 
 def _response_format_schema(request: ChatCompletionRequest) -> str | None:

@@ -25,6 +25,7 @@ from sglang.srt.entrypoints.openai.protocol import (
     now,
     random_id,
 )
+from sglang.srt.managers.layer_probes import openai_extras
 from sglang.srt.entrypoints.openai.serving_base import (
     ServingBase,
     StreamCursor,
@@ -180,7 +181,8 @@ class OpenAIServingCompletion(ServingBase):
             extras: dict[str, Any] = {}
             if request.return_attention_tokens:
                 extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
-            if not (piece or logprobs or finish.reason or extras.get("attention_tokens")):
+            extras.update(openai_extras(meta, stream=True))
+            if not (piece or logprobs or finish.reason or any(extras.values())):
                 return []
             chunks = [
                 chunk(

@@ -1,0 +1,226 @@
+"""hidden_states_layers and logit_lens against HuggingFace float32 eager.
+
+Reference for completion token t of a request: HF over `prompt + output_ids[:-1]` at the query
+position len(prompt) + t - 1. The residual stream after layer L is HF's
+`output_hidden_states[L + 1]` for every layer below the last; for the last layer HF's entry is
+after the final norm, so the reference there is the last decoder layer's own output (a forward
+hook), which is what the fork returns (before any final norm). The logit lens is
+log_softmax(lm_head(final_norm(h_L))) with HF's own modules; for Gemma 2 the final-logit softcap
+the model applies to its logits is applied too.
+
+The in-process scheduler covers the rows a request gets in mixed batches, chunked prefill, a
+prefix hit and a request that does not ask; the Engine covers the serving path (native dicts,
+streaming, base64); test_layer_probes_http.py covers /generate, both OpenAI routes and the 400s.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+
+from sglang.srt.managers.layer_probes import ProbeRequest
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint, make_tiny_model
+
+cpu_threads_hint()
+HIDDEN_RTOL = 1e-5
+LENS_TOL = 1e-4
+MAX_NEW = 5
+PROMPTS = [[1, 5, 9, 13, 17], list(range(3, 30)), [1, 5, 9, 13, 17, 21, 22, 40]]
+
+
+@pytest.fixture(scope="module")
+def tiny_path() -> str:
+    return make_tiny_model("llama", seed=7)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_path: str) -> HFRunner:
+    return HFRunner(tiny_path)
+
+
+def reference(hf: HFRunner, prompt: list[int], output_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Layer -> [completion_len, hidden] residual stream after that layer, at each query."""
+    model = hf.model
+    layers = model.model.layers
+    outputs: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def save(_module, _args, out) -> None:
+            outputs[index] = (out[0] if isinstance(out, tuple) else out)[0].float()
+
+        return save
+
+    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            out = model(torch.tensor([prompt + output_ids[:-1]]), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(layers)
+    rows = slice(len(prompt) - 1, len(prompt) - 1 + len(output_ids))
+    ref = {}
+    for layer in range(n):
+        hooked = outputs[layer][rows]
+        if layer < n - 1:
+            # The hook and HF's own hidden_states agree: layer L is hidden_states[L + 1].
+            torch.testing.assert_close(hooked, out.hidden_states[layer + 1][0][rows].float())
+        ref[layer] = hooked
+    return ref
+
+
+def lens_reference(hf: HFRunner, h: torch.Tensor) -> torch.Tensor:
+    """log_softmax(lm_head(norm(h))) with HF's modules (and Gemma 2's final softcap)."""
+    model = hf.model
+    with torch.no_grad():
+        logits = model.lm_head(model.model.norm(h)).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def check_hidden(rows: list, ref: torch.Tensor) -> None:
+    """Within 1e-5 relative, per element and relative to the row's scale (an element near 0 in
+    a row of magnitude ~10 differs by float32 rounding of a different summation order)."""
+    got = torch.tensor(np.asarray(rows, dtype=np.float32))
+    assert got.shape == ref.shape
+    scale = ref.abs().amax(dim=-1, keepdim=True)
+    assert ((got - ref).abs() <= HIDDEN_RTOL * torch.maximum(ref.abs(), scale)).all()
+
+
+def check_lens(hf: HFRunner, entries: list, h: torch.Tensor, top_n: int) -> None:
+    """entries[t] = [(token_id, logprob), ...] for completion token t."""
+    ref = lens_reference(hf, h)
+    assert len(entries) == ref.shape[0]
+    for t, entry in enumerate(entries):
+        assert len(entry) == top_n
+        ids = [tid for tid, _ in entry]
+        want = ref[t].topk(top_n)
+        assert ids == want.indices.tolist()
+        got = torch.tensor([lp for _, lp in entry])
+        torch.testing.assert_close(got, want.values, rtol=LENS_TOL, atol=LENS_TOL)
+
+
+def record_rows(req: Req, layer: int) -> list:
+    return [np.frombuffer(r.hidden[layer], dtype="<f4") for r in req.probe_records]
+
+
+def record_lens(req: Req, layer: int) -> list:
+    return [list(zip(*r.lens[layer])) for r in req.probe_records]
+
+
+def test_scheduler_batch_chunked_and_prefix_hit(tiny_path: str, hf: HFRunner) -> None:
+    srt = SRTRunner(tiny_path, chunked_prefill_size=8)
+    sched = srt.scheduler
+    asks = [
+        ProbeRequest(hidden_layers=(0, 2), lens_layers=(1,), top_n=5),
+        ProbeRequest(hidden_layers=(1,), lens_layers=(0, 2), top_n=3),
+        None,
+    ]
+
+    def run(prompts: list[list[int]], probes: list) -> list[Req]:
+        reqs = [
+            Req(
+                f"r{len(p)}-{i}-{probe is not None}-{len(sched.waiting_queue)}",
+                p,
+                SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, ignore_eos=True),
+                probe=probe,
+            )
+            for i, (p, probe) in enumerate(zip(prompts, probes))
+        ]
+        for req in reqs:
+            sched.add_request(req)
+        sched.run_until_idle()
+        sched.check_memory()
+        return reqs
+
+    # PROMPTS[1] (27 tokens) is prefilled in chunks; the request that does not ask gets nothing.
+    reqs = run(PROMPTS, asks)
+    for req, prompt, probe in zip(reqs[:2], PROMPTS, asks):
+        ref = reference(hf, prompt, req.output_ids)
+        assert len(req.probe_records) == MAX_NEW
+        for layer in probe.hidden_layers:
+            check_hidden(record_rows(req, layer), ref[layer])
+        for layer in probe.lens_layers:
+            check_lens(hf, record_lens(req, layer), ref[layer], probe.top_n)
+    assert reqs[2].probe_records == []
+    # A prefix hit: the prompt of the request that did not ask is cached now.
+    again = run([PROMPTS[2]], [ProbeRequest(hidden_layers=(2,), lens_layers=(2,), top_n=20)])[0]
+    assert again.cached_tokens > 0 and again.output_ids == reqs[2].output_ids
+    ref = reference(hf, PROMPTS[2], again.output_ids)
+    check_hidden(record_rows(again, 2), ref[2])
+    check_lens(hf, record_lens(again, 2), ref[2], 20)
+    # The lens of the last layer is the model's own next-token distribution.
+    greedy = [lens[0][0] for lens in record_lens(again, 2)]
+    assert greedy == again.output_ids
+
+
+def test_gemma2_softcap_lens(hf: HFRunner) -> None:
+    """A model with a final-logit softcap: the lens goes through the model's own logits."""
+    path = make_tiny_model("gemma2", seed=3)
+    gemma = HFRunner(path)
+    srt = SRTRunner(path)
+    probe = ProbeRequest(hidden_layers=(0, 3), lens_layers=(1, 3), top_n=4)
+    req = Req("g", PROMPTS[2], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
+              probe=probe)  # fmt: skip
+    srt.scheduler.add_request(req)
+    srt.scheduler.run_until_idle()
+    ref = reference(gemma, PROMPTS[2], req.output_ids)
+    for layer in probe.hidden_layers:
+        check_hidden(record_rows(req, layer), ref[layer])
+    for layer in probe.lens_layers:
+        check_lens(gemma, record_lens(req, layer), ref[layer], 4)
+
+
+def test_engine_native_streaming_and_base64(tiny_path: str, hf: HFRunner) -> None:
+    import sglang as sgl
+
+    greedy = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}
+    engine = sgl.Engine(model_path=tiny_path, device="cpu", dtype="float32",
+                        skip_tokenizer_init=True, max_total_tokens=4096, random_seed=0,
+                        chunked_prefill_size=8)  # fmt: skip
+    with engine:
+        out = engine.generate(input_ids=PROMPTS[1], sampling_params=greedy,
+                              hidden_states_layers=[0, -1],
+                              logit_lens={"layers": [-1, 1]})  # fmt: skip
+        meta = out["meta_info"]
+        ref = reference(hf, PROMPTS[1], out["output_ids"])
+        assert sorted(meta["hidden_states_layers"]) == ["0", "2"]
+        check_hidden(meta["hidden_states_layers"]["0"], ref[0])
+        check_hidden(meta["hidden_states_layers"]["2"], ref[2])
+        lens = meta["logit_lens"]
+        assert len(lens) == MAX_NEW and sorted(lens[0]) == ["1", "2"]
+        for layer in (1, 2):
+            entries = [[(e["token_id"], e["logprob"]) for e in step[str(layer)]] for step in lens]
+            check_lens(hf, entries, ref[layer], 5)
+        # base64: little-endian float32 strings (this time the prompt is a prefix hit).
+        b64 = engine.generate(input_ids=PROMPTS[1], sampling_params=greedy,
+                              hidden_states_layers=[0, 2],
+                              hidden_states_format="base64")  # fmt: skip
+        assert b64["meta_info"]["cached_tokens"] > 0
+        ref = reference(hf, PROMPTS[1], b64["output_ids"])
+        for layer in ("0", "2"):
+            rows = b64["meta_info"]["hidden_states_layers"][layer]
+            assert all(isinstance(r, str) for r in rows)
+            check_hidden([np.frombuffer(base64.b64decode(r), dtype="<f4") for r in rows],
+                         ref[int(layer)])  # fmt: skip
+        assert "logit_lens" not in b64["meta_info"]
+        # Streaming: each chunk carries the rows of its new tokens only.
+        chunks = list(engine.generate(input_ids=PROMPTS[0], sampling_params=greedy,
+                                      hidden_states_layers=[1], logit_lens={"layers": [0]},
+                                      stream=True))  # fmt: skip
+        rows = [r for c in chunks for r in c["meta_info"]["hidden_states_layers"]["1"]]
+        steps = [s for c in chunks for s in c["meta_info"]["logit_lens"]]
+        ref = reference(hf, PROMPTS[0], chunks[-1]["output_ids"])
+        check_hidden(rows, ref[1])
+        entries = [[(e["token_id"], e["logprob"]) for e in s["0"]] for s in steps]
+        check_lens(hf, entries, ref[0], 5)
+        plain = engine.generate(input_ids=PROMPTS[0], sampling_params=greedy)
+        assert "hidden_states_layers" not in plain["meta_info"]
+        assert "logit_lens" not in plain["meta_info"]

@@ -392,7 +392,7 @@ def test_capture_layer_specs():
         ({"attention_backend": "triton"}, "needs a GPU"),
         ({"sampling_backend": "flashinfer"}, "--sampling-backend flashinfer is refused"),
         ({"schedule_policy": "dfs-weight"}, "--schedule-policy dfs-weight is refused"),
-        ({"quantization": "fp8"}, "--quantization fp8 is refused"),
+        ({"quantization": "w8a8_fp8"}, "--quantization w8a8_fp8 is refused"),
         ({"quantization": "int3"}, "quantization must be one of"),
         ({"pp_size": 2}, "--pp-size 2 is refused: pipeline parallelism"),
         ({"log_requests_level": 4}, "log_requests_level must be one of 0, 1, 2, 3"),

@@ -146,19 +146,31 @@ def write_quantized(
             packed[f"{prefix}.g_idx"] = g_idx.to(torch.int32)
         dense[name] = dequant
     qc = _quantization_config(method, group_size, desc_act, sym, checkpoint_format)
+    save_twins(tiny_folder, config, (out_folder, packed, qc, "float16"), (ref_folder, dense))
+    return qc
+
+
+def save_twins(
+    tiny_folder: str,
+    config: dict[str, Any],
+    quantized: tuple[str, dict[str, torch.Tensor], dict[str, Any], str],
+    reference: tuple[str, dict[str, torch.Tensor]],
+) -> None:
+    """Write the quantized folder (tensors, config.json with its quantization_config and the
+    producer's torch_dtype) and the dense reference folder, each with the tiny model's side files."""
+    out_folder, packed, qc, torch_dtype = quantized
+    ref_folder, dense = reference
     for folder, tensors, extra in ((out_folder, packed, qc), (ref_folder, dense, None)):
         os.makedirs(folder, exist_ok=True)
         save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         written = dict(config)
         if extra is not None:
             written["quantization_config"] = extra
-            written["torch_dtype"] = "float16"
+            written["torch_dtype"] = torch_dtype
         with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
             json.dump(written, f, indent=2)
-        for side in ("generation_config.json",):
-            if os.path.isfile(os.path.join(tiny_folder, side)):
-                shutil.copy(os.path.join(tiny_folder, side), folder)
-    return qc
+        if os.path.isfile(os.path.join(tiny_folder, "generation_config.json")):
+            shutil.copy(os.path.join(tiny_folder, "generation_config.json"), folder)
 
 
 def _quantization_config(

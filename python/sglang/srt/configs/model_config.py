@@ -105,7 +105,8 @@ class ModelConfig:
         self.hf_text_config = text_config
         self.architectures: list[str] = list(getattr(self.hf_config, "architectures", None) or [])
         self.dtype = resolve_dtype(dtype, self.hf_config, self.device)
-        if self.quant_config is not None and self.device == "cpu" and str(dtype) == "auto":
+        int4 = getattr(self.quant_config, "method", None) in ("awq", "gptq")
+        if int4 and self.device == "cpu" and str(dtype) == "auto":
             # The CPU int4 kernel is fast with bfloat16 activations only; with float32 it was
             # 5-20x slower (docs/quantization.md). --dtype float32 still picks the exact path.
             self.dtype = torch.bfloat16

@@ -4,9 +4,8 @@ Owns a layer's attention geometry (heads on this rank, head dim, scaling, slidin
 soft-cap of its scores: `logit_cap`, upstream's name for `attn_logit_softcapping`) and the
 hand-off to `forward_batch.attn_backend`. When the attention-capture feature asks for this layer,
 the backend also returns per-head log-sum-exp and the capture object receives (q, lse).
-`k_scale`/`v_scale` are the per-tensor scales of its K/V in a float8 KV pool; they stay 1.0, as
-upstream's do for a checkpoint without scales (checkpoints that carry scales are quantized ones,
-which the loader refuses).
+`k_scale`/`v_scale` are the per-tensor scales of its K/V in a float8 KV pool: the checkpoint's
+when it carries them (layers/quantization/kv_cache.py sets them at load), else 1.0 as upstream.
 """
 
 from __future__ import annotations

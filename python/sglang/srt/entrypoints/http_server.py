@@ -170,6 +170,10 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
             "is_generation": True,
             "preferred_sampling_params": None,
             "weight_version": "default",
+            # Additions (docs/quantization.md): the weights' quantization and matmul kernel
+            # (null for dense weights) and the KV cache's element dtype.
+            "quantization": getattr(tm, "quantization_info", None),
+            "kv_cache_dtype": getattr(tm, "kv_cache_dtype", None),
         }
 
     def server_info() -> dict[str, Any]:

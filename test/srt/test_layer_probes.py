@@ -1,12 +1,9 @@
 """hidden_states_layers and logit_lens against HuggingFace float32 eager.
 
-Reference for completion token t of a request: HF over `prompt + output_ids[:-1]` at the query
-position len(prompt) + t - 1. The residual stream after layer L is HF's
-`output_hidden_states[L + 1]` for every layer below the last; for the last layer HF's entry is
-after the final norm, so the reference there is the last decoder layer's own output (a forward
-hook), which is what the fork returns (before any final norm). The logit lens is
-log_softmax(lm_head(final_norm(h_L))) with HF's own modules; for Gemma 2 the final-logit softcap
-the model applies to its logits is applied too.
+The reference (python/sglang/test/layer_probe_reference.py): HF's `output_hidden_states[L + 1]`
+at each generated token's query position (the last layer: the decoder layer's own output, before
+the final norm HF applies there), and log_softmax(lm_head(final_norm(h_L))) with HF's modules
+(Gemma 2's final-logit softcap included).
 
 The in-process scheduler covers the rows a request gets in mixed batches, chunked prefill, a
 prefix hit and a request that does not ask; the Engine covers the serving path (native dicts,
@@ -19,16 +16,14 @@ import base64
 
 import numpy as np
 import pytest
-import torch
 
 from sglang.srt.managers.layer_probes import ProbeRequest
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.test.layer_probe_reference import check_hidden, check_lens, lens_pairs, reference
 from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint, make_tiny_model
 
 cpu_threads_hint()
-HIDDEN_RTOL = 1e-5
-LENS_TOL = 1e-4
 MAX_NEW = 5
 PROMPTS = [[1, 5, 9, 13, 17], list(range(3, 30)), [1, 5, 9, 13, 17, 21, 22, 40]]
 
@@ -41,70 +36,6 @@ def tiny_path() -> str:
 @pytest.fixture(scope="module")
 def hf(tiny_path: str) -> HFRunner:
     return HFRunner(tiny_path)
-
-
-def reference(hf: HFRunner, prompt: list[int], output_ids: list[int]) -> dict[int, torch.Tensor]:
-    """Layer -> [completion_len, hidden] residual stream after that layer, at each query."""
-    model = hf.model
-    layers = model.model.layers
-    outputs: dict[int, torch.Tensor] = {}
-
-    def hook(index: int):
-        def save(_module, _args, out) -> None:
-            outputs[index] = (out[0] if isinstance(out, tuple) else out)[0].float()
-
-        return save
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            out = model(torch.tensor([prompt + output_ids[:-1]]), output_hidden_states=True)
-    finally:
-        for h in handles:
-            h.remove()
-    n = len(layers)
-    rows = slice(len(prompt) - 1, len(prompt) - 1 + len(output_ids))
-    ref = {}
-    for layer in range(n):
-        hooked = outputs[layer][rows]
-        if layer < n - 1:
-            # The hook and HF's own hidden_states agree: layer L is hidden_states[L + 1].
-            torch.testing.assert_close(hooked, out.hidden_states[layer + 1][0][rows].float())
-        ref[layer] = hooked
-    return ref
-
-
-def lens_reference(hf: HFRunner, h: torch.Tensor) -> torch.Tensor:
-    """log_softmax(lm_head(norm(h))) with HF's modules (and Gemma 2's final softcap)."""
-    model = hf.model
-    with torch.no_grad():
-        logits = model.lm_head(model.model.norm(h)).float()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return torch.log_softmax(logits, dim=-1)
-
-
-def check_hidden(rows: list, ref: torch.Tensor) -> None:
-    """Within 1e-5 relative, per element and relative to the row's scale (an element near 0 in
-    a row of magnitude ~10 differs by float32 rounding of a different summation order)."""
-    got = torch.tensor(np.asarray(rows, dtype=np.float32))
-    assert got.shape == ref.shape
-    scale = ref.abs().amax(dim=-1, keepdim=True)
-    assert ((got - ref).abs() <= HIDDEN_RTOL * torch.maximum(ref.abs(), scale)).all()
-
-
-def check_lens(hf: HFRunner, entries: list, h: torch.Tensor, top_n: int) -> None:
-    """entries[t] = [(token_id, logprob), ...] for completion token t."""
-    ref = lens_reference(hf, h)
-    assert len(entries) == ref.shape[0]
-    for t, entry in enumerate(entries):
-        assert len(entry) == top_n
-        ids = [tid for tid, _ in entry]
-        want = ref[t].topk(top_n)
-        assert ids == want.indices.tolist()
-        got = torch.tensor([lp for _, lp in entry])
-        torch.testing.assert_close(got, want.values, rtol=LENS_TOL, atol=LENS_TOL)
 
 
 def record_rows(req: Req, layer: int) -> list:
@@ -197,8 +128,7 @@ def test_engine_native_streaming_and_base64(tiny_path: str, hf: HFRunner) -> Non
         lens = meta["logit_lens"]
         assert len(lens) == MAX_NEW and sorted(lens[0]) == ["1", "2"]
         for layer in (1, 2):
-            entries = [[(e["token_id"], e["logprob"]) for e in step[str(layer)]] for step in lens]
-            check_lens(hf, entries, ref[layer], 5)
+            check_lens(hf, lens_pairs(lens, layer), ref[layer], 5)
         # base64: little-endian float32 strings (this time the prompt is a prefix hit).
         b64 = engine.generate(input_ids=PROMPTS[1], sampling_params=greedy,
                               hidden_states_layers=[0, 2],
@@ -219,8 +149,7 @@ def test_engine_native_streaming_and_base64(tiny_path: str, hf: HFRunner) -> Non
         steps = [s for c in chunks for s in c["meta_info"]["logit_lens"]]
         ref = reference(hf, PROMPTS[0], chunks[-1]["output_ids"])
         check_hidden(rows, ref[1])
-        entries = [[(e["token_id"], e["logprob"]) for e in s["0"]] for s in steps]
-        check_lens(hf, entries, ref[0], 5)
+        check_lens(hf, lens_pairs(steps, 0), ref[0], 5)
         plain = engine.generate(input_ids=PROMPTS[0], sampling_params=greedy)
         assert "hidden_states_layers" not in plain["meta_info"]
         assert "logit_lens" not in plain["meta_info"]

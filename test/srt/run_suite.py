@@ -47,6 +47,8 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_server_args.py", 15),
         TestFile("test_flag_honesty.py", 30),
         TestFile("test_hidden_states.py", 45),
+        TestFile("test_layer_probes.py", 60),
+        TestFile("test_layer_probes_http.py", 75),
         TestFile("test_mem_cache.py", 10),
         TestFile("test_radix_cache.py", 10),
         TestFile("test_sampling.py", 20),

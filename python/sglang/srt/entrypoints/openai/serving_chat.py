@@ -278,15 +278,23 @@ class OpenAIServingChat(ServingBase):
                 texts[index] = texts.get(index, "") + piece  # the parser reads the text so far
                 parser = parsers.setdefault(index, ReasoningParser(self.reasoning_parser))
                 thought, piece = parser.parse_stream_chunk(texts[index], reason is not None)
-            calls = None
+            calls: list[Any] = [None]
             if index not in detectors:
                 detectors[index] = self.tool_detector(request)
             detector = detectors[index]
             if detector is not None:
                 piece, items = detector.feed(piece, reason is not None)
-                calls = tool_call_deltas(items) or None
+                calls = tool_call_deltas(items) or calls
                 if reason is not None and detector.has_calls:
                     reason = "tool_calls"
+            # Calls opened in this step get chunks of their own before the last one.
+            delta = DeltaMessage(content=piece or None, reasoning_content=thought or None)
+            for batch in calls[:-1]:
+                delta.tool_calls = batch
+                chunks.append(chunk(ChatCompletionResponseStreamChoice(index=index, delta=delta)))
+                delta = DeltaMessage()
+            delta.tool_calls = calls[-1]
+            has_delta = bool(delta.content or delta.reasoning_content or delta.tool_calls)
             logprobs = None
             if request.logprobs:
                 lps, tops = cursor.new_logprobs(meta)
@@ -296,10 +304,7 @@ class OpenAIServingChat(ServingBase):
             if request.return_attention_tokens:
                 extras["attention_tokens"] = cursor.attention_delta(meta.get("attention_tokens"))
             extras.update(openai_extras(meta, stream=True))
-            if piece or thought or calls or logprobs or reason or any(extras.values()):
-                delta = DeltaMessage(
-                    content=piece or None, reasoning_content=thought or None, tool_calls=calls
-                )
+            if has_delta or logprobs or reason or any(extras.values()):
                 chunks.append(
                     chunk(
                         ChatCompletionResponseStreamChoice(

@@ -14,9 +14,9 @@ TRITON_PINS := triton==3.6.0 numpy==2.3.5
 SERVE_ARGS ?=
 MODEL ?= smollm2-135m-instruct
 
-.PHONY: install serve test test-gpu bench lint clean
+.PHONY: install browser serve test test-gpu bench lint clean
 
-install: $(STAMP) $(TRITON_STAMP)
+install: $(STAMP) $(TRITON_STAMP) browser
 
 $(STAMP): python/pyproject.toml sgl-kernel/pyproject.toml sgl-model-gateway/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,17 @@ $(TRITON_STAMP): $(STAMP) Makefile
 		> "$$($(TRITON_PY) -c 'import site; print(site.getsitepackages()[0])')/sglang-main-venv.pth"
 	$(TRITON_PY) -c 'import numpy, sglang, sgl_kernel, torch, triton; print("triton", triton.__version__, "numpy", numpy.__version__)'
 	touch $(TRITON_STAMP)
+
+# Debian's chromium and its driver for the attention viewer's browser test (test_attention_viewer.py).
+# Never fatal: where apt is missing or fails, that test reports itself skipped with the reason.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver \
+		|| { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+			chromium chromium-driver; } \
+		|| echo "warning: chromium not installed; the browser test will be skipped"; \
+	else echo "warning: no apt-get; the browser test will be skipped"; fi
 
 # Attention tokens are why this engine exists: `make serve` answers return_attention_tokens.
 serve: install

@@ -2,10 +2,11 @@
 
 Owns everything an interpretability user does with a report after the server returned it: finding
 it in a response (`extract_report`), merging streamed chunks back into one report
-(`merge_stream_chunks`), flat rows (`to_rows`), a self-contained HTML heat map (`render_html`,
-`save_html`) and dense arrays in the layout bertviz expects (`to_bertviz`). The report format is
-in docs/attention_tokens.md. Pure Python: imports nothing from the server and needs only the
-standard library, except `to_bertviz`, which needs numpy.
+(`merge_stream_chunks`), flat rows (`to_rows`), a self-contained HTML view (`render_html`,
+`save_html`: the renderer of the server's /attention page, python/sglang/viewer/, with the report
+inlined; `viewer_page` is that page) and dense arrays in the layout bertviz expects
+(`to_bertviz`). The report format is in docs/attention_tokens.md. Pure Python: imports nothing
+from the server and needs only the standard library, except `to_bertviz`, which needs numpy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "to_rows",
     "render_html",
     "save_html",
+    "viewer_page",
+    "viewer_asset",
     "to_bertviz",
 ]
 
@@ -161,13 +164,6 @@ def _attended(entry: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _mass(entry: dict[str, Any], key: str, label: LayerLabel) -> Optional[float]:
-    value = entry.get(key)
-    if isinstance(value, dict):
-        return value.get(str(label))
-    return value
-
-
 def _seq_len(report: Report, prompt_tokens: Optional[list[str]]) -> int:
     content = report["content"]
     n = max(int(report.get("prompt_tokens") or 0) + len(content), len(prompt_tokens or []))
@@ -265,120 +261,22 @@ def to_bertviz(
     return attention, tokens
 
 
-# ----------------------------------------------------------------------------- HTML heat map
+# ----------------------------------------------------------------------------- HTML view
 
-_CSS = """
-.attn-view{font-family:system-ui,-apple-system,Segoe UI,sans-serif;color:#222;max-width:72em}
-.attn-view h1{font-size:1.25em;margin:0 0 .3em}
-.attn-view .meta{color:#555;font-size:.9em;margin-bottom:.8em}
-.attn-view .controls{margin-bottom:.6em;font-size:.9em}
-.attn-view .text{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;
-white-space:pre-wrap;word-break:break-word;border:1px solid #ddd;border-radius:6px;padding:.7em}
-.attn-view .tok{border-radius:3px;padding:1px 0;outline:1px solid transparent}
-.attn-view .tok.gen{color:#0645ad;cursor:pointer;border-bottom:1px dotted #0645ad}
-.attn-view .tok.gen:hover{outline-color:#0645ad}
-.attn-view .tok.unk{color:#999}
-.attn-view .tok.sink{text-decoration:line-through;text-decoration-color:#bbb}
-.attn-view .tok.query{outline:2px dashed #666}
-.attn-view .tok.sel{outline:2px solid #000;background:#ffe08a}
-.attn-view .sep{color:#aaa}
-.attn-view .detail{margin-top:1em;font-size:.9em}
-.attn-view table{border-collapse:collapse;margin-top:.4em}
-.attn-view th,.attn-view td{border-bottom:1px solid #eee;padding:2px 10px;text-align:left}
-.attn-view td.num{text-align:right;font-variant-numeric:tabular-nums}
-.attn-view .bar{background:#e8590c;height:9px;display:inline-block;vertical-align:middle}
-.attn-view code{background:#f4f4f4;padding:0 3px}
-"""
-
-# Scoped to one view (several may share a notebook page); ROOT is replaced by the view's id.
-_JS = """
-(function(){
-var root=document.getElementById('ROOT');
-var D=JSON.parse(root.querySelector('script.attn-data').textContent);
-var toks=root.querySelectorAll('.tok');
-var byPos={};toks.forEach(function(el){byPos[el.dataset.pos]=el;});
-var sel=root.querySelector('select.layer');var detail=root.querySelector('.detail');
-var pinned=D.entries.length?0:null;
-function layer(){return sel?sel.value:D.labels[0];}
-function esc(s){return String(s).replace(/[&<>"]/g,function(c){
-return {'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c];});}
-function clear(){toks.forEach(function(el){el.style.backgroundColor='';
-el.classList.remove('sel');el.classList.remove('query');});}
-function show(i){
-clear();
-if(i===null){detail.innerHTML='<em>Hover over or click a generated token.</em>';return;}
-var e=D.entries[i],L=layer(),top=e.top[L]||[],mx=0;
-top.forEach(function(a){mx=Math.max(mx,a[1]);});
-top.forEach(function(a){var el=byPos[a[0]];if(el){var x=mx>0?a[1]/mx:0;
-el.style.backgroundColor='rgba(232,89,12,'+(0.1+0.9*x).toFixed(3)+')';}});
-var me=byPos[e.pos];if(me)me.classList.add('sel');
-var q=byPos[e.pos-1];if(q&&q!==me)q.classList.add('query');
-var cm=e.captured[L],xm=e.excluded[L];
-var h='<b>#'+i+' '+esc(JSON.stringify(e.token))+'</b> at position '+e.pos+
-' (query position '+(e.pos-1)+'), layer <b>'+esc(L)+'</b>';
-if(cm!=null)h+=', captured mass '+cm.toFixed(4);
-if(xm!=null)h+=', excluded mass (positions &lt; '+D.exclude_sink+') '+xm.toFixed(4);
-h+='<table><tr><th>rank</th><th>position</th><th>token</th><th>source</th><th>score</th>'+
-'<th></th></tr>';
-top.forEach(function(a,r){var t=D.tokens[a[0]];h+='<tr><td class="num">'+(r+1)+
-'</td><td class="num">'+a[0]+'</td><td><code>'+esc(JSON.stringify(t))+'</code></td><td>'+
-(a[0]<D.prompt_tokens?'prompt':'completion')+'</td><td class="num">'+a[1].toFixed(4)+
-'</td><td><span class="bar" style="width:'+Math.round(a[1]*200)+'px"></span></td></tr>';});
-detail.innerHTML=h+'</table>';}
-root.querySelectorAll('.tok.gen').forEach(function(el){
-var i=parseInt(el.dataset.gen,10);
-el.addEventListener('mouseenter',function(){show(i);});
-el.addEventListener('mouseleave',function(){show(pinned);});
-el.addEventListener('click',function(){pinned=(pinned===i)?null:i;show(pinned);});});
-if(sel)sel.addEventListener('change',function(){show(pinned);});
-show(pinned);
-})();
-"""
+# The viewer's files (package data): renderer.js draws a report, viewer.css styles it; the
+# server's /attention page adds app.html and app.js around the same renderer.
+VIEWER_DIR = Path(__file__).resolve().parent / "viewer"
 
 
-def _display(token: str) -> str:
-    """Visible text for a token: newlines as a return mark (and a real break), empty as a dot."""
-    if token == "":
-        return "\u2205"
-    return token.replace("\r", "").replace("\n", "\u21b5\n").replace("\t", "\u21e5\t")
+def viewer_asset(name: str) -> str:
+    """The text of one of the viewer's files (renderer.js, viewer.css, app.html, app.js)."""
+    return (VIEWER_DIR / name).read_text(encoding="utf-8")
 
 
 def _script_json(data: Any) -> str:
     """JSON that is safe inside a <script> element."""
     text = json.dumps(data, ensure_ascii=False)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-
-
-def _token_spans(report: Report, tokens: list[str], prompt_tokens: Optional[list[str]]) -> str:
-    gen_index = {entry["position"]: i for i, entry in enumerate(report["content"])}
-    known = set(gen_index)
-    for entry in report["content"]:
-        known.update(att["position"] for att in _attended(entry))
-    n_prompt = int(report.get("prompt_tokens") or 0)
-    sink = int(report.get("exclude_sink") or 0)
-    parts = []
-    for pos, tok in enumerate(tokens):
-        if pos == n_prompt and pos > 0:
-            parts.append('<span class="sep" title="completion starts here">\u2016</span>')
-        classes = ["tok"]
-        attrs = f'data-pos="{pos}"'
-        source = "prompt" if pos < n_prompt else "completion"
-        if pos in gen_index:
-            classes.append("gen")
-            attrs += f' data-gen="{gen_index[pos]}"'
-        unknown = pos not in known and (prompt_tokens is None or pos >= len(prompt_tokens))
-        if unknown:
-            classes.append("unk")
-        if pos < sink:
-            classes.append("sink")
-        title = f"{pos}: {json.dumps(tok, ensure_ascii=False)} ({source})"
-        if unknown:
-            title = f"{pos}: token text unknown (not in any top-k; pass prompt_tokens=...)"
-        parts.append(
-            f'<span class="{" ".join(classes)}" {attrs} title="{html.escape(title)}">'
-            f"{html.escape(_display(tok))}</span>"
-        )
-    return "".join(parts)
 
 
 def render_html(
@@ -389,70 +287,47 @@ def render_html(
 ) -> str:
     """A self-contained HTML page (inline CSS and JS, no network) showing the report.
 
-    Prompt and completion tokens are laid out as text; hovering over a generated token highlights
-    its top-k attended tokens (colour intensity relative to its highest score) and shows their
-    scores in a table; a click pins the selection. Per-layer reports get a layer selector.
-    `prompt_tokens` (token strings for positions 0..) fills positions no top-k list mentions;
-    without it they show as `[position]`. `full_page=False` returns only the view's <div> (for
-    `IPython.display.HTML`; every view is scoped, so several can share a page).
+    The same renderer as the server's `/attention` page (python/sglang/viewer/renderer.js), with
+    the report inlined: prompt and completion tokens laid out as text; hovering over a generated
+    token (or a prompt token that has a `prompt_content` entry) highlights what it attended to
+    (shade relative to its highest score) and lists the scores, span masses, statistics and
+    logit lens the entry carries; a click pins the selection; layer and head selectors when the
+    report has per-layer or per-head lists. `prompt_tokens` (token strings for positions 0..)
+    labels positions no list mentions (a report saved by the page carries them as
+    `token_strings`); without either they show as `[position]`. Without JavaScript (a static
+    notebook render) the token text shows as plain text. `full_page=False` returns only the
+    view's <div> (for `IPython.display.HTML`; every view is scoped, so several can share a page).
     """
     report = extract_report(report)
-    labels = layer_labels(report)
+    if prompt_tokens is None and isinstance(report.get("token_strings"), list):
+        prompt_tokens = report["token_strings"]
     tokens = token_strings(report, prompt_tokens)
-    entries = []
-    for entry in report["content"]:
-        entries.append(
-            {
-                "pos": entry["position"],
-                "token": entry.get("token", ""),
-                "top": {
-                    str(lb): [[a["position"], a["score"]] for a in _tops(entry, lb)]
-                    for lb in labels
-                },
-                "captured": {str(lb): _mass(entry, "captured_mass", lb) for lb in labels},
-                "excluded": {str(lb): _mass(entry, "excluded_mass", lb) for lb in labels},
-            }
-        )
-    sink = int(report.get("exclude_sink") or 0)
-    data = {
-        "labels": [str(lb) for lb in labels],
-        "tokens": tokens,
-        "entries": entries,
-        "prompt_tokens": int(report.get("prompt_tokens") or 0),
-        "exclude_sink": sink,
-    }
-    meta = [
-        f"top_k={report.get('top_k')}",
-        f"layers={report.get('layers')}",
-        f"layer aggregation={report.get('layer_aggregation', 'mean')}",
-        f"head aggregation={report.get('head_aggregation', 'mean')}",
-        f"prompt tokens={report.get('prompt_tokens')}",
-        f"generated tokens={len(report['content'])}",
-    ]
-    if sink:
-        meta.append(f"positions < {sink} excluded from the ranking")
-    controls = ""
-    if labels != ["mean"]:
-        options = "".join(f'<option value="{lb}">layer {lb}</option>' for lb in labels)
-        controls = (
-            f'<div class="controls"><label>Layer: <select class="layer">{options}</select>'
-            "</label></div>\n"
-        )
+    data = {"report": report, "tokens": prompt_tokens, "title": title}
     view_id = f"attn-{uuid.uuid4().hex[:12]}"
     view = (
-        f'<div class="attn-view" id="{view_id}">\n<style>{_CSS}</style>\n'
-        f"<h1>{html.escape(title)}</h1>\n"
-        f'<div class="meta">{html.escape(" · ".join(meta))}</div>\n{controls}'
-        f'<div class="text">{_token_spans(report, tokens, prompt_tokens)}</div>\n'
-        '<div class="detail"></div>\n'
+        f'<div class="attn-host" id="{view_id}">\n<style>{viewer_asset("viewer.css")}</style>\n'
+        f'<pre class="attn-fallback">{html.escape("".join(tokens))}</pre>\n'
+        '<div class="attn-mount"></div>\n'
         f'<script class="attn-data" type="application/json">{_script_json(data)}</script>\n'
-        f"<script>{_JS.replace('ROOT', view_id)}</script>\n</div>\n"
+        f"<script>{viewer_asset('renderer.js')}</script>\n"
+        f"<script>AttnView.mount('{view_id}');</script>\n</div>\n"
     )
     if not full_page:
         return view
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n</head>\n<body>\n{view}</body>\n</html>\n"
+    )
+
+
+def viewer_page(title: str = "Attention tokens") -> str:
+    """The server's `/attention` page: the request form (app.html, app.js) and the renderer."""
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{viewer_asset('viewer.css')}</style>\n"
+        f"</head>\n<body>\n{viewer_asset('app.html')}"
+        f"<script>{viewer_asset('renderer.js')}</script>\n"
+        f"<script>{viewer_asset('app.js')}</script>\n</body>\n</html>\n"
     )
 
 

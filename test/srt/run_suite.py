@@ -53,6 +53,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_radix_cache.py", 10),
         TestFile("test_sampling.py", 20),
         TestFile("test_attention_viz.py", 5),
+        TestFile("test_attention_viewer.py", 75),
         TestFile("test_model_loader.py", 60),
         TestFile("test_quantized_checkpoints.py", 120),
         TestFile("test_hub_ids.py", 60),

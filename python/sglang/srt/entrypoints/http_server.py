@@ -7,7 +7,8 @@ and the startup sequence: start the
 children, serve HTTP at once (health answers 503), wait for the model, run the warm-up
 generation, then log how long each start-up phase took (startup_timing.py) and the ready line,
 and answer 200.
-OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present.
+OpenAI routes come from `sglang.srt.entrypoints.openai.api.register_openai_routes` when present,
+the attention viewer's (`GET /attention`, with --return-attention-tokens) from attention_viewer.py.
 If a child process dies or the model fails to load, the server stops with a non-zero exit code;
 how requests in flight end then, and on SIGTERM, is http_lifecycle.py's. Failed requests answer
 with the status their error carries (request_errors.py: 500, or 503 with Retry-After); a client
@@ -36,6 +37,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sglang.srt.entrypoints.attention_viewer import PAGE_PATH as VIEWER_PAGE_PATH
+from sglang.srt.entrypoints.attention_viewer import register_attention_viewer
 from sglang.srt.entrypoints.http_body import (
     BodyError,
     BodySizeLimit,
@@ -128,7 +131,11 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
 
         @app.middleware("http")
         async def _check_api_key(request: Request, call_next: Any) -> Any:
-            if not request.url.path.startswith("/health"):
+            # The viewer page holds no data; its own requests carry the key.
+            open_path = request.url.path.startswith("/health") or (
+                request.method == "GET" and request.url.path == VIEWER_PAGE_PATH
+            )
+            if not open_path:
                 if request.headers.get("authorization") != f"Bearer {args.api_key}":
                     body = error_body(
                         "Unauthorized: missing or wrong API key", 401, "AuthenticationError"
@@ -337,6 +344,7 @@ def build_app(state: ServerState, lifespan: Any = None) -> Any:
         register_openai_routes = None
     if register_openai_routes is not None:
         register_openai_routes(app, tm)
+        register_attention_viewer(app, tm, args)
     install_openapi(app)
     # Outermost, so an oversized body is refused before anything reads it.
     app.add_middleware(BodySizeLimit)

@@ -24,6 +24,8 @@ import torch
 from sgl_kernel.attention_scores import key_visible
 
 from sglang.srt.attention_capture.config import AttentionRequest
+from sglang.srt.attention_capture.prompt import PromptGroup, build_prompt_groups
+from sglang.srt.attention_capture.prompt_capture import PromptCapture, PromptResult
 from sglang.srt.attention_capture.heads import HeadPlan, aggregate_heads, plan_heads
 from sglang.srt.attention_capture.row_stats import row_stats, span_bounds, span_mass
 from sglang.srt.attention_capture.static import (
@@ -60,6 +62,8 @@ class CaptureSpec:
     batch_rows: list[int]
     requests: list[AttentionRequest]
     prompt_lens: list[int] = field(default_factory=list)
+    # attention_prompt_positions rows of this extend (prompt.py), scored by prompt_capture.py.
+    prompt: list[PromptGroup] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -98,9 +102,10 @@ def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:
         rows.append(i)
         options.append(opt)
         prompt_lens.append(len(req.origin_input_ids))
-    if not rows:
+    prompt = build_prompt_groups(reqs) if extend else []
+    if not rows and not prompt:
         return None
-    return CaptureSpec(rows, options, prompt_lens)
+    return CaptureSpec(rows, options, prompt_lens, prompt=prompt)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class CaptureResult:
     layer_head_excluded: Optional[torch.Tensor] = None
     span_mass: Optional[torch.Tensor] = None  # [R, S] mass of each row's spans (row_stats.py)
     stats: Optional[torch.Tensor] = None  # [R, 5] statistics, columns in config.STAT_NAMES order
+    prompt: Optional[list[PromptResult]] = None  # attention_prompt_positions rows (prompt.py)
 
 
 class AttentionCapture(StaticCaptureMixin):
@@ -163,6 +169,7 @@ class AttentionCapture(StaticCaptureMixin):
         self.layer_excluded = torch.zeros(num_cap, max_rows, dtype=f32, device=self.device)
         self.active = False
         self.spec: Optional[CaptureSpec] = None
+        self.prompt: Optional[PromptCapture] = None
         self.layer_wanted = [False] * num_layers
         nbytes = sum(
             t.numel() * t.element_size()
@@ -206,6 +213,13 @@ class AttentionCapture(StaticCaptureMixin):
     def begin(self, spec: CaptureSpec, fb: "ForwardBatch") -> None:
         """Per-forward indices for the capturing rows; zero their score rows."""
         num = spec.num_rows
+        self.prompt = (
+            PromptCapture(spec.prompt, fb, self.num_q_heads_total) if spec.prompt else None
+        )
+        if not num:  # an extend with prompt rows only
+            self.layer_wanted = [False] * len(self.slot_of_layer)
+            self.spec, self.active = spec, True
+            return
         if num > self.max_rows:
             raise RuntimeError(f"{num} capturing rows exceed the {self.max_rows} allocated")
         dev = self.device
@@ -261,6 +275,8 @@ class AttentionCapture(StaticCaptureMixin):
     def wants_layer(self, layer_id: int) -> bool:
         if self.graph_active:  # static mode: the graph's shape names the selected layers
             return layer_id in self.graph_shape.layers
+        if self.prompt is not None and self.active and self.prompt.wants(layer_id):
+            return True
         return self.active and self.layer_wanted[layer_id]
 
     def _allowed(self, window: int) -> torch.Tensor:
@@ -288,6 +304,10 @@ class AttentionCapture(StaticCaptureMixin):
         """
         if self.graph_active:
             return self.record_static(layer, q, lse, forward_batch)
+        if self.prompt is not None and self.prompt.wants(layer.layer_id):
+            self.prompt.record(layer, q, lse, forward_batch, score_scale(layer, forward_batch))
+            if not self.layer_wanted[layer.layer_id]:
+                return
         hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
         c = self.slot_of_layer[layer.layer_id]
@@ -399,11 +419,17 @@ class AttentionCapture(StaticCaptureMixin):
     def finish(self) -> CaptureResult:
         """All-reduce the rows over the TP group and rank them; ends the forward's capture."""
         spec, num = self.spec, self.spec.num_rows
+        prompt = self.prompt.finish() if self.prompt is not None else None
+        self.prompt = None
+        if not num:
+            empty = torch.empty(0, 0, device=self.device)
+            self.active, self.spec = False, None
+            return CaptureResult(spec, self.layers, empty, empty.long(), empty.sum(1), prompt=prompt)
         row = self.rows[:num, : self.max_kv]
         if get_tensor_model_parallel_world_size() > 1:
             row = tensor_model_parallel_all_reduce(row.contiguous())
         vals, idx, excl = self._rank(row)
-        result = CaptureResult(spec, self.layers, vals, idx, excl)
+        result = CaptureResult(spec, self.layers, vals, idx, excl, prompt=prompt)
         if spec.per_layer:
             result.layer_values = self.layer_values[:, :num, : self.k].clone()
             result.layer_indices = self.layer_indices[:, :num, : self.k].clone()
@@ -425,4 +451,4 @@ class AttentionCapture(StaticCaptureMixin):
 
     def abort(self) -> None:
         """Forget a forward that failed half-way."""
-        self.active, self.spec = False, None
+        self.active, self.spec, self.prompt = False, None, None

@@ -77,6 +77,8 @@ class AttentionRequest:
     head_aggregation: str = "mean"  # "mean" | "max" over `heads`, or "none" (a list per head)
     spans: tuple[tuple[str, int, int], ...] = ()  # (name, start, end) prompt ranges, end exclusive
     stats: bool = False  # entropy, sink/prompt/completion mass, mean distance per entry
+    # attention_prompt_positions, validated by prompt.py: prompt query positions, ascending.
+    prompt_positions: tuple[int, ...] = ()
 
     @property
     def per_layer(self) -> bool:

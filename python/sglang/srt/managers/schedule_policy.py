@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from sglang.srt.attention_capture import prompt as prompt_attention
 from sglang.srt.managers.schedule_batch import Req
 
 # Cap on how many future tokens one running request is assumed to still need.
@@ -37,6 +38,9 @@ class SchedulePolicy:
             limit = min(limit, max(req.logprob_start_len - 1, 0))
         if req.wants_prompt_hidden():
             limit = 0  # hidden states of the whole prompt are returned: compute all of it
+        first_asked = prompt_attention.prefix_limit(req)
+        if first_asked is not None:
+            limit = min(limit, first_asked)  # prompt attention rows need their queries
         match = self.tree_cache.match_prefix(tokens)
         indices = match.device_indices
         if len(indices) > limit:

@@ -103,7 +103,8 @@ def extract_report(response: Any, index: int = 0) -> Report:
 def merge_stream_chunks(chunks: Iterable[Any], index: int = 0) -> Report:
     """One report from streamed chunks (OpenAI chunk objects or dicts, native stream dicts).
 
-    Header fields come from whichever chunk carries them (the first, for OpenAI streams). Content
+    Header fields and `prompt_content` (sent once) come from whichever chunk carries them (the
+    first, for OpenAI streams). Content
     entries are keyed by generated position: a chunk whose content starts at or before the
     earliest position seen is a cumulative snapshot (as native streams of older servers sent)
     and replaces what was merged; otherwise its entries are appended (every stream of this
@@ -167,7 +168,7 @@ def _attended(entry: dict[str, Any]) -> list[dict[str, Any]]:
 def _seq_len(report: Report, prompt_tokens: Optional[list[str]]) -> int:
     content = report["content"]
     n = max(int(report.get("prompt_tokens") or 0) + len(content), len(prompt_tokens or []))
-    for entry in content:
+    for entry in [*content, *(report.get("prompt_content") or [])]:
         n = max(n, entry["position"] + 1)
     return n
 
@@ -183,7 +184,7 @@ def token_strings(
     """
     report = extract_report(report)
     known: dict[int, str] = {}
-    for entry in report["content"]:
+    for entry in [*report["content"], *(report.get("prompt_content") or [])]:
         known[entry["position"]] = entry.get("token", "")
         for att in _attended(entry):
             known.setdefault(att["position"], att.get("token", ""))
@@ -239,7 +240,9 @@ def to_bertviz(
 
     attention: one numpy float32 array per entry of `layer_labels(report)` (one for "mean"), each
     of shape (1, 1, seq, seq) — batch 1, one "head" holding the head mean. Row p-1 (the query that
-    produced the token at position p) holds that token's top-k scores; every other cell is 0.
+    produced the token at position p) holds that token's top-k scores, and with `prompt_content`
+    (attention_prompt_positions) row q holds prompt query q's, so a report asked with "all" fills
+    the whole prompt x completion picture; every other cell is 0.
     tokens: `token_strings(report, prompt_tokens)`, length seq. bertviz stacks torch tensors, so
     call `head_view([torch.from_numpy(a) for a in attention], tokens)`.
     """
@@ -253,8 +256,9 @@ def to_bertviz(
     attention = []
     for label in layer_labels(report):
         dense = np.zeros((1, 1, seq, seq), dtype=np.float32)
-        for entry in report["content"]:
-            row = entry["position"] - 1
+        queries = [(e["position"] - 1, e) for e in report["content"]]
+        queries += [(e["position"], e) for e in report.get("prompt_content") or []]
+        for row, entry in queries:
             for att in _tops(entry, label):
                 dense[0, 0, row, att["position"]] = att["score"]
         attention.append(dense)

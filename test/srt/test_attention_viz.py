@@ -455,3 +455,48 @@ def test_module_imports_with_standard_library_only() -> None:
         "assert m.to_rows(r) and m.render_html(r)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ----------------------------------------------------------------------------- prompt_content
+
+
+def with_prompt_content(report: dict[str, Any], k: int = 3) -> dict[str, Any]:
+    """`report` plus `prompt_content` for every prompt position ("all"), as the server sends it."""
+    tokens = PROMPT + COMPLETION
+    entries = []
+    for q, tok in enumerate(PROMPT):
+        rows = [_rows_for(layer, q + 1, 100 + q) for layer in LAYERS]  # query q sees 0..q
+        mean = [sum(r[j] for r in rows) / len(LAYERS) for j in range(q + 1)]
+        top, captured, _ = _top(mean, k, 0, tokens)
+        entries.append({"token": tok, "token_id": 1000 + q, "position": q,
+                        "captured_mass": captured, "top_attention": top})  # fmt: skip
+    # The last prompt position's query is the one that produced completion token 0: same list.
+    first = report["content"][0]
+    entries[-1].update(captured_mass=first["captured_mass"], top_attention=first["top_attention"])
+    return {**report, "prompt_content": entries}
+
+
+def test_bertviz_with_prompt_content_is_prompt_by_completion() -> None:
+    pytest.importorskip("numpy")
+    report = with_prompt_content(make_report(k=3))
+    (dense,), tokens = to_bertviz(report)  # token text from the report alone
+    seq = len(PROMPT) + len(COMPLETION)
+    assert tokens == PROMPT + COMPLETION and dense.shape == (1, 1, seq, seq)
+    for entry in report["prompt_content"]:
+        row = dense[0, 0, entry["position"]]
+        for a in entry["top_attention"]:
+            assert row[a["position"]] == pytest.approx(a["score"], abs=1e-7)
+        assert row.sum() == pytest.approx(entry["captured_mass"], abs=1e-6)
+        assert not row[entry["position"] + 1 :].any()  # causal
+    # Every query row but the last position's (which produces nothing) is filled.
+    assert all(dense[0, 0, r].any() for r in range(seq - 1)) and not dense[0, 0, seq - 1].any()
+
+
+def test_merge_keeps_prompt_content_sent_once() -> None:
+    report = with_prompt_content(make_report())
+    merged = merge_stream_chunks(openai_chunks(report, [2, 3, 1]))
+    assert merged == report
+    native = [{"text": "", "meta_info": {"attention_tokens": {**report, "content": part}}}
+              for part in (report["content"][:2], report["content"][2:])]  # fmt: skip
+    del native[1]["meta_info"]["attention_tokens"]["prompt_content"]
+    assert merge_stream_chunks(native) == report

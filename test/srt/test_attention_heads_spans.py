@@ -15,7 +15,6 @@ validation rule is a 400 naming the field.
 
 from __future__ import annotations
 
-import math
 import random
 
 import openai
@@ -25,6 +24,7 @@ import torch
 
 from sglang.attention_tokens import merge_stream_chunks
 from sglang.srt.attention_capture import AttentionRequest
+from sglang.srt.attention_capture.config import STAT_NAMES
 from sglang.test.attention_reference import assert_valid_topk
 from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint, make_tiny_text_model
 from sglang.test.test_utils import running_server
@@ -120,11 +120,24 @@ def options_for(prompt_len: int) -> list:
         AttentionRequest(top_k=5, layers=(0, 2), heads=(0, 2, 3), head_aggregation="max"),
         None,  # does not ask, in the same batches
         AttentionRequest(top_k=4, layers=(1, 2), heads=(0, 3), head_aggregation="none"),
-        AttentionRequest(top_k=3, layers=(0, 2), aggregation="none", heads=(1, 2),
-                         head_aggregation="none", exclude_sink=1),  # fmt: skip
+        AttentionRequest(
+            top_k=3,
+            layers=(0, 2),
+            aggregation="none",
+            heads=(1, 2),
+            head_aggregation="none",
+            exclude_sink=1,
+        ),  # fmt: skip
         AttentionRequest(top_k=5, layers=ALL, spans=spans, stats=True),
-        AttentionRequest(top_k=5, layers=(2,), aggregation="none", heads=(2,), spans=spans,
-                         stats=True, exclude_sink=2),  # fmt: skip
+        AttentionRequest(
+            top_k=5,
+            layers=(2,),
+            aggregation="none",
+            heads=(2,),
+            spans=spans,
+            stats=True,
+            exclude_sink=2,
+        ),  # fmt: skip
         AttentionRequest(top_k=6, layers=ALL),  # the plain head mean beside the others
     ]
 
@@ -201,3 +214,185 @@ def test_tp2_heads_and_spans(folder, hf) -> None:
             assert ids == ref.output_ids
             for t, rec in enumerate(records):
                 check_record(opt, rec, rows[t], len(prompt), f"TP rank {rank} req {i} token {t}")
+
+
+# ------------------------------------------------------------------ server routes and Engine
+
+TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat today"
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Name a colour of the sky."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "And grass?"},
+]
+SERVER_ARGS = ["--dtype", "float32", "--max-total-tokens", "4096", "--return-attention-tokens",
+               "--attention-capture-layers", "all", "--attention-tokens-top-k", "8",
+               "--chunked-prefill-size", "16"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def server(folder):
+    with running_server(folder, SERVER_ARGS) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def tok(folder):
+    from sglang.srt.hf_transformers_utils import get_tokenizer
+
+    return get_tokenizer(folder)
+
+
+def option_of(report: dict) -> AttentionRequest:
+    """The AttentionRequest a report says it was served with."""
+    spans = tuple((s["name"], s["start"], s["end"]) for s in report.get("spans") or ())
+    heads = report.get("heads")
+    return AttentionRequest(
+        top_k=report["top_k"], layers=tuple(report["layers"]),
+        aggregation=report["layer_aggregation"], exclude_sink=report["exclude_sink"],
+        heads=tuple(heads) if heads is not None else None,
+        head_aggregation=report["head_aggregation"], spans=spans,
+        stats=bool(report.get("stats")),
+    )  # fmt: skip
+
+
+def record_of(entry: dict, opt: AttentionRequest):
+    """An AttentionRecord from a content entry (what check_record takes)."""
+    from sglang.srt.attention_capture.records import AttentionRecord
+
+    def ranked(items, excluded):
+        return [x["position"] for x in items], [x["score"] for x in items], excluded or 0.0
+
+    excl = entry.get("excluded_mass")
+    rec = AttentionRecord([], [], 0.0)
+    if opt.per_head and opt.per_layer:
+        rec.layer_heads = {
+            int(layer): {int(h): ranked(items, (excl or {}).get(layer, {}).get(h))
+                         for h, items in v["heads"].items()}
+            for layer, v in entry["layers"].items()
+        }  # fmt: skip
+    elif opt.per_head:
+        rec.heads = {int(h): ranked(v, (excl or {}).get(h)) for h, v in entry["heads"].items()}
+    elif opt.per_layer:
+        rec.layers = {int(k): ranked(v, (excl or {}).get(k)) for k, v in entry["layers"].items()}
+    else:
+        rec.positions, rec.scores, rec.excluded_mass = ranked(entry["top_attention"], excl)
+    if opt.spans:
+        assert list(entry["span_mass"]) == [s[0] for s in opt.spans]
+        rec.span_mass = list(entry["span_mass"].values())
+    if opt.stats:
+        rec.stats = [entry[name] for name in STAT_NAMES]
+    return rec
+
+
+def check_report(report: dict, prompt_ids: list[int], hf: HFRunner, label: str) -> None:
+    opt = option_of(report)
+    content = report["content"]
+    assert report["prompt_tokens"] == len(prompt_ids)
+    ref, rows = hf.greedy_with_attention(prompt_ids, len(content), per_head=True)
+    assert [e["token_id"] for e in content] == ref.output_ids, f"{label}: tokens"
+    for t, entry in enumerate(content):
+        check_record(opt, record_of(entry, opt), rows[t], len(prompt_ids), f"{label} token {t}")
+
+
+GREEDY = {"max_new_tokens": STEPS, "temperature": 0.0, "ignore_eos": True}
+SPLIT = {"attention_heads": [0, 3], "attention_head_aggregation": "none",
+         "attention_layer_aggregation": "none", "attention_exclude_sink": 1}  # fmt: skip
+SPANS = {"attention_heads": [1, 2], "attention_spans": [{"name": "start", "start": 0, "end": 4},
+         {"name": "rest", "start": 4, "end": 12}], "attention_stats": True}  # fmt: skip
+
+
+def test_generate_chunked_and_prefix_hit(server, tok, hf):
+    ids = tok.encode(TEXT)
+    assert len(ids) > 16  # chunked prefill at 16
+    for fields in (SPLIT, SPANS, SPANS):  # the repeat hits the prefix cache
+        body = {"text": TEXT, "sampling_params": GREEDY, "return_attention_tokens": True, **fields}
+        out = requests.post(f"{server}/generate", json=body, timeout=120).json()
+        check_report(out["meta_info"]["attention_tokens"], ids, hf, f"/generate {list(fields)}")
+    assert out["meta_info"]["cached_tokens"] > 0
+
+
+def check_stream(chunks: list, full: dict, prompt_ids: list[int], hf: HFRunner) -> None:
+    """A streamed report: the non-streamed one's header and keys, its own check against HF (the
+    repeat's prefill is a prefix hit, so its numbers may differ from the first in rounding)."""
+    merged = merge_stream_chunks(chunks)
+    assert {k: v for k, v in merged.items() if k != "content"} == {
+        k: v for k, v in full.items() if k != "content"
+    }
+    assert [set(e) for e in merged["content"]] == [set(e) for e in full["content"]]
+    check_report(merged, prompt_ids, hf, "stream")
+
+
+def test_openai_routes_streaming_and_not(server, tok, hf):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    extra = {"return_attention_tokens": True, "attention_heads": [0, 2],
+             "attention_head_aggregation": "none", "ignore_eos": True}  # fmt: skip
+    kw = dict(model="m", prompt=TEXT, max_tokens=STEPS, temperature=0, extra_body=extra)
+    full = client.completions.create(**kw).choices[0].model_dump()["attention_tokens"]
+    check_report(full, tok.encode(TEXT), hf, "completions")
+    check_stream(list(client.completions.create(stream=True, **kw)), full, tok.encode(TEXT), hf)
+    extra = {"return_attention_tokens": True, "attention_spans": "messages",
+             "attention_stats": True, "ignore_eos": True}  # fmt: skip
+    kw = dict(model="m", messages=CHAT, max_tokens=STEPS, temperature=0, extra_body=extra)
+    full = client.chat.completions.create(**kw).choices[0].model_dump()["attention_tokens"]
+    text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tok.encode(text, add_special_tokens=False)
+    spans = full["spans"]
+    assert [s["name"] for s in spans] == ["0:system", "1:user", "2:assistant", "3:user"]
+    assert spans[0]["start"] == 0 and all(a["end"] == b["start"] for a, b in zip(spans, spans[1:]))
+    end_marker = tok.convert_tokens_to_ids("<|im_end|>")
+    assert all(prompt_ids[s["end"] - 2] == end_marker for s in spans)  # "<|im_end|>\n" ends each
+    assert spans[-1]["end"] < len(prompt_ids)  # the generation prompt is in no span
+    check_report(full, prompt_ids, hf, "chat")
+    check_stream(list(client.chat.completions.create(stream=True, **kw)), full, prompt_ids, hf)
+
+
+def test_engine(folder, hf, tok):
+    import sglang as sgl
+
+    engine = sgl.Engine(model_path=folder, dtype="float32", max_total_tokens=2048,
+                        return_attention_tokens=True, attention_capture_layers="all",
+                        attention_tokens_top_k=8)  # fmt: skip
+    try:
+        fields = {"attention_heads": [0, 1, 3], "attention_head_aggregation": "max"}
+        out = engine.generate(TEXT, GREEDY, return_attention_tokens=True, **fields)
+        check_report(out["meta_info"]["attention_tokens"], tok.encode(TEXT), hf, "Engine max")
+        out = engine.generate(TEXT, GREEDY, return_attention_tokens=True, **SPANS)
+        check_report(out["meta_info"]["attention_tokens"], tok.encode(TEXT), hf, "Engine spans")
+        with pytest.raises(ValueError, match="attention_heads"):
+            engine.generate(TEXT, GREEDY, return_attention_tokens=True, attention_heads=[4])
+    finally:
+        engine.shutdown()
+
+
+BAD = [
+    ({"attention_heads": [4]}, "attention_heads"),
+    ({"attention_heads": [-1]}, "attention_heads"),
+    ({"attention_heads": []}, "attention_heads"),
+    ({"attention_head_aggregation": "median"}, "attention_head_aggregation"),
+    (
+        {"attention_heads": [0], "attention_head_aggregation": "none", "attention_stats": True},
+        "attention_stats",
+    ),  # fmt: skip
+    (
+        {"attention_head_aggregation": "max", "attention_spans": SPANS["attention_spans"]},
+        "attention_spans",
+    ),  # fmt: skip
+    ({"attention_spans": [{"name": "x", "start": 3, "end": 999}]}, "attention_spans"),
+    ({"attention_spans": [{"name": "x", "start": 3, "end": 3}]}, "attention_spans"),
+    ({"attention_spans": [{"name": "x", "start": 0}]}, "attention_spans"),
+    ({"attention_spans": "messages"}, "attention_spans"),
+    ({"attention_stats": "yes"}, "attention_stats"),
+]
+
+
+def test_validation_is_400_naming_the_field(server):
+    for fields, name in BAD:
+        body = {"text": TEXT, "sampling_params": GREEDY, "return_attention_tokens": True, **fields}
+        resp = requests.post(f"{server}/generate", json=body, timeout=60)
+        assert resp.status_code == 400 and name in resp.json()["message"], (fields, resp.text)
+    for fields in ({"attention_stats": True}, {"attention_heads": [1]}):
+        resp = requests.post(f"{server}/v1/chat/completions", timeout=60,
+                             json={"model": "m", "messages": CHAT, "max_tokens": 2, **fields})  # fmt: skip
+        assert resp.status_code == 400 and "return_attention_tokens" in resp.json()["message"]
+    assert requests.get(f"{server}/health", timeout=30).status_code == 200

@@ -1,0 +1,193 @@
+"""Decode cost of the attention-token options against plain capture: CPU, batch 16.
+
+Each option of `option_fields` is a set of request fields (as a client sends them); every request of its
+batch carries them. One in-process engine (ModelRunner + Scheduler) per option, the same seeded
+prompts, decoding in lockstep with bench_attention_capture.py's method (step i of every option
+back to back, each `Scheduler.step()` timed with sampling, output processing and the capture's
+host copy; median over `--repeat` rounds). Targets (issue 14, item 8): stats and spans within 2 %
+of plain capture, 8 heads with aggregation "none" within 5 %.
+
+To add an option, add its name to OPTION_NAMES and its fields to `option_fields`; request fields other than the attention-token ones need
+their parser in `request_options` (where the tokenizer manager's validation is reproduced).
+Results go to `benchmark/results/attention_options_cpu.md` (command, machine, date, load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_attention_capture import finish_batch, prompts  # noqa: E402
+
+from sglang.srt.attention_capture.config import parse_attention_request  # noqa: E402
+from sglang.srt.managers.io_struct import ATTENTION_FIELDS  # noqa: E402
+from sglang.srt.managers.schedule_batch import Req  # noqa: E402
+from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
+from sglang.test.runners import SRTRunner  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "smollm2-135m-instruct"
+BASELINE = "plain capture"
+OPTION_NAMES = (BASELINE, "stats", "spans (4)", "8 heads, none")
+
+
+def option_fields(input_len: int) -> dict[str, dict[str, Any]]:
+    """Option name -> request fields of every request in its batch (prompts of input_len)."""
+    quarter = input_len // 4
+    spans = [{"name": f"q{i}", "start": quarter * i, "end": quarter * (i + 1)} for i in range(4)]
+    return {
+        BASELINE: {"return_attention_tokens": True},
+        "stats": {"return_attention_tokens": True, "attention_stats": True},
+        "spans (4)": {"return_attention_tokens": True, "attention_spans": spans},
+        "8 heads, none": {
+            "return_attention_tokens": True,
+            "attention_heads": list(range(8)),
+            "attention_head_aggregation": "none",
+        },
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--input-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=10)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--capture-layers", default="last", help="--attention-capture-layers")
+    p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), choices=OPTION_NAMES)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-write", action="store_true", help="Print only; do not write results.")
+    return p.parse_args()
+
+
+def request_options(runner: SRTRunner, fields: dict[str, Any], prompt_len: int) -> dict:
+    """Req keyword arguments for one request's fields, validated as the tokenizer manager does."""
+    from sglang.srt.attention_capture import resolve_capture_layers
+
+    mc = runner.model_runner.model_config
+    args = runner.server_args
+    attention = parse_attention_request(
+        {name: fields.get(name) for name in ATTENTION_FIELDS},
+        enabled=True,
+        max_top_k=int(args.attention_tokens_top_k),
+        captured_layers=resolve_capture_layers(args.attention_capture_layers, mc.num_hidden_layers),
+        num_layers=mc.num_hidden_layers,
+        num_heads=mc.num_attention_heads,
+        prompt_len=prompt_len,
+    )
+    return {"attention": attention}
+
+
+def start_batch(runner: SRTRunner, name: str, args: argparse.Namespace) -> None:
+    sched = runner.scheduler
+    for i, ids in enumerate(prompts(args.batch_size, args.input_len)):
+        params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        extra = request_options(runner, option_fields(args.input_len)[name], len(ids))
+        sched.add_request(Req(f"{name}-{i}-{time.time_ns()}", ids, params, **extra))
+    while len(sched.running_batch.reqs) < args.batch_size:
+        sched.step()
+
+
+def lockstep_round(runners: dict[str, SRTRunner], args: argparse.Namespace) -> dict[str, list]:
+    for name, runner in runners.items():
+        start_batch(runner, name, args)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.output_len - 2):  # the last step only finishes requests
+        for name, runner in runners.items():
+            begin = time.perf_counter()
+            runner.scheduler.step()
+            times[name].append(time.perf_counter() - begin)
+    for runner in runners.values():
+        finish_batch(runner)
+    return times
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    runners = {
+        name: SRTRunner(
+            args.model,
+            dtype=args.dtype,
+            max_total_tokens=16384,
+            random_seed=0,
+            return_attention_tokens=True,
+            attention_tokens_top_k=args.top_k,
+            attention_capture_layers=args.capture_layers,
+        )  # fmt: skip
+        for name in args.options
+    }
+    lockstep_round(runners, args)  # warm-up
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.repeat):
+        for name, times in lockstep_round(runners, args).items():
+            samples[name].extend(times)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def table(steps: dict[str, float], batch_size: int) -> str:
+    base = steps.get(BASELINE)
+    lines = [f"| option | decode step ms | tok/s | vs {BASELINE} |", "|---|---|---|---|"]
+    for name, step in steps.items():
+        vs = f"{(step / base - 1) * 100:+.1f} %" if base else "n/a"
+        lines.append(f"| {name} | {step * 1e3:.2f} | {batch_size / step:.1f} | {vs} |")
+    return "\n".join(lines)
+
+
+def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: tuple) -> None:
+    cpu = platform.processor() or platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
+    md = [
+        "# Attention-token options: decode cost on CPU against plain capture",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch "
+        f"{torch.__version__}, Python {platform.python_version()}",
+        f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "- Load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} "
+        "{:.2f}".format(*load_before, *load_after),
+        f"- Model: {args.model}, {args.dtype}, batch {args.batch_size}, input {args.input_len}, "
+        f"output {args.output_len}, k={args.top_k}, captured layers `{args.capture_layers}`; "
+        f"median decode step over {args.repeat} rounds, options decoding in lockstep "
+        "(in-process Scheduler.step, one engine per option).",
+        "- Targets (issue 14): stats and spans within 2 % of plain capture; 8 heads with "
+        "aggregation none within 5 %.",
+        "",
+        text,
+        "",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "attention_options_cpu.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def main() -> int:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+    steps = run(args)
+    text = table(steps, args.batch_size)
+    print(text)
+    if not args.no_write:
+        write(args, text, load_before, os.getloadavg())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

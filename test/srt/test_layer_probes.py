@@ -16,6 +16,7 @@ import base64
 
 import numpy as np
 import pytest
+import torch
 
 from sglang.srt.managers.layer_probes import ProbeRequest
 from sglang.srt.managers.schedule_batch import Req
@@ -90,6 +91,26 @@ def test_scheduler_batch_chunked_and_prefix_hit(tiny_path: str, hf: HFRunner) ->
     # The lens of the last layer is the model's own next-token distribution.
     greedy = [lens[0][0] for lens in record_lens(again, 2)]
     assert greedy == again.output_ids
+
+
+def test_retraction_keeps_one_record_per_token(tiny_path: str, hf: HFRunner) -> None:
+    """A KV pool too small for all four requests retracts one; its re-prefill (in chunks) gives
+    just the record of the token it stands in for."""
+    srt = SRTRunner(tiny_path, max_total_tokens=96, chunked_prefill_size=8)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (12, 9, 15, 10)]
+    probe = ProbeRequest(hidden_layers=(1,), lens_layers=(2,), top_n=3)
+    params = dict(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+    reqs = [Req(f"r{i}", p, SamplingParams(**params), probe=probe) for i, p in enumerate(prompts)]
+    for req in reqs:
+        srt.scheduler.add_request(req)
+    srt.scheduler.run_until_idle()
+    assert srt.scheduler.num_retractions > 0
+    for req, prompt in zip(reqs, prompts):
+        assert len(req.probe_records) == len(req.output_ids)
+        ref = reference(hf, prompt, req.output_ids)
+        check_hidden(record_rows(req, 1), ref[1])
+        check_lens(hf, record_lens(req, 2), ref[2], 3)
 
 
 def test_gemma2_softcap_lens(hf: HFRunner) -> None:

@@ -396,8 +396,11 @@ def fake_registry(monkeypatch):
     monkeypatch.setitem(sys.modules, "sglang.srt.models.registry", module)
 
 
-def test_get_model_loads_weights(fake_registry, tiny_model_dir):
+def test_get_model_loads_weights(fake_registry, tiny_model_dir, monkeypatch):
     folder, reference = tiny_model_dir
+    # The checkpoint layout: on CPU, bf16 weights would otherwise be packed for sgl_kernel's
+    # GEMM (test_cpu_bf16_gemm.py checks that route) and leave state_dict.
+    monkeypatch.setenv("SGLANG_CPU_WEIGHT_LAYOUT", "row")
     before = torch.get_default_dtype()
     model = get_model(
         model_config=ModelConfig(str(folder), dtype="bfloat16"),

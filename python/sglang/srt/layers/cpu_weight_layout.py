@@ -10,13 +10,24 @@ SmolLM2-135M, torch 2.13, a 2-core AVX-512 Xeon without bf16 instructions, idle
 (benchmark/results/cpu_weight_layout.md): the float32 decode step is 3-23 % faster at batch 1, 8
 and 32; bfloat16 was 4-16 % faster at batch 1 but 9-20 % slower at batch 32, so it stays row-major.
 
-`SGLANG_CPU_WEIGHT_LAYOUT=row` keeps the checkpoint layout (for A/B measurements).
+bfloat16 weights take another route when sgl_kernel's CPU bf16-weight GEMM can run here
+(sgl_kernel/cpu_gemm.py: x86-64 with AVX-512F and a C compiler): each dense weight, and the LM
+head, is packed once into that kernel's blocked layout and the kernel replaces F.linear. It widens
+bf16 to float32 in registers, so it streams half the bytes of a float32 weight at float32 speed,
+where PyTorch's bf16 GEMM on a CPU without native bf16 runs about 3x slower than float32 (idle
+A/B in benchmark/results/cpu_bf16_gemm.md). A packed linear layer frees its row-major weight
+(`weight` becomes an empty tensor); the LM head keeps it, because a tied head is also the
+embedding table. `SGLANG_CPU_BF16_GEMM=0` keeps PyTorch's bf16 matmul.
+
+`SGLANG_CPU_WEIGHT_LAYOUT=row` keeps the checkpoint layout and PyTorch's matmul for every dtype
+(for A/B measurements).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 import torch
 from torch import nn
@@ -56,3 +67,78 @@ def use_column_major_weights(model: nn.Module) -> int:
         moved += 1
     logger.debug("CPU weight layout: %d matmul weights stored column-major", moved)
     return moved
+
+
+class PackedBf16Weight(nn.Module):
+    """A bf16 `[N, K]` weight in sgl_kernel's blocked layout, with its bias in float32.
+
+    Held by a linear layer as `cpu_packed` (and by an LM head); its buffers count in the model's
+    weight bytes and follow `.to()`.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        super().__init__()
+        from sgl_kernel.cpu_gemm import pack_bf16
+
+        self.out_features = int(weight.shape[0])
+        self.register_buffer("packed", pack_bf16(weight.detach()), persistent=False)
+        bias_f32 = None if bias is None else bias.detach().float().contiguous()
+        self.register_buffer("bias_f32", bias_f32, persistent=False)
+        self._bias_ptr = None if bias is None else bias.data_ptr()
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        from sgl_kernel.cpu_gemm import linear_bf16w, linear_bf16w_op
+
+        if bias is not None:
+            own = self.bias_f32 is not None and bias.data_ptr() == self._bias_ptr
+            bias = self.bias_f32 if own else bias.float().contiguous()
+        if torch.compiler.is_compiling():
+            return linear_bf16w_op(x, self.packed, self.out_features, bias)
+        return linear_bf16w(x, self.packed, self.out_features, bias)
+
+
+def _lm_head(model: nn.Module) -> Optional[nn.Module]:
+    return getattr(model, getattr(model, "head_name", "lm_head"), None)
+
+
+def pack_bf16_weights(model: nn.Module) -> int:
+    """Give every dense bf16 linear layer and the LM head a packed weight; returns how many.
+
+    Does nothing (returns 0) when the kernel cannot run here or the layout is pinned to `row`.
+    """
+    from sglang.srt.layers.linear import LinearBase
+
+    if os.environ.get(LAYOUT_ENV, "column") == "row":
+        return 0
+    from sgl_kernel import cpu_gemm
+
+    def wants(module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return (
+            isinstance(weight, torch.Tensor)
+            and weight.dim() == 2
+            and weight.dtype == torch.bfloat16
+            and weight.device.type == "cpu"
+        )
+
+    linears = [m for m in model.modules() if isinstance(m, LinearBase) and m.quant_method is None]
+    linears = [m for m in linears if wants(m)]
+    head = _lm_head(model)
+    head = head if head is not None and wants(head) else None
+    if not (linears or head) or not cpu_gemm.available():
+        return 0
+    for module in linears:
+        module.cpu_packed = PackedBf16Weight(module.weight, module.bias)
+        # The packed copy is the only one read from now on: free the row-major one.
+        module.weight.data = torch.empty(0, dtype=module.weight.dtype)
+    if head is not None:
+        head.cpu_packed = PackedBf16Weight(head.weight, None)
+    count = len(linears) + (head is not None)
+    logger.info("CPU bf16-weight GEMM: %d matmul weights packed (sgl_kernel/cpu_gemm.py)", count)
+    return count
+
+
+def prepare_cpu_weights(model: nn.Module) -> None:
+    """The CPU layout step of loading: float32 weights column-major, bf16 weights packed."""
+    use_column_major_weights(model)
+    pack_bf16_weights(model)

@@ -57,10 +57,15 @@ class LinearBase(nn.Module):
         # Set by the loader for quantized checkpoints (layers/quantization/int4_linear.py): an
         # object whose `apply(x, bias)` replaces the dense matmul.
         self.quant_method: Optional[Any] = None
+        # Set on CPU for bf16 weights (layers/cpu_weight_layout.py): the weight in the blocked
+        # layout of sgl_kernel's bf16-weight GEMM, which then replaces F.linear.
+        self.cpu_packed: Optional[Any] = None
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(x, bias)
+        if self.cpu_packed is not None:
+            return self.cpu_packed.matmul(x, bias)
         return F.linear(x, self.weight, bias)
 
     def _make_params(self, out_features: int, in_features: int, bias: bool, loader) -> None:

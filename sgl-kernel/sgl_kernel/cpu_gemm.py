@@ -1,0 +1,192 @@
+"""CPU matmul with bfloat16 weights widened in registers (csrc/cpu_gemm_bf16.c), via ctypes.
+
+Owns building, loading and calling that C kernel. The source ships with the package; on first use
+it is compiled with the system C compiler (`$CC`, default `gcc`) into a cache folder
+(`$SGLANG_KERNEL_CACHE`, default `~/.cache/sglang/kernels`), keyed by a hash of the source and the
+flags, and reused after that (a compile takes about half a second). The flags name the instruction
+set (`-mavx512f -mfma`) rather than `-march=native`, so a cache on a home folder shared by several
+machines stays valid on each of them. OpenMP comes from the libgomp that PyTorch already loaded,
+so the kernel's threads are PyTorch's threads and the two never oversubscribe the cores.
+
+`available()` says whether the kernel can run here: x86-64 Linux with AVX-512F and FMA, and a
+compiler that built it. When it cannot, callers keep PyTorch's own matmul; the reason is logged
+once. Nothing here is imported by a CUDA server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm_bf16.c"
+CFLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared")
+CACHE_ENV = "SGLANG_KERNEL_CACHE"
+# Set to 0 to keep PyTorch's bf16 matmul (A/B measurements, or a suspected kernel problem).
+ENABLE_ENV = "SGLANG_CPU_BF16_GEMM"
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_reason: Optional[str] = None  # why the kernel is unavailable, once decided
+_P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "sglang", "kernels")
+    return Path(root)
+
+
+def _build(compiler: str) -> Path:
+    """Compile the source once per (source, flags, compiler); returns the shared library's path."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join((compiler,) + CFLAGS).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"sgl_cpu_gemm_bf16-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent ranks never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [compiler, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> Optional[ctypes.CDLL]:
+    global _lib, _reason
+    with _lock:
+        if _lib is not None or _reason is not None:
+            return _lib
+        if os.environ.get(ENABLE_ENV, "1") == "0":
+            _reason = f"{ENABLE_ENV}=0"
+        elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+            _reason = f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
+        elif not {"avx512f", "fma"} <= _cpu_flags():
+            _reason = "the CPU lacks AVX-512F or FMA"
+        else:
+            compiler = os.environ.get("CC", "gcc")
+            if shutil.which(compiler) is None:
+                _reason = f"no C compiler ({compiler}) to build it"
+            else:
+                try:
+                    # torch is imported above, so the kernel's libgomp.so.1 binds to torch's copy.
+                    lib = ctypes.CDLL(str(_build(compiler)))
+                    lib.sgl_cpu_pack_bf16.argtypes = [_P, _I, _I, _P, _C]
+                    lib.sgl_cpu_pack_bf16.restype = None
+                    lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
+                    lib.sgl_cpu_gemm_bf16w.restype = _C
+                    lib.sgl_cpu_gemm_block_cols.restype = _C
+                    _lib = lib
+                except (OSError, RuntimeError) as exc:
+                    _reason = f"build failed: {exc}"
+        if _lib is None:
+            logger.info("CPU bf16-weight GEMM kernel not used (%s): PyTorch's matmul runs", _reason)
+        return _lib
+
+
+def available() -> bool:
+    """True when the kernel is built and loadable on this machine."""
+    return _load() is not None
+
+
+def unavailable_reason() -> Optional[str]:
+    _load()
+    return _reason
+
+
+def block_cols() -> int:
+    lib = _load()
+    assert lib is not None, "the CPU bf16 GEMM kernel is not available"
+    return int(lib.sgl_cpu_gemm_block_cols())
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A `[N, K]` bf16 weight in the kernel's blocked layout (a flat tensor, N padded to blocks)."""
+    lib = _load()
+    assert lib is not None, "the CPU bf16 GEMM kernel is not available"
+    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError("pack_bf16 takes a 2-D bfloat16 CPU tensor")
+    w = weight.contiguous()
+    n, k = w.shape
+    nr = block_cols()
+    out = torch.empty(((n + nr - 1) // nr) * nr * k, dtype=torch.bfloat16)
+    lib.sgl_cpu_pack_bf16(w.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def linear_bf16w(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`x @ W.T + bias` for a packed bf16 `W` of `n` rows; x float32 or bfloat16, out the same.
+
+    `bias`, when given, must be a float32 tensor of `n` values.
+    """
+    lib = _lib if _lib is not None else _load()
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"linear_bf16w takes float32 or bfloat16 input, not {x2.dtype}")
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x2.dtype)
+    rc = lib.sgl_cpu_gemm_bf16w(
+        x2.data_ptr(),
+        x2.stride(0),
+        int(x2.dtype == torch.bfloat16),
+        m,
+        k,
+        packed.data_ptr(),
+        n,
+        None if bias is None else bias.data_ptr(),
+        y.data_ptr(),
+        int(y.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise MemoryError("cpu bf16 GEMM: could not allocate the float32 copy of the input")
+    return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("sgl_kernel::cpu_linear_bf16w", mutates_args=())
+def linear_bf16w_op(
+    x: torch.Tensor, packed: torch.Tensor, n: int, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """`linear_bf16w` as an opaque operator, for code that torch.compile traces."""
+    return linear_bf16w(x, packed, n, bias)
+
+
+@linear_bf16w_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], n)

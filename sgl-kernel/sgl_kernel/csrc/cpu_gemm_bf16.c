@@ -1,0 +1,177 @@
+/*
+ * CPU matmul with bfloat16 weights: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), float32 accumulation.
+ *
+ * Owned by sgl_kernel.cpu_gemm, which compiles this file on first use and calls it through ctypes.
+ * Why it exists: on x86 CPUs without native bf16 arithmetic (no AVX512_BF16 / AMX), PyTorch's bf16
+ * GEMM runs about 3x slower than its float32 GEMM at decode's row counts, while a bf16 weight is
+ * half the bytes to stream. This kernel widens each bf16 weight to float32 in registers (a bf16 is
+ * the top half of a float32) and multiplies in float32, so it reads bf16 bytes at float32 speed.
+ *
+ * Weight layout: packed once at load into blocks of NR output columns, [N/NR][K][NR] (the last
+ * block zero-padded), so the inner loop reads NR consecutive weights per k. The register tile is
+ * up to MR rows of x times NR columns: each k loads two vectors of weights and does 2*rows FMAs
+ * with x broadcast from memory. Rows are processed in chunks of MC so that a chunk of x stays in
+ * cache while every weight block streams past it once.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NR 32
+#define MR 8
+#define MC 64
+
+static inline __m512 load_bf16x16(const uint16_t *p) {
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* Round to nearest even, as PyTorch's float -> bfloat16 conversion; NaN stays NaN. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+int sgl_cpu_gemm_block_cols(void) { return NR; }
+
+/* W [N][K] row-major bf16 -> packed [ceil(N/NR)][K][NR]. */
+void sgl_cpu_pack_bf16(const uint16_t *w, int64_t n, int64_t k, uint16_t *out, int nthreads) {
+    int64_t nb = (n + NR - 1) / NR;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < nb; b++) {
+        uint16_t *o = out + b * k * NR;
+        for (int64_t j = 0; j < NR; j++) {
+            int64_t row = b * NR + j;
+            if (row < n) {
+                const uint16_t *src = w + row * k;
+                for (int64_t kk = 0; kk < k; kk++) o[kk * NR + j] = src[kk];
+            } else {
+                for (int64_t kk = 0; kk < k; kk++) o[kk * NR + j] = 0;
+            }
+        }
+    }
+}
+
+/* One register tile: rows x NR outputs into acc_out (rows * NR floats). */
+static inline __attribute__((always_inline)) void tile(
+    const float *x, int64_t ldx, int rows, int64_t k, const uint16_t *w, float *acc_out) {
+    __m512 a0[MR], a1[MR];
+    for (int r = 0; r < rows; r++) {
+        a0[r] = _mm512_setzero_ps();
+        a1[r] = _mm512_setzero_ps();
+    }
+    for (int64_t kk = 0; kk < k; kk++) {
+        __m512 w0 = load_bf16x16(w + kk * NR), w1 = load_bf16x16(w + kk * NR + 16);
+        for (int r = 0; r < rows; r++) {
+            __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+            a0[r] = _mm512_fmadd_ps(xv, w0, a0[r]);
+            a1[r] = _mm512_fmadd_ps(xv, w1, a1[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(acc_out + r * NR, a0[r]);
+        _mm512_storeu_ps(acc_out + r * NR + 16, a1[r]);
+    }
+}
+
+/* A single row has only two accumulator chains per k; four interleaved k keep the FMA units fed. */
+static void tile_one_row(const float *x, int64_t k, const uint16_t *w, float *acc_out) {
+    __m512 a[8];
+    for (int i = 0; i < 8; i++) a[i] = _mm512_setzero_ps();
+    int64_t kk = 0;
+    for (; kk + 4 <= k; kk += 4) {
+        for (int u = 0; u < 4; u++) {
+            __m512 xv = _mm512_set1_ps(x[kk + u]);
+            const uint16_t *wp = w + (kk + u) * NR;
+            a[2 * u] = _mm512_fmadd_ps(xv, load_bf16x16(wp), a[2 * u]);
+            a[2 * u + 1] = _mm512_fmadd_ps(xv, load_bf16x16(wp + 16), a[2 * u + 1]);
+        }
+    }
+    for (; kk < k; kk++) {
+        __m512 xv = _mm512_set1_ps(x[kk]);
+        a[0] = _mm512_fmadd_ps(xv, load_bf16x16(w + kk * NR), a[0]);
+        a[1] = _mm512_fmadd_ps(xv, load_bf16x16(w + kk * NR + 16), a[1]);
+    }
+    __m512 lo = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[4], a[6]));
+    __m512 hi = _mm512_add_ps(_mm512_add_ps(a[1], a[3]), _mm512_add_ps(a[5], a[7]));
+    _mm512_storeu_ps(acc_out, lo);
+    _mm512_storeu_ps(acc_out + 16, hi);
+}
+
+static void run_tile(const float *x, int64_t ldx, int rows, int64_t k, const uint16_t *w,
+                     float *acc) {
+    switch (rows) {
+        case 1: tile_one_row(x, k, w, acc); break;
+        case 2: tile(x, ldx, 2, k, w, acc); break;
+        case 3: tile(x, ldx, 3, k, w, acc); break;
+        case 4: tile(x, ldx, 4, k, w, acc); break;
+        case 5: tile(x, ldx, 5, k, w, acc); break;
+        case 6: tile(x, ldx, 6, k, w, acc); break;
+        case 7: tile(x, ldx, 7, k, w, acc); break;
+        default: tile(x, ldx, MR, k, w, acc); break;
+    }
+}
+
+/*
+ * x: [m][k] with row stride ldx, float32 (x_bf16 = 0) or bfloat16 (x_bf16 = 1).
+ * wp: packed weights of n outputs. bias: n floats or NULL.
+ * y: [m][n] contiguous, float32 (y_bf16 = 0) or bfloat16 (y_bf16 = 1).
+ * Returns 0, or -1 when the float32 copy of a bf16 x cannot be allocated.
+ */
+int sgl_cpu_gemm_bf16w(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k,
+                       const uint16_t *wp, int64_t n, const float *bias, void *y, int y_bf16,
+                       int nthreads) {
+    const float *xf = (const float *)x;
+    float *copy = NULL;
+    if (x_bf16) {
+        copy = (float *)malloc((size_t)(m * k) * sizeof(float));
+        if (!copy) return -1;
+        const uint16_t *xb = (const uint16_t *)x;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k > 65536)
+        for (int64_t i = 0; i < m; i++)
+            for (int64_t kk = 0; kk < k; kk++) copy[i * k + kk] = bf16_to_f32(xb[i * ldx + kk]);
+        xf = copy;
+        ldx = k;
+    }
+    int64_t nb = (n + NR - 1) / NR;
+#pragma omp parallel num_threads(nthreads)
+    for (int64_t m0 = 0; m0 < m; m0 += MC) {
+        int64_t mc = (m - m0) < MC ? (m - m0) : MC;
+        int64_t tiles = (mc + MR - 1) / MR;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < nb; b++) {
+            for (int64_t t = 0; t < tiles; t++) {
+                float acc[MR * NR];
+                int64_t r0 = m0 + t * MR;
+                int rows = (int)((m0 + mc - r0) < MR ? (m0 + mc - r0) : MR);
+                run_tile(xf + r0 * ldx, ldx, rows, k, wp + b * k * NR, acc);
+                int64_t c0 = b * NR;
+                int cols = (int)((n - c0) < NR ? (n - c0) : NR);
+                for (int r = 0; r < rows; r++) {
+                    const float *src = acc + r * NR;
+                    if (y_bf16) {
+                        uint16_t *dst = (uint16_t *)y + (r0 + r) * n + c0;
+                        for (int j = 0; j < cols; j++)
+                            dst[j] = f32_to_bf16(src[j] + (bias ? bias[c0 + j] : 0.0f));
+                    } else {
+                        float *dst = (float *)y + (r0 + r) * n + c0;
+                        for (int j = 0; j < cols; j++) dst[j] = src[j] + (bias ? bias[c0 + j] : 0.0f);
+                    }
+                }
+            }
+        }
+    }
+    free(copy);
+    return 0;
+}

@@ -88,6 +88,8 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_gpu_path_costs.py", 60),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 200, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_fp8.py", 90, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_fp8_checkpoints.py", 80),
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),
@@ -100,6 +102,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_cuda_graph_runner.py", 60),
         TestFile("test_triton_kernels.py", 30),
         TestFile("test_triton_backend.py", 60),
+        TestFile("test_triton_fp8.py", 30),
     ],
 }
 

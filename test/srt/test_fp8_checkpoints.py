@@ -7,7 +7,8 @@ FP8 with per-channel and per-tensor `weight_scale`. HF runs a twin folder holdin
 weights: greedy tokens identical, logprobs within 1e-4 on the dense path (weights dequantized at
 load), attention tokens a valid top-k of HF's rows. Checkpoint k/v scales with a float8 KV cache
 are checked against HF whose cache rounds K/V with the same per-layer scales. Also: the
-`--quantization` values, refusals, the start-up log and /get_model_info.
+`--quantization` values, refusals, the start-up log and the model's quantization info (what
+/get_model_info returns; test_hub_ids.py reads it from a server).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import json
 import logging
 
 import pytest
-import requests
 import torch
 from transformers import DynamicCache
 
@@ -32,7 +32,6 @@ from sglang.test.runners import (
     cpu_threads_hint,
     make_tiny_model,
 )
-from sglang.test.test_utils import running_server
 
 STEPS = 12
 PROMPTS = [[1, 5, 9, 33, 100, 7], [1, 400, 3, 3, 17], [1] + list(range(40, 75))]
@@ -126,6 +125,7 @@ def test_checkpoint_kv_scales_with_fp8_kv_cache(tiny, tmp_path, kv):
                     attention_tokens_top_k=8)  # fmt: skip
     layers = [m for m in srt.model_runner.model.modules() if isinstance(m, RadixAttention)]
     assert {m.layer_id: (m.k_scale, m.v_scale) for m in layers} == KV_SCALES
+    assert srt.model_runner.model.quant_info["kv_scales"] == "checkpoint"
     opt = AttentionRequest(top_k=8, layers=(0, 1, 2))
     reqs = [srt.make_req(p, 8, return_logprob=True, attention=opt, temperature=0.0,
                          ignore_eos=True) for p in PROMPTS]  # fmt: skip
@@ -191,17 +191,3 @@ def _check_refused(folder: str, change, message: str) -> None:
             ModelConfig(folder, device="cpu")
     finally:
         open(path, "w").write(original)
-
-
-def test_server_model_info(tiny, tmp_path):
-    """/get_model_info names the quantization, the matmul and the KV cache dtype."""
-    write_fp8(tiny, str(tmp_path / "q"), str(tmp_path / "r"), "fp8-block", block=(32, 32),
-              kv_scales=KV_SCALES)  # fmt: skip
-    args = ["--device", "cpu", "--dtype", "float32", "--max-total-tokens", "8192",
-            "--skip-tokenizer-init", "--quantization", "fp8", "--kv-cache-dtype", "fp8_e4m3"]  # fmt: skip
-    with running_server(str(tmp_path / "q"), args) as url:
-        info = requests.get(f"{url}/get_model_info", timeout=30).json()
-    quant = info["quantization"]
-    assert quant["method"] == "fp8" and quant["bits"] == 8 and quant["group_size"] == [32, 32]
-    assert quant["kernel"].startswith("dense") and quant["kv_scales"] == "checkpoint"
-    assert info["kv_cache_dtype"] == "float8_e4m3fn"

@@ -187,3 +187,8 @@ def test_server_with_hub_id_revision_and_awq(models, cache):
             info = requests.get(f"{url}/get_model_info", timeout=30).json()
     assert out["output_ids"] == ref
     assert info["model_path"] == REPO
+    # /get_model_info names the quantization, its matmul and the KV cache dtype.
+    quant = info["quantization"]
+    assert (quant["method"], quant["bits"], quant["group_size"]) == ("awq", 4, 32), quant
+    assert quant["kernel"].startswith("dequant") and "Marlin" in quant["kernel"], quant
+    assert quant["kv_scales"] == "1.0" and info["kv_cache_dtype"] == "float32"

@@ -93,7 +93,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),
-        TestFile("test_model_gateway.py", 90),
+        TestFile("test_model_gateway.py", 130),  # two smollm2-135m-instruct servers
         TestFile("test_model_gateway_units.py", 15),
         TestFile("test_structured_output.py", 120),
         TestFile("test_structured_output_scheduler.py", 60),

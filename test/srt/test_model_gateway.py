@@ -1,8 +1,8 @@
 """The router (sgl-model-gateway, module `sglang_router`) in front of two real servers.
 
-Two servers run a tiny random-weight Llama with SmolLM2's tokenizer (small KV pools), started
-with a router of their own by `python -m sglang_router.launch_server --dp-size 2`; each test
-starts its own router process (`python -m sglang_router.launch_router`) in front of them and
+Two servers run the default model, smollm2-135m-instruct (float32, KV pools of 4096 tokens),
+started with a router of their own by `python -m sglang_router.launch_server --dp-size 2`; each
+test starts its own router process (`python -m sglang_router.launch_router`) in front of them and
 drives it with `requests` and the official `openai` client:
 
 - every route, streaming and not, with attention tokens requested, answers what a worker answers
@@ -11,11 +11,13 @@ drives it with `requests` and the official `openai` client:
   `cached_tokens` prove it), round_robin splits them;
 - `/add_worker`, `/remove_worker` and the `/workers` REST form under load lose no request; a
   discovery file and `--api-key` work;
+- `--max-concurrent-requests 1 --queue-size 1`: a third request gets 429 while the first two
+  finish, and the router keeps serving;
 - a worker killed mid-run: its requests are retried on the other and succeed, it leaves the pool
   and rejoins after a restart (it restarts a shared server, so it runs next to last);
 - SIGTERM to `launch_server` stops its router and servers together (last).
 
-The router's parts, retries, the circuit breaker and the queue limit are tested in
+The router's parts, retries, the circuit breaker and the queue's 408 are tested in
 test_model_gateway_units.py. Run: python -m pytest -q test/srt/test_model_gateway.py
 """
 
@@ -39,8 +41,8 @@ import requests
 
 import sglang_router
 from sglang.test.router_utils import RouterProcess, running_router
-from sglang.test.runners import make_tiny_text_model
 from sglang.test.test_utils import (
+    DEFAULT_MODEL_NAME_FOR_TEST,
     DEFAULT_URL_FOR_TEST,
     descendants,
     find_free_port,
@@ -51,7 +53,7 @@ from sglang.test.test_utils import (
 
 SERVER_ARGS = [
     "--max-total-tokens",
-    "8192",
+    "4096",
     "--skip-server-warmup",
     "--dtype",
     "float32",
@@ -74,20 +76,15 @@ def test_installed_package_is_ours():
 # ----------------------------------------------------------------------------- real servers
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> str:
-    return make_tiny_text_model(str(tmp_path_factory.mktemp("tiny-llama")))
-
-
 class Servers:
     """The two workers, started with their own router by `python -m
     sglang_router.launch_server --dp-size 2`; `kill` and `restart` end one and bring it back on
     its port (outside the launcher's group)."""
 
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
+    def __init__(self, model: str) -> None:
+        self.model = model
         self.router = f"{DEFAULT_URL_FOR_TEST}:{find_free_port()}"
-        cmd = [sys.executable, "-m", "sglang_router.launch_server", "--model-path", folder]
+        cmd = [sys.executable, "-m", "sglang_router.launch_server", "--model-path", model]
         cmd += ["--dp-size", "2", "--host", "127.0.0.1", "--port", self.router.rsplit(":", 1)[1]]
         cmd += ["--router-dp-worker-base-port", str(find_free_port()), "--router-policy"]
         cmd += ["round_robin", "--router-prometheus-port", str(find_free_port())]
@@ -117,9 +114,7 @@ class Servers:
         kill_process_tree(self.server_pids[i])
 
     def restart(self, i: int) -> None:
-        self.restarted.append(
-            popen_launch_server(self.folder, self.urls[i], other_args=SERVER_ARGS)
-        )
+        self.restarted.append(popen_launch_server(self.model, self.urls[i], other_args=SERVER_ARGS))
 
     def stop(self) -> None:
         for proc in [self.launcher, *self.restarted]:
@@ -127,8 +122,8 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(folder) -> Iterator[Servers]:
-    s = Servers(folder)
+def servers() -> Iterator[Servers]:
+    s = Servers(DEFAULT_MODEL_NAME_FOR_TEST)
     try:
         yield s
     finally:
@@ -385,6 +380,33 @@ def test_discovery_file_and_api_key(servers, tmp_path):
         assert ok.status_code == 200 and ok.json()["meta_info"]["completion_tokens"] == 6
 
 
+def test_queue_limit_429_router_stays_up(servers):
+    args = ["--worker-urls", *servers.urls, "--max-concurrent-requests", "1"]
+    with running_router(*args, "--queue-size", "1", "--queue-timeout-secs", "300") as r:
+        # The one slot: a long stream, open until the 429 is seen, then dropped (the router
+        # aborts it on its worker and the slot passes to the queued request). The session and
+        # the line iterator are kept: dropping either would close the stream early.
+        client = requests.Session()
+        body = {"text": "Count with me", "stream": True}
+        body["sampling_params"] = {"max_new_tokens": 2048, "ignore_eos": True}
+        hold = client.post(f"{r.url}/generate", json=body, stream=True, timeout=300)
+        lines = hold.iter_lines()
+        assert next(lines).startswith(b"data: ")
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(_gen, r.url, 4)  # waits in the one queue place
+            deadline = time.monotonic() + 120
+            while r.metric("sgl_router_requests_total", route="/generate") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            full = _gen(r.url, 4)
+            assert full.status_code == 429 and "queue" in full.json()["message"]
+            hold.close()
+            assert queued.result().status_code == 200
+        assert _gen(r.url, 4).status_code == 200  # the router and its workers stay up
+        assert r.metric("sgl_router_queue_rejections_total", reason="queue_full") == 1
+        assert sum(_num_reqs(u) for u in servers.urls) == 0  # the dropped stream was aborted
+
+
 def test_killed_worker_retried_leaves_and_rejoins(servers):
     """Next to last: it kills and restarts the second server."""
     a, b = servers.urls
@@ -394,7 +416,7 @@ def test_killed_worker_retried_leaves_and_rejoins(servers):
         *args, "--retry-initial-backoff-ms", "20", "--retry-max-backoff-ms", "200"
     ) as r:
         with ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(_gen, r.url, 256) for _ in range(8)]
+            futures = [pool.submit(_gen, r.url, 64) for _ in range(8)]
             deadline = time.monotonic() + 60
             while _num_reqs(b) == 0 and time.monotonic() < deadline:
                 time.sleep(0.02)

@@ -36,6 +36,7 @@ ARTIFACTS = Path(
 QUESTION = "What is the capital of France? Answer in one word."
 K = 3
 MAX_TOKENS = 6
+LENS_N = 3
 WAIT_S = 120
 
 
@@ -153,7 +154,7 @@ def test_page_and_prompt_tokens(server: str) -> None:
     assert bad.status_code == 400 and "exactly one" in bad.json()["message"]
 
 
-def _api_report(server: str) -> dict[str, Any]:
+def _ask(server: str, **fields: Any) -> requests.Response:
     body = {
         "messages": [{"role": "user", "content": QUESTION}],
         "max_tokens": MAX_TOKENS,
@@ -162,8 +163,13 @@ def _api_report(server: str) -> dict[str, Any]:
         "attention_tokens_top_k": K,
         "attention_layers": [0, 1],
         "attention_layer_aggregation": "none",
+        **fields,
     }
-    reply = requests.post(f"{server}/v1/chat/completions", json=body, timeout=120)
+    return requests.post(f"{server}/v1/chat/completions", json=body, timeout=120)
+
+
+def _api_report(server: str, **fields: Any) -> dict[str, Any]:
+    reply = _ask(server, **fields)
     assert reply.status_code == 200, reply.text
     return reply.json()["choices"][0]["attention_tokens"]
 
@@ -182,12 +188,16 @@ def test_live_page(server: str, browser: Any, tmp_path: Path) -> None:
         field.clear()
         field.send_keys(str(value))
     form.find_element(By.NAME, "attention_layers").send_keys("0,1")
+    form.find_element(By.NAME, "logit_lens").send_keys("0,1")
+    lens_n = form.find_element(By.NAME, "logit_lens_top_n")
+    lens_n.clear()
+    lens_n.send_keys(str(LENS_N))
     _select(driver, "select[name=attention_layer_aggregation]", "none")
     driver.find_element(By.ID, "attn-run").click()
     phase = _wait(driver, "const p = document.body.dataset.phase; return p !== 'running' && p")
     assert phase == "done", driver.find_element(By.ID, "attn-error").text
     held = driver.execute_script("return window.attnState.report")
-    api = _api_report(server)
+    api = _api_report(server, logit_lens={"layers": [0, 1], "top_n": LENS_N})
     assert [e["token_id"] for e in held["content"]] == [e["token_id"] for e in api["content"]]
     assert len(api["content"]) == MAX_TOKENS
 
@@ -200,6 +210,12 @@ def test_live_page(server: str, browser: Any, tmp_path: Path) -> None:
     assert _highlighted(driver) == _positions(api["content"][3]["layers"]["1"])
     rows = driver.find_elements(By.CSS_SELECTOR, ".detail table.topk tr")
     assert len(rows) == K + 1
+    # The logit-lens table: one row per lens layer, the API's top tokens in order.
+    lens_rows = driver.find_elements(By.CSS_SELECTOR, ".detail table.lens tr")[1:]
+    lens = api["content"][3]["logit_lens"]
+    assert [r.find_element(By.TAG_NAME, "td").text for r in lens_rows] == sorted(lens, key=int)
+    shown = lens_rows[1].find_elements(By.TAG_NAME, "code")
+    assert [json.loads(c.text) for c in shown] == [c["token"] for c in lens["1"]]
     # The prompt shows as its own tokens (POST /attention/tokens), none as a placeholder.
     assert not driver.find_elements(By.CSS_SELECTOR, ".tok.unk")
     shot = _screenshot(driver, "attention_viewer_live.png")
@@ -237,22 +253,40 @@ def _read_when_written(path: Path) -> dict[str, Any]:
     raise AssertionError(f"the page's Save wrote no {path}")
 
 
+def _per_head_report(server: str) -> dict[str, Any]:
+    """Per-layer, per-head lists (head aggregation "none") from the server; where it does not
+    take attention_heads yet, the same shape built from its per-layer lists."""
+    fields = {"attention_heads": [0, 1], "attention_head_aggregation": "none"}
+    reply = _ask(server, **fields)
+    if reply.status_code == 200:
+        return reply.json()["choices"][0]["attention_tokens"]
+    print(f"per-head lists built by hand: the server refused them ({reply.text[:200]})")
+    report = _api_report(server)
+    for entry in report["content"]:
+        lists = entry.pop("layers")
+        entry["layers"] = {la: {"heads": {"0": lists["0"], "1": lists["1"]}} for la in lists}
+        entry["captured_mass"] = {la: {"0": 0.0, "1": 0.0} for la in lists}
+    return {**report, "heads": [0, 1], "head_aggregation": "none"}
+
+
 def test_saved_html_with_heads(server: str, browser: Any, tmp_path: Path) -> None:
-    """A save_html file renders with the same renderer; heads get a selector."""
+    """A save_html file renders with the same renderer; per-head lists get a head selector."""
     from selenium.webdriver.common.by import By
 
-    report = _api_report(server)
-    # Per-head lists in the issue's format (`"heads": {"<h>": [...]}`), taken from the per-layer
-    # lists so each head's expected highlight is known.
-    for entry in report["content"]:
-        entry["heads"] = {"0": entry["layers"]["0"], "3": entry["layers"]["1"]}
+    report = _per_head_report(server)
     page = save_html(report, tmp_path / "saved.html")
     browser.get(page.as_uri())
     _wait(browser, "return document.querySelectorAll('.tok.gen').length > 0")
     assert not browser.find_elements(By.CSS_SELECTOR, ".attn-fallback")
-    _select(browser, "select.head", "3")
-    lit = _hover(browser, '.tok.gen[data-gen="1"]')
-    assert lit == _positions(report["content"][1]["layers"]["1"])
-    _select(browser, "select.head", "0")
-    assert _highlighted(browser) == _positions(report["content"][1]["layers"]["0"])
+    heads = [
+        o.get_attribute("value")
+        for o in browser.find_elements(By.CSS_SELECTOR, "select.head option")
+    ]
+    assert heads == ["0", "1"]  # no aggregate with "none"
+    entry = report["content"][1]
+    for layer, head in (("1", "1"), ("1", "0"), ("0", "1")):
+        _select(browser, "select.layer", layer)
+        _select(browser, "select.head", head)
+        lit = _hover(browser, '.tok.gen[data-gen="1"]')
+        assert lit == _positions(entry["layers"][layer]["heads"][head])
     _screenshot(browser, "attention_viewer_saved.png")

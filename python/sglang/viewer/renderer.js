@@ -61,26 +61,26 @@
   function allEntries(report) {
     return (report.prompt_content || []).concat(report.content || []);
   }
-  // A layer's value of a per-layer-able field: a plain value, or a dict keyed by layer.
-  function atLayer(value, label, labels) {
-    if (value == null) return null;
-    if (label !== "mean" && typeof value === "object" && !Array.isArray(value)) {
-      var lk = keys(value);
-      if (lk.length && lk.every(function (k) { return labels.indexOf(k) >= 0; })) return value[label];
-    }
+  // A mass for the selected layer and head: a number, or dicts keyed by layer (per-layer
+  // reports), then by head (head aggregation "none").
+  function massAt(value, label, head) {
+    if (value != null && typeof value === "object" && label !== "mean") value = value[label];
+    if (value != null && typeof value === "object") value = head === "all" ? null : value[head];
     return value;
   }
-  // The heads listed by an entry, for one layer: entry.heads {h: list | {layer: list}} or, per
-  // layer, entry.layers[L] = {top_attention, heads}.
+  // The per-head lists of an entry for one layer: entry.heads {h: list} (layers averaged) or
+  // entry.layers[L].heads (per layer).
   function headsOf(entry, label) {
-    if (label !== "mean" && entry.layers && entry.layers[label] && !Array.isArray(entry.layers[label]))
-      return entry.layers[label].heads || null;
-    var h = entry.heads;
-    if (!h) return null;
-    if (label === "mean") return h;
-    var out = {};
-    keys(h).forEach(function (k) { out[k] = Array.isArray(h[k]) ? h[k] : h[k][label]; });
-    return out;
+    if (label === "mean") return entry.heads || null;
+    var v = (entry.layers || {})[label];
+    return v && !Array.isArray(v) ? v.heads || null : null;
+  }
+  // Whether entries carry head-aggregated lists (not only per-head ones).
+  function hasAggregate(report) {
+    return allEntries(report).some(function (e) {
+      if (e.top_attention) return true;
+      return keys(e.layers).some(function (l) { return Array.isArray(e.layers[l]); });
+    });
   }
   function headLabels(report, labels) {
     var seen = {};
@@ -96,8 +96,7 @@
     }
     if (label === "mean") return entry.top_attention || [];
     var v = (entry.layers || {})[label];
-    if (v && !Array.isArray(v)) return v.top_attention || [];
-    return v || [];
+    return Array.isArray(v) ? v : [];
   }
   function tokenTexts(report, given) {
     var known = {}, n = (report.prompt_tokens || 0) + (report.content || []).length;
@@ -107,13 +106,10 @@
       var lists = [e.top_attention || []];
       keys(e.layers).forEach(function (l) {
         var v = e.layers[l];
-        lists.push(Array.isArray(v) ? v : (v && v.top_attention) || []);
-      });
-      keys(e.heads).forEach(function (h) {
-        var v = e.heads[h];
         if (Array.isArray(v)) lists.push(v);
-        else keys(v).forEach(function (l) { lists.push(v[l]); });
+        else keys(v && v.heads).forEach(function (h) { lists.push(v.heads[h]); });
       });
+      keys(e.heads).forEach(function (h) { lists.push(e.heads[h]); });
       lists.forEach(function (list) {
         list.forEach(function (a) {
           if (!(a.position in known) && a.token != null) known[a.position] = a.token;
@@ -149,7 +145,8 @@
     this.labels = layerLabels(report);
     if (this.labels.indexOf(this.layer) < 0) this.layer = this.labels[0];
     this.heads = headLabels(report, this.labels);
-    if (this.head !== "all" && this.heads.indexOf(this.head) < 0) this.head = "all";
+    this.headChoices = (hasAggregate(report) || !this.heads.length ? ["all"] : []).concat(this.heads);
+    if (this.headChoices.indexOf(this.head) < 0) this.head = this.headChoices[0];
     this.tokens = tokenTexts(report, doc.tokens);
     if (this.pinned === null && (report.content || []).length) this.pinned = { kind: "gen", i: 0 };
     this.draw();
@@ -171,7 +168,8 @@
       "head aggregation=" + (r.head_aggregation || "mean"),
       "prompt tokens=" + r.prompt_tokens, "generated tokens=" + (r.content || []).length
     ];
-    if (r.attention_heads || r.heads) meta.push("heads=" + JSON.stringify(r.attention_heads || r.heads));
+    if (r.heads) meta.push("heads=" + JSON.stringify(r.heads));
+    if (r.spans) meta.push("spans=" + r.spans.map(function (s) { return s.name + " [" + s.start + ", " + s.end + ")"; }).join(", "));
     if (r.exclude_sink) meta.push("positions < " + r.exclude_sink + " excluded from the ranking");
     root.appendChild(el("div", "meta", meta.join(" \u00b7 ")));
 
@@ -180,7 +178,7 @@
       return l === "mean" ? "mean of " + JSON.stringify(r.layers) : "layer " + l;
     }, function (v) { self.layer = v; self.show(); });
     if (this.heads.length) {
-      this.headSel = this.select(controls, "head", "Head", ["all"].concat(this.heads), this.head,
+      this.headSel = this.select(controls, "head", "Head", this.headChoices, this.head,
         function (h) { return h === "all" ? "aggregate (" + (r.head_aggregation || "mean") + ")" : "head " + h; },
         function (v) { self.head = v; self.show(); });
     } else {
@@ -265,11 +263,11 @@
     if (this.byPos[e.position]) this.byPos[e.position].classList.add("sel");
     if (this.byPos[query] && query !== e.position) this.byPos[query].classList.add("query");
 
-    var labels = this.labels, h = "<b>" + (sel.kind === "gen" ? "#" + sel.i + " " : "prompt ") +
+    var h = "<b>" + (sel.kind === "gen" ? "#" + sel.i + " " : "prompt ") +
       esc(JSON.stringify(e.token)) + "</b> at position " + e.position + " (query position " + query +
       "), layer <b>" + esc(L) + "</b>" + (this.head === "all" ? "" : ", head <b>" + esc(this.head) + "</b>");
-    var cm = atLayer(e.captured_mass, L, labels), xm = atLayer(e.excluded_mass, L, labels);
-    if (cm != null && this.head === "all") h += ", captured mass " + fmt(cm);
+    var cm = massAt(e.captured_mass, L, this.head), xm = massAt(e.excluded_mass, L, this.head);
+    if (cm != null) h += ", captured mass " + fmt(cm);
     if (xm != null) h += ", excluded mass (positions &lt; " + this.report.exclude_sink + ") " + fmt(xm);
     h += '<table class="topk"><tr><th>rank</th><th>position</th><th>token</th><th>source</th>' +
       "<th>score</th><th></th></tr>";
@@ -284,8 +282,8 @@
     });
     h += "</table>";
 
-    var spans = atLayer(e.span_mass, L, labels);
-    if (spans && keys(spans).length) {
+    var spans = e.span_mass;
+    if (keys(spans).length) {
       h += '<h3>Span mass</h3><table class="spans">';
       keys(spans).forEach(function (name) {
         var m = spans[name];
@@ -298,7 +296,7 @@
     if (stats.length) {
       h += '<h3>Statistics</h3><table class="stats">';
       stats.forEach(function (s) {
-        h += "<tr><td>" + s[1] + '</td><td class="num">' + fmt(atLayer(e[s[0]], L, labels)) + "</td></tr>";
+        h += "<tr><td>" + s[1] + '</td><td class="num">' + fmt(e[s[0]]) + "</td></tr>";
       });
       h += "</table>";
     }

@@ -5,7 +5,7 @@ batch carries them. One in-process engine (ModelRunner + Scheduler) per option, 
 prompts, decoding in lockstep with bench_attention_capture.py's method (step i of every option
 back to back, each `Scheduler.step()` timed with sampling, output processing and the capture's
 host copy; median over `--repeat` rounds). Targets (issue 14, item 8): stats and spans within 2 %
-of plain capture, 8 heads with aggregation "none" within 5 %.
+of plain capture, 8 heads with aggregation "none" within 5 %, logit lens on 4 layers within 10 %.
 
 To add an option, add its name to OPTION_NAMES and its fields to `option_fields`; request fields other than the attention-token ones need
 their parser in `request_options` (where the tokenizer manager's validation is reproduced).
@@ -32,6 +32,7 @@ from bench_attention_capture import finish_batch, prompts  # noqa: E402
 
 from sglang.srt.attention_capture.config import parse_attention_request  # noqa: E402
 from sglang.srt.managers.io_struct import ATTENTION_FIELDS  # noqa: E402
+from sglang.srt.managers.layer_probes import PROBE_FIELDS, parse_probe_request  # noqa: E402
 from sglang.srt.managers.schedule_batch import Req  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
 from sglang.test.runners import SRTRunner  # noqa: E402
@@ -39,7 +40,8 @@ from sglang.test.runners import SRTRunner  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m-instruct"
 BASELINE = "plain capture"
-OPTION_NAMES = (BASELINE, "stats", "spans (4)", "8 heads, none")
+LENS = "logit lens (4 layers)"
+OPTION_NAMES = (BASELINE, "stats", "spans (4)", "8 heads, none", LENS)
 
 
 def option_fields(input_len: int) -> dict[str, dict[str, Any]]:
@@ -55,6 +57,8 @@ def option_fields(input_len: int) -> dict[str, dict[str, Any]]:
             "attention_heads": list(range(8)),
             "attention_head_aggregation": "none",
         },
+        # Four layers spread from the top (valid for models of 22 layers or more).
+        LENS: {"return_attention_tokens": True, "logit_lens": {"layers": [-22, -15, -8, -1]}},
     }
 
 
@@ -74,7 +78,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def request_options(runner: SRTRunner, fields: dict[str, Any], prompt_len: int) -> dict:
+def request_options(
+    runner: SRTRunner, fields: dict[str, Any], prompt_len: int, max_new_tokens: int
+) -> dict:
     """Req keyword arguments for one request's fields, validated as the tokenizer manager does."""
     from sglang.srt.attention_capture import resolve_capture_layers
 
@@ -89,14 +95,22 @@ def request_options(runner: SRTRunner, fields: dict[str, Any], prompt_len: int) 
         num_heads=mc.num_attention_heads,
         prompt_len=prompt_len,
     )
-    return {"attention": attention}
+    probe = parse_probe_request(
+        {name: fields.get(name) for name in PROBE_FIELDS},
+        num_layers=mc.num_hidden_layers,
+        hidden_size=mc.hidden_size,
+        max_new_tokens=max_new_tokens,
+        max_bytes=int(args.hidden_states_max_bytes),
+    )
+    return {"attention": attention, "probe": probe}
 
 
 def start_batch(runner: SRTRunner, name: str, args: argparse.Namespace) -> None:
     sched = runner.scheduler
     for i, ids in enumerate(prompts(args.batch_size, args.input_len)):
         params = SamplingParams(max_new_tokens=args.output_len, temperature=0.0, ignore_eos=True)
-        extra = request_options(runner, option_fields(args.input_len)[name], len(ids))
+        fields = option_fields(args.input_len)[name]
+        extra = request_options(runner, fields, len(ids), args.output_len)
         sched.add_request(Req(f"{name}-{i}-{time.time_ns()}", ids, params, **extra))
     while len(sched.running_batch.reqs) < args.batch_size:
         sched.step()
@@ -167,7 +181,7 @@ def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: t
         f"median decode step over {args.repeat} rounds, options decoding in lockstep "
         "(in-process Scheduler.step, one engine per option).",
         "- Targets (issue 14): stats and spans within 2 % of plain capture; 8 heads with "
-        "aggregation none within 5 %.",
+        "aggregation none within 5 %; logit lens on 4 layers within 10 %.",
         "",
         text,
         "",

@@ -151,18 +151,23 @@ def layer_labels(report: Any) -> list[LayerLabel]:
     return sorted(labels)
 
 
-def _tops(entry: dict[str, Any], label: LayerLabel) -> list[dict[str, Any]]:
-    if label == "mean":
-        return entry.get("top_attention") or []
-    return (entry.get("layers") or {}).get(str(label)) or []
+def _head_lists(entry: dict[str, Any], label: LayerLabel) -> list[tuple[Optional[int], list]]:
+    """(head, top-k list) pairs of an entry for one layer label: the head id of each per-head
+    list (attention_head_aggregation "none"), else one pair with head None."""
+    value: Any = entry.get("heads") or entry.get("top_attention")
+    if label != "mean":
+        value = (entry.get("layers") or {}).get(str(label))
+        if isinstance(value, dict):
+            value = value.get("heads")
+    if isinstance(value, dict):
+        return [(int(h), tops) for h, tops in value.items()]
+    return [(None, value or [])]
 
 
 def _attended(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """Every attended-token dict of an entry, over all its lists."""
-    out = list(entry.get("top_attention") or [])
-    for tops in (entry.get("layers") or {}).values():
-        out.extend(tops)
-    return out
+    labels: list[LayerLabel] = ["mean", *(int(k) for k in entry.get("layers") or {})]
+    return [att for label in labels for _, tops in _head_lists(entry, label) for att in tops]
 
 
 def _seq_len(report: Report, prompt_tokens: Optional[list[str]]) -> int:
@@ -200,18 +205,22 @@ def token_strings(
 
 
 def to_rows(report: Any) -> list[dict[str, Any]]:
-    """One flat dict per (generated token, layer, attended token), ready for pandas or csv.
+    """One flat dict per (generated token, layer, head list, attended token), for pandas or csv.
 
     Keys: gen_index (0-based index in the completion), gen_position, gen_token, gen_token_id,
-    layer ("mean" or the layer number), rank (1 = highest score), position, token, token_id,
+    layer ("mean" or the layer number), head (the head id of a per-head list, else the report's
+    head aggregation, "mean" or "max"), rank (1 = highest score), position, token, token_id,
     source ("prompt" or "completion") and score.
     """
     report = extract_report(report)
     labels = layer_labels(report)
+    aggregation = report.get("head_aggregation") or "mean"
     rows = []
     for gen_index, entry in enumerate(report["content"]):
-        for label in labels:
-            for rank, att in enumerate(_tops(entry, label), start=1):
+        for label, (head, tops) in (
+            (label, pair) for label in labels for pair in _head_lists(entry, label)
+        ):
+            for rank, att in enumerate(tops, start=1):
                 rows.append(
                     {
                         "gen_index": gen_index,
@@ -219,6 +228,7 @@ def to_rows(report: Any) -> list[dict[str, Any]]:
                         "gen_token": entry.get("token"),
                         "gen_token_id": entry.get("token_id"),
                         "layer": label,
+                        "head": aggregation if head is None else head,
                         "rank": rank,
                         "position": att["position"],
                         "token": att.get("token"),
@@ -239,7 +249,8 @@ def to_bertviz(
     """(attention, tokens) in the layout of bertviz `head_view` / `model_view`.
 
     attention: one numpy float32 array per entry of `layer_labels(report)` (one for "mean"), each
-    of shape (1, 1, seq, seq) — batch 1, one "head" holding the head mean. Row p-1 (the query that
+    of shape (1, heads, seq, seq) — batch 1, one "head" holding the head mean (or maximum), or
+    with attention_head_aggregation "none" one per chosen head (`report["heads"]`). Row p-1 (the query that
     produced the token at position p) holds that token's top-k scores, and with `prompt_content`
     (attention_prompt_positions) row q holds prompt query q's, so a report asked with "all" fills
     the whole prompt x completion picture; every other cell is 0.
@@ -254,13 +265,16 @@ def to_bertviz(
     tokens = token_strings(report, prompt_tokens)
     seq = len(tokens)
     attention = []
+    split = report.get("head_aggregation") == "none"
+    slot = {h: i for i, h in enumerate(report.get("heads") or [])} if split else {}
     for label in layer_labels(report):
-        dense = np.zeros((1, 1, seq, seq), dtype=np.float32)
+        dense = np.zeros((1, max(len(slot), 1), seq, seq), dtype=np.float32)
         queries = [(e["position"] - 1, e) for e in report["content"]]
         queries += [(e["position"], e) for e in report.get("prompt_content") or []]
         for row, entry in queries:
-            for att in _tops(entry, label):
-                dense[0, 0, row, att["position"]] = att["score"]
+            for head, tops in _head_lists(entry, label):
+                for att in tops:
+                    dense[0, slot.get(head, 0), row, att["position"]] = att["score"]
         attention.append(dense)
     return attention, tokens
 

@@ -49,6 +49,10 @@ if triton_available():
         Weights,
         Rows,
         LayerRows,
+        HeadW,
+        HeadSlot,
+        HeadRows,
+        MaxRows,
         sm_scale,
         num_heads_total,
         window,
@@ -61,6 +65,10 @@ if triton_available():
         stride_w,
         stride_rows,
         stride_lrows,
+        stride_hw,
+        stride_hrows_r,
+        stride_hrows_s,
+        stride_mrows,
         HKV: tl.constexpr,
         GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr,
@@ -71,6 +79,9 @@ if triton_available():
         DOT_DTYPE: tl.constexpr,
         ACCUMULATE: tl.constexpr,
         WRITE_LAYER: tl.constexpr,
+        HEAD_WEIGHTS: tl.constexpr,
+        WRITE_HEADS: tl.constexpr,
+        WRITE_MAX: tl.constexpr,
         LOGIT_CAP: tl.constexpr,
     ):
         r = tl.program_id(0)
@@ -79,7 +90,7 @@ if triton_available():
         weight = tl.load(Weights + r * stride_w)
         seq_len = tl.load(SeqLens + r).to(tl.int32)
         active = on & (n0 < seq_len)
-        if ACCUMULATE and not WRITE_LAYER:
+        if ACCUMULATE and not (WRITE_LAYER or WRITE_HEADS or WRITE_MAX):
             active = active & (weight != 0.0)
         if active:
             row = tl.load(ReqPoolIdx + r).to(tl.int64)
@@ -92,7 +103,9 @@ if triton_available():
             h_mask = offs_h < GROUP
             offs_d = tl.arange(0, BLOCK_D)
             d_mask = offs_d < HEAD_DIM
+            inside = n_mask & tl_key_visible(seq_len - 1 - offs_n, window)
             total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            top = tl.zeros([BLOCK_N], dtype=tl.float32)
             for kv_head in range(HKV):
                 heads = kv_head * GROUP + offs_h
                 q = (
@@ -117,9 +130,30 @@ if triton_available():
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
                 p = tl.exp(tl_softcap(s, LOGIT_CAP) - lse[:, None])
                 p = tl.where(h_mask[:, None], p, 0.0)
-                total += tl.sum(p, 0)
-            inside = tl_key_visible(seq_len - 1 - offs_n, window)
-            probs = tl.where(n_mask & inside, total / num_heads_total, 0.0)
+                if HEAD_WEIGHTS:
+                    # Chosen heads weigh 1/|chosen| (heads.py), the others 0.
+                    hw = tl.load(HeadW + r * stride_hw + heads, mask=h_mask, other=0.0)
+                    total += tl.sum(p * hw[:, None], 0)
+                    if WRITE_MAX:
+                        top = tl.maximum(top, tl.max(tl.where(hw[:, None] > 0, p, 0.0), 0))
+                else:
+                    total += tl.sum(p, 0)
+                if WRITE_HEADS:
+                    slot = tl.load(HeadSlot + r * stride_hw + heads, mask=h_mask, other=-1)
+                    ptrs = HeadRows + r * stride_hrows_r + slot[:, None] * stride_hrows_s
+                    tl.store(
+                        ptrs + offs_n[None, :],
+                        tl.where(inside[None, :], p, 0.0),
+                        mask=(slot[:, None] >= 0) & n_mask[None, :],
+                    )
+            if HEAD_WEIGHTS:
+                probs = tl.where(inside, total, 0.0)
+            else:
+                probs = tl.where(inside, total / num_heads_total, 0.0)
+            if WRITE_MAX:
+                tl.store(
+                    MaxRows + r * stride_mrows + offs_n, tl.where(inside, top, 0.0), mask=n_mask
+                )
             out = probs * weight
             if ACCUMULATE:
                 out += tl.load(Rows + r * stride_rows + offs_n, mask=n_mask, other=0.0)
@@ -149,6 +183,10 @@ def capture_scores(
     logit_cap: float = 0.0,
     accumulate: bool = True,
     layer_rows: Optional[torch.Tensor] = None,
+    head_weights: Optional[torch.Tensor] = None,
+    head_slots: Optional[torch.Tensor] = None,
+    head_rows: Optional[torch.Tensor] = None,
+    max_rows: Optional[torch.Tensor] = None,
     block_n: int = 64,
     num_warps: int = 4,
 ) -> None:
@@ -163,6 +201,13 @@ def capture_scores(
     overwritten (no zeroing pass needed for the first layer) and masked rows are left as they are.
     layer_rows ([>= R, max_ctx] float32), if given, receives the unweighted probabilities.
     logit_cap > 0: the layer soft-caps its scores, so q.K is capped before exp(s - lse).
+    Head selection (python/sglang/srt/attention_capture/heads.py): head_weights ([>= R, Hq]
+    float32) replaces the uniform 1/H_total by a weight per head (0 for heads not chosen);
+    head_slots ([>= R, Hq] int32, same strides) and head_rows ([>= R, S, max_ctx] float32)
+    receive each head's own probabilities in its slot (heads of slot -1 are not written);
+    max_rows ([>= R, max_ctx] float32) receives the maximum over the
+    heads of positive weight. head_rows and max_rows are written (not accumulated) for every
+    active row's first seq_len positions.
     """
     if not triton_available():
         raise RuntimeError("capture_scores needs triton")
@@ -180,6 +225,15 @@ def capture_scores(
     write_layer = layer_rows is not None
     if layer_rows is None:
         layer_rows = rows  # never written (WRITE_LAYER is off)
+    if max_rows is not None:
+        assert head_weights is not None and max_rows.stride(-1) == 1
+    if head_rows is not None:
+        assert head_slots is not None and head_slots.stride() == head_weights.stride()
+    # Pointers the flags leave unused still need a tensor argument.
+    head_w = head_weights if head_weights is not None else weights
+    slots_arg = head_slots if head_slots is not None else weights
+    head_out = head_rows if head_rows is not None else rows[None]
+    max_out = max_rows if max_rows is not None else rows
     grid = (num_rows, -(-max_ctx // block_n))
     _capture_kernel[grid](
         q,
@@ -193,6 +247,10 @@ def capture_scores(
         weights,
         rows,
         layer_rows,
+        head_w,
+        slots_arg,
+        head_out,
+        max_out,
         float(sm_scale),
         float(num_q_heads_total),
         int(sliding_window),
@@ -205,6 +263,10 @@ def capture_scores(
         weights.stride(0),
         rows.stride(0),
         layer_rows.stride(0),
+        head_w.stride(0) if head_weights is not None else 0,
+        head_out.stride(0),
+        head_out.stride(1),
+        max_out.stride(0),
         HKV=hkv,
         GROUP=group,
         HEAD_DIM=d,
@@ -215,6 +277,9 @@ def capture_scores(
         DOT_DTYPE=torch_to_tl_dtype(dot_dtype),
         ACCUMULATE=bool(accumulate),
         WRITE_LAYER=write_layer,
+        HEAD_WEIGHTS=head_weights is not None,
+        WRITE_HEADS=head_rows is not None,
+        WRITE_MAX=max_rows is not None,
         LOGIT_CAP=float(logit_cap) if logit_cap > 0 else 0.0,
         num_warps=num_warps,
     )

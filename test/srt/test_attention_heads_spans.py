@@ -22,7 +22,7 @@ import pytest
 import requests
 import torch
 
-from sglang.attention_tokens import merge_stream_chunks
+from sglang.attention_tokens import merge_stream_chunks, to_bertviz, to_rows
 from sglang.srt.attention_capture import AttentionRequest
 from sglang.srt.attention_capture.config import STAT_NAMES
 from sglang.test.attention_reference import assert_valid_topk
@@ -330,6 +330,13 @@ def test_openai_routes_streaming_and_not(server, tok, hf):
     kw = dict(model="m", prompt=TEXT, max_tokens=STEPS, temperature=0, extra_body=extra)
     full = client.completions.create(**kw).choices[0].model_dump()["attention_tokens"]
     check_report(full, tok.encode(TEXT), hf, "completions")
+    rows = to_rows(full)  # the client helpers know per-head lists
+    assert {r["head"] for r in rows} == {0, 2} and len(rows) == STEPS * 2 * 8
+    attention, tokens = to_bertviz(full)
+    assert len(attention) == 1 and attention[0].shape == (1, 2, len(tokens), len(tokens))
+    entry = full["content"][1]
+    top = entry["heads"]["2"][0]
+    assert attention[0][0, 1, entry["position"] - 1, top["position"]] == pytest.approx(top["score"])
     check_stream(list(client.completions.create(stream=True, **kw)), full, tok.encode(TEXT), hf)
     extra = {"return_attention_tokens": True, "attention_spans": "messages",
              "attention_stats": True, "ignore_eos": True}  # fmt: skip

@@ -441,3 +441,51 @@ def test_rmsnorm_and_silu_match_ref(dtype: torch.dtype, hidden: int) -> None:
     torch.testing.assert_close(out, ref_out, **tol)
     gate_up = dev(torch.randn(3, 2, 2 * hidden, generator=gen).to(dtype))
     torch.testing.assert_close(silu_and_mul(gate_up), ref.silu_and_mul(gate_up), **tol)
+
+
+# ---- head selection in the fused capture -----------------------------------------------------
+HEAD_REQUESTS = [
+    AttentionRequest(top_k=5, layers=(0, 1), heads=(1, 6)),
+    AttentionRequest(top_k=4, layers=(1,), heads=(0, 3, 5), head_aggregation="max"),
+    AttentionRequest(
+        top_k=3,
+        layers=(0, 1),
+        aggregation="none",
+        heads=(2, 7),
+        head_aggregation="none",
+        exclude_sink=1,
+    ),  # fmt: skip
+    AttentionRequest(top_k=4, layers=(0,), heads=(4,), head_aggregation="none"),
+    AttentionRequest(top_k=6, layers=(0, 1), spans=(("a", 0, 3), ("b", 2, 5)), stats=True),
+]
+
+
+def _capture_heads(case, use_kernel: bool, window: int):
+    cap = AttentionCapture((0, 1), 2, NUM_ROWS, MAX_CONTEXT, 16, case.hq, device="cpu",
+                           use_kernel=use_kernel)  # fmt: skip
+    spec = CaptureSpec([0, 1, 2, 3, 4], HEAD_REQUESTS, [3, 5, 4, 6, 5])
+    cap.begin(spec, case.fb)
+    for layer_id in range(2):
+        layer = make_layer(case, layer_id, window)
+        _, lse = case.backend.forward(case.q[layer_id], case.k[layer_id], case.v[layer_id], layer,
+                                      case.fb, return_lse=True)  # fmt: skip
+        cap.record(layer, case.q[layer_id], lse, case.fb)
+    return cap.finish()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="drives AttentionCapture on the CPU pools of make_case")
+@pytest.mark.parametrize("window", [-1, 4])
+def test_capture_heads_kernel_matches_torch(window: int) -> None:
+    """Chosen-head mean, maximum and per-head rows (per layer too) from the fused kernel equal
+    the torch path's, and so do span mass and statistics computed from its rows."""
+    case = make_case(31, hq=8, hkv=2, d=16, prefix_lens=[4, 0, 11, 7, 9], extend_lens=[6, 9, 2, 1, 3],
+                     num_layers=2)  # fmt: skip
+    ref, got = _capture_heads(case, False, window), _capture_heads(case, True, window)
+    tol = dict(atol=1e-6, rtol=1e-5)
+    for name in ("values", "excluded", "head_values", "head_excluded", "layer_head_values",
+                 "layer_head_excluded", "layer_values", "span_mass", "stats"):  # fmt: skip
+        a, b = getattr(got, name), getattr(ref, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, **tol, msg=name)
+    assert got.head_values.shape[1] == 2 and got.layer_head_values.shape[:3] == (2, 5, 2)

@@ -26,7 +26,7 @@ from sgl_kernel.attention_scores import key_visible
 from sglang.srt.attention_capture.config import AttentionRequest
 from sglang.srt.attention_capture.prompt import PromptGroup, build_prompt_groups
 from sglang.srt.attention_capture.prompt_capture import PromptCapture, PromptResult
-from sglang.srt.attention_capture.heads import HeadPlan, aggregate_heads, plan_heads
+from sglang.srt.attention_capture.heads import HeadPlan, aggregate_heads, max_share, plan_heads
 from sglang.srt.attention_capture.row_stats import row_stats, span_bounds, span_mass
 from sglang.srt.attention_capture.static import (
     StaticCaptureMixin,
@@ -347,18 +347,21 @@ class AttentionCapture(StaticCaptureMixin):
         each capturing row's own aggregation. Returns the layer's unweighted [R, W] share."""
         hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
-        per_head = head_summed_probs(
-            q.view(-1, hq * d)[self.q_index],
-            lse[self.q_index],
-            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            self.kv_slots,
-            self._allowed(layer.sliding_window_size),
-            score_scale(layer, forward_batch),
-            layer.logit_cap,
-            self.num_q_heads_total,
-            per_head=True,
-        )
-        probs, split = aggregate_heads(self.heads, per_head)
+        if self.use_kernel:
+            probs, split = self._heads_fused(layer, q, lse, forward_batch)
+        else:
+            per_head = head_summed_probs(
+                q.view(-1, hq * d)[self.q_index],
+                lse[self.q_index],
+                forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                self.kv_slots,
+                self._allowed(layer.sliding_window_size),
+                score_scale(layer, forward_batch),
+                layer.logit_cap,
+                self.num_q_heads_total,
+                per_head=True,
+            )
+            probs, split = aggregate_heads(self.heads, per_head)
         weight = self.weights[:, c : c + 1]
         self.rows[:num, : self.max_kv].addcmul_(probs, weight)
         if split is not None:
@@ -368,6 +371,47 @@ class AttentionCapture(StaticCaptureMixin):
                 for out, value in zip(self.layer_head_lists, ranked):
                     out[c] = value
         return probs
+
+    def _heads_fused(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """`aggregate_heads`' results from sgl_kernel's fused kernel: the weighted head sum, the
+        per-head rows and the head maxima come out of one pass over K."""
+        plan, num, dev = self.heads, self.spec.num_rows, self.device
+        probs = torch.zeros(num, self.max_kv, dtype=torch.float32, device=dev)
+        split = top = None
+        if plan.num_slots:
+            split = torch.zeros(num, plan.num_slots, self.max_kv, device=dev)
+        if plan.is_max is not None:
+            top = torch.zeros(num, self.max_kv, dtype=torch.float32, device=dev)
+        self._capture_scores(
+            q if q.stride(-1) == 1 else q.contiguous(),
+            lse.contiguous(),
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            forward_batch.req_to_token_pool.req_to_token,
+            self.row_pool_indices,
+            self.seq_lens,
+            self.q_index,
+            self.row_mask,
+            self.row_mask.float(),  # weight 1: `probs` is this layer's own row
+            probs,
+            score_scale(layer, forward_batch),
+            self.num_q_heads_total,
+            sliding_window=layer.sliding_window_size,
+            logit_cap=layer.logit_cap,
+            accumulate=False,
+            head_weights=plan.mean_weights,
+            head_slots=plan.head_slot,
+            head_rows=split,
+            max_rows=top,
+        )
+        if top is not None:
+            probs = torch.where(plan.is_max, max_share(top), probs)
+        return probs, split
 
     def _record_fused(
         self,
@@ -424,7 +468,9 @@ class AttentionCapture(StaticCaptureMixin):
         if not num:
             empty = torch.empty(0, 0, device=self.device)
             self.active, self.spec = False, None
-            return CaptureResult(spec, self.layers, empty, empty.long(), empty.sum(1), prompt=prompt)
+            return CaptureResult(
+                spec, self.layers, empty, empty.long(), empty.sum(1), prompt=prompt
+            )
         row = self.rows[:num, : self.max_kv]
         if get_tensor_model_parallel_world_size() > 1:
             row = tensor_model_parallel_all_reduce(row.contiguous())

@@ -43,6 +43,7 @@ class HeadPlan:
     is_max: Optional[torch.Tensor]  # [R, 1] bool rows aggregated by max; None when none are
     slots: Optional[torch.Tensor]  # [R, S] int64 local head of row r's s-th chosen head, or -1
     num_slots: int  # S: the most heads a "none" row chose (0: no such row)
+    head_slot: Optional[torch.Tensor] = None  # [R, Hl] int32 the inverse: slot of a head, or -1
 
 
 def plan_heads(
@@ -54,7 +55,7 @@ def plan_heads(
     tp = get_tensor_model_parallel_world_size()
     local = num_heads_total // tp
     first = get_tensor_model_parallel_rank() * local
-    weights, chosen, is_max, slots = [], [], [], []
+    weights, chosen, is_max, slots, head_slot = [], [], [], [], []
     num_slots = max((len(r.heads or ()) for r in requests if r.per_head), default=0)
     for r in requests:
         heads = range(num_heads_total) if r.heads is None else r.heads
@@ -69,6 +70,11 @@ def plan_heads(
         if r.per_head:
             row_slots = [h - first if first <= h < first + local else -1 for h in heads]
         slots.append(row_slots + [-1] * (num_slots - len(row_slots)))
+        inverse = [-1] * local
+        for s, h in enumerate(row_slots):
+            if h >= 0:
+                inverse[h] = s
+        head_slot.append(inverse)
 
     def to_dev(values: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -79,13 +85,13 @@ def plan_heads(
         is_max=to_dev(is_max, torch.bool)[:, None] if any(is_max) else None,
         slots=to_dev(slots, torch.int64) if num_slots else None,
         num_slots=num_slots,
+        head_slot=to_dev(head_slot, torch.int32) if num_slots else None,
     )
 
 
-def head_max(plan: HeadPlan, probs: torch.Tensor) -> torch.Tensor:
-    """[R, W] this rank's additive share of the maximum over each row's chosen heads of
-    [R, Hl, W] probabilities (over every rank's heads: gathered, then 1/T of it)."""
-    local = probs.masked_fill(~plan.chosen[:, :, None], 0.0).amax(dim=1)
+def max_share(local: torch.Tensor) -> torch.Tensor:
+    """[R, W] this rank's additive share of the maximum over every rank's chosen heads, from
+    this rank's own maxima (gathered over the TP group, then 1/T of it)."""
     tp = get_tensor_model_parallel_world_size()
     if tp == 1:
         return local
@@ -100,7 +106,8 @@ def aggregate_heads(
     heads, of its [R, S, W] per-head rows, from [R, Hl, W] per-head probabilities."""
     row = torch.einsum("rhw,rh->rw", probs, plan.mean_weights)
     if plan.is_max is not None:
-        row = torch.where(plan.is_max, head_max(plan, probs), row)
+        local = probs.masked_fill(~plan.chosen[:, :, None], 0.0).amax(dim=1)
+        row = torch.where(plan.is_max, max_share(local), row)
     return row, split_heads(plan, probs)
 
 

@@ -220,10 +220,15 @@ def test_disable_cuda_graph_padding_runs_unmatched_sizes_eagerly(tiny_path: str)
     mr.attn_backend = GraphHookTorchNative(mr)
     graphs = CudaGraphRunner(mr, use_graphs=False)
     decode = [SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=bs,
-                              attention_capture=None) for bs in range(1, 10)]  # fmt: skip
+                              attention_capture=None, layer_probe=None)
+              for bs in range(1, 10)]  # fmt: skip
     assert [b.batch_size for b in decode if graphs.can_run(b)] == [1, 2, 4, 8]
     graphs.disable_padding = False
     assert [b.batch_size for b in decode if graphs.can_run(b)] == list(range(1, 9))
+    # A batch with layer probes (hidden_states_layers, logit_lens) always runs eagerly.
+    for b in decode:
+        b.layer_probe = object()
+    assert not any(graphs.can_run(b) for b in decode)
 
 
 def test_static_path_returns_hidden_states(tiny_path: str) -> None:

@@ -23,6 +23,9 @@ class LoadConfig:
     # NOTE: dummy weights must be identical across runs and across TP ranks of the same shape, so
     # the seed is fixed rather than drawn from the global RNG.
     dummy_seed: int = 0
+    # GGUF: dequantize every tensor at load instead of keeping 4-bit ones packed
+    # (layers/quantization/gguf.py).
+    gguf_dequantize: bool = False
 
     LOAD_FORMATS: ClassVar[tuple[str, ...]] = ("auto", "safetensors", "pt", "gguf", "dummy")
 

@@ -2,7 +2,9 @@
 
 Used by hf_transformers_utils.get_config (config) and the weight iterators (weights). The `gguf`
 package is imported only here and only when a GGUF file is actually opened, so machines without it
-can still serve HF folders. Every tensor is dequantized to float32; the model casts it to its dtype.
+can still serve HF folders. Tensors are dequantized to float32 (the model casts them to its dtype),
+except those the caller keeps packed: their raw 4-bit blocks are yielded as GGUFBlocks
+(layers/quantization/gguf.py).
 
 llama.cpp's converter reorders the rows of attn_q/attn_k of llama-family models (per head, it
 interleaves the two rotary halves); `unpermute_rotary` restores HuggingFace's layout so the same
@@ -217,9 +219,20 @@ def _block_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, float32 tensor) for every weight in the file, in HF layout."""
+def gguf_tensor_types(path: str) -> dict[str, str]:
+    """HF name -> GGUF type name (Q4_1, F32, ...) of every tensor the loader maps."""
+    names = ((gguf_to_hf_name(t.name), t.tensor_type.name) for t in open_gguf(path).tensors)
+    return {hf: qtype for hf, qtype in names if hf is not None}
+
+
+def iterate_gguf_weights(
+    path: str, packed: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, Any]]:
+    """Yield (HF name, float32 tensor) for every weight in the file, in HF layout; tensors named
+    in `packed` come as GGUFBlocks (raw blocks, rows in HF order) instead."""
     from gguf.quants import dequantize
+
+    from sglang.srt.layers.quantization.gguf import GGUFBlocks
 
     config = gguf_config(path)
     reader = open_gguf(path)
@@ -243,6 +256,13 @@ def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 )
             # GGUF lists dimensions fastest-first; torch wants them slowest-first.
             shape = [int(d) for d in reversed(tensor.shape.tolist())]
+            if hf_name in packed:
+                # One row of blocks per output row: the rotary un-permutation moves whole rows.
+                raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+                if permuted and (".q_proj." in hf_name or ".k_proj." in hf_name):
+                    raw = unpermute_rotary(raw, _rotary_heads(config, hf_name))
+                yield hf_name, GGUFBlocks(raw, tensor.tensor_type.name, shape[-1])
+                continue
             try:
                 array = dequantize(tensor.data, tensor.tensor_type)
             except Exception as exc:
@@ -256,10 +276,9 @@ def iterate_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                 array = array.copy()
             weight = torch.from_numpy(array).reshape(shape)
             if permuted and (".self_attn.q_proj." in hf_name or ".self_attn.k_proj." in hf_name):
-                n_heads = (
-                    config.num_attention_heads
-                    if ".q_proj." in hf_name
-                    else config.num_key_value_heads
-                )
-                weight = unpermute_rotary(weight, n_heads)
+                weight = unpermute_rotary(weight, _rotary_heads(config, hf_name))
             yield hf_name, weight
+
+
+def _rotary_heads(config: PretrainedConfig, hf_name: str) -> int:
+    return config.num_attention_heads if ".q_proj." in hf_name else config.num_key_value_heads

@@ -1,0 +1,322 @@
+"""GGUF 4-bit tensors kept packed: Q4_0 / Q4_1 / Q4_K linear weights on PyTorch's CPU int4 kernel.
+
+Every format here stores, per block of 32 weights along a row, 4-bit codes q (0..15) and values
+that make each weight an affine function of its code: w = q * scale + bias, with
+
+- Q4_0 (18-byte blocks): scale = d, bias = -8 d (w = d (q - 8));
+- Q4_1 (20-byte blocks): scale = d, bias = m;
+- Q4_K (144-byte super-blocks of 256): eight 32-wide sub-blocks with 6-bit scale/min codes sc, mn:
+  scale = d sc, bias = -dmin mn.
+
+`decode_blocks` turns a tensor's raw blocks into (codes, scale, bias); `GGUFInt4` repacks them for
+`aten._weight_int4pack_mm_for_cpu`, whose weight is (q - 8) * s + z, so s = scale and
+z = bias + 8 scale. In float32 that dequantizes each weight bit for bit like gguf-py's (checked by
+the tests); the kernel is fast only with bfloat16/float16 activations, and then takes s and z in
+that dtype, which rounds them (measured in docs/quantization.md). `attach_gguf` swaps the model's
+linear layers whose GGUF tensors are all 4-bit for placeholders before `load_weights`, so the raw
+blocks (yielded by gguf_utils.iterate_gguf_weights) go through the model's own name mapping and
+q/k/v, gate/up stacking; each layer packs as soon as its parts are in.
+
+Q8_0 stays dense: `_weight_int8pack_mm` takes one scale per output row, and running it per
+32-wide group measured slower than a dense matmul at every SmolLM2 shape (docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from sglang.srt.configs.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per scale/bias pair in every packed format (Q4_K: per sub-block)
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_LABEL = "int4pack (aten._weight_int4pack_mm_for_cpu), group 32"
+# Checkpoint names of the parts a stacked layer is loaded from (the models' STACKED_PARAMS).
+_HF_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@dataclass
+class GGUFBlocks:
+    """One GGUF tensor's raw blocks, yielded in place of a dequantized weight.
+
+    raw: uint8 [rows, bytes per row] (rows already in HF order); qtype: a PACKED_TYPES name.
+    """
+
+    raw: torch.Tensor
+    qtype: str
+    in_features: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.raw.shape[0]), self.in_features
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(raw).view(np.float16).astype(np.float32)
+
+
+def _low_high(qs: np.ndarray) -> np.ndarray:
+    """[..., 16] bytes -> [..., 32] codes: low nibbles are elements 0-15, high ones 16-31."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def decode_blocks(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Codes uint8 [rows, cols] and float32 scale, bias [rows, cols / 32] with
+    w = q * scale + bias, from a tensor's raw blocks uint8 [rows, bytes per row]."""
+    rows = raw.shape[0]
+    if qtype == "Q4_0":
+        blocks = raw.reshape(rows, -1, 18)
+        d = _f16(blocks[..., :2]).reshape(rows, -1)
+        codes = _low_high(blocks[..., 2:])
+        scale, bias = d, -8.0 * d
+    elif qtype == "Q4_1":
+        blocks = raw.reshape(rows, -1, 20)
+        d = _f16(blocks[..., :2]).reshape(rows, -1)
+        m = _f16(blocks[..., 2:4]).reshape(rows, -1)
+        codes = _low_high(blocks[..., 4:])
+        scale, bias = d, m
+    elif qtype == "Q4_K":
+        blocks = raw.reshape(rows, -1, 144)
+        d = _f16(blocks[..., :2])  # [rows, supers, 1]
+        dmin = _f16(blocks[..., 2:4])
+        sc, mn = _q4k_scale_min(blocks[..., 4:16])  # [rows, supers, 8]
+        # 128 bytes: four chunks of 32, each the low nibbles of sub-block 2c, high of 2c + 1.
+        qs = blocks[..., 16:].reshape(rows, -1, 4, 1, 32)
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-2)  # [rows, supers, 4, 2, 32]
+        scale = (d * sc.astype(np.float32)).reshape(rows, -1)
+        bias = -(dmin * mn.astype(np.float32)).reshape(rows, -1)
+    else:
+        raise ValueError(f"GGUF type {qtype} is not a packed 4-bit type ({PACKED_TYPES})")
+    codes = codes.reshape(rows, -1)
+    return (
+        torch.from_numpy(np.ascontiguousarray(codes)),
+        torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(bias, dtype=np.float32)),
+    )
+
+
+def _q4k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K's 12 bytes -> 8 six-bit scales and 8 six-bit mins (llama.cpp's get_scale_min_k4):
+    bytes 0-3 / 4-7 hold scales / mins 0-3 in their low 6 bits and the top 2 bits of scales /
+    mins 4-7; bytes 8-11 hold the low 4 bits of scales 4-7 (low nibble) and mins 4-7 (high)."""
+    a, b, c = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """W [rows, cols] float32 = q * scale + bias per 32-wide block (one rounding per weight)."""
+    rows = codes.shape[0]
+    w = codes.float().view(rows, -1, BLOCK) * scale.unsqueeze(-1)
+    return (w + bias.unsqueeze(-1)).view(rows, -1)
+
+
+class GGUFInt4:
+    """One packed matmul: y = x @ W.T with W from 4-bit codes, on the CPU int4 kernel."""
+
+    label = KERNEL_LABEL
+
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype
+    ) -> None:
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32).contiguous(), 1
+        )
+        # Kernel weight (q - 8) * s + z; z computed in float32, then both cast to the activation
+        # dtype the kernel requires.
+        zero = bias + 8.0 * scale
+        self.scales_zeros = torch.stack([scale.T, zero.T], -1).to(dtype).contiguous()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight, self.scales_zeros]
+
+    def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, shape[-1]), self.weight, BLOCK, self.scales_zeros
+        )
+        out = out.reshape(*shape[:-1], out.shape[-1])
+        return out + bias if bias is not None else out
+
+
+def _parts(layer_name: str) -> list[tuple[str, Any]]:
+    """(HF weight name, shard id) of each checkpoint tensor a model layer is loaded from."""
+    prefix, _, leaf = layer_name.rpartition(".")
+    if leaf == "qkv_proj":
+        return [(f"{prefix}.{p}.weight", s) for p, s in zip(_HF_PARTS[leaf], ("q", "k", "v"))]
+    if leaf == "gate_up_proj":
+        return [(f"{prefix}.{p}.weight", i) for i, p in enumerate(_HF_PARTS[leaf])]
+    return [(f"{layer_name}.weight", None)]
+
+
+class _GGUFLayerState:
+    """Collects a layer's GGUFBlocks parts; packs them into one GGUFInt4 when all are in."""
+
+    def __init__(self, layer: nn.Module, name: str, shard_ids: list[Any], dtype) -> None:
+        self.layer = layer
+        self.name = name
+        self.shard_ids = shard_ids
+        self.dtype = dtype
+        self.parts: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.types: Counter[str] = Counter()
+        self.method: Optional[GGUFInt4] = None
+
+    def add(self, blocks: Any, shard_id: Any) -> None:
+        if not isinstance(blocks, GGUFBlocks) or shard_id not in self.shard_ids:
+            raise ValueError(f"{self.name}: expected GGUF 4-bit blocks for part {shard_id!r}")
+        codes, scale, bias = decode_blocks(blocks.raw.numpy(), blocks.qtype)
+        self.parts[shard_id] = (codes, scale, bias)
+        self.types[blocks.qtype] += 1
+        if len(self.parts) < len(self.shard_ids):
+            return
+        # q/k/v (gate/up) share the input, so their rows stack into one matmul.
+        ordered = [self.parts.pop(sid) for sid in self.shard_ids]
+        codes, scale, bias = (torch.cat([p[i] for p in ordered]) for i in range(3))
+        expected = (self.layer.output_size, self.layer.input_size)
+        if tuple(codes.shape) != expected:
+            raise ValueError(
+                f"{self.name}: GGUF tensors give {tuple(codes.shape)}, expected {expected}"
+            )
+        self.method = GGUFInt4(codes, scale, bias, self.dtype)
+        for i, tensor in enumerate(self.method.tensors()):
+            self.layer.register_buffer(f"gguf_int4_{i}", tensor, persistent=False)
+
+    def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.method is None:
+            raise RuntimeError(f"{self.name}: GGUF 4-bit weights were never loaded")
+        return self.method.apply(x, bias)
+
+
+def packable_reason(model_config: ModelConfig, device: str | torch.device) -> str:
+    """Why this run keeps every GGUF tensor dense ('' when 4-bit tensors may stay packed)."""
+    if torch.device(device).type != "cpu":
+        return "no int4 GPU kernel is built here"
+    if model_config.dtype not in KERNEL_DTYPES:
+        return (
+            f"the model dtype is {str(model_config.dtype).removeprefix('torch.')}: the CPU int4 "
+            "kernel's float32 path measured ~10x slower than a dense float32 matmul; "
+            "--dtype bfloat16 keeps them packed"
+        )
+    return ""
+
+
+def attach_gguf(model: nn.Module, path: str, dtype: torch.dtype) -> frozenset[str]:
+    """Give every linear layer whose GGUF tensors are all 4-bit a collecting placeholder.
+
+    Returns the HF names of the tensors to be yielded as GGUFBlocks; other tensors (Q8_0, Q6_K,
+    F16, F32, a stacked layer with one non-4-bit part) load dense as before.
+    """
+    from sglang.srt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
+    from sglang.srt.model_loader.gguf_utils import gguf_tensor_types
+
+    types = gguf_tensor_types(path)
+    packed: set[str] = set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, LinearBase) or layer.quant_method is not None:
+            continue
+        parts = _parts(name)
+        if isinstance(layer, (QKVParallelLinear, MergedColumnParallelLinear)) != (len(parts) > 1):
+            continue  # a layer this naming does not describe: leave it dense
+        if not all(types.get(hf) in PACKED_TYPES for hf, _ in parts):
+            continue
+        if layer.output_size % 16 or layer.input_size % BLOCK:
+            continue  # shapes the kernel does not take
+        if getattr(layer, "tp_size", 1) != 1:
+            continue  # NOTE: tensor-parallel shards of packed blocks are not cut here yet
+        state = _GGUFLayerState(layer, name, [sid for _, sid in parts], dtype)
+        del layer.weight
+        placeholder = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+        placeholder.weight_loader = _make_loader(state)  # type: ignore[attr-defined]
+        layer.register_parameter("weight", placeholder)
+        layer.quant_method = state
+        packed.update(hf for hf, _ in parts)
+    return frozenset(packed)
+
+
+def _make_loader(state: _GGUFLayerState):
+    def loader(_param: nn.Parameter, blocks: Any, shard_id: Any = None) -> None:
+        state.add(blocks, shard_id)
+
+    return loader
+
+
+def finish_gguf(model: nn.Module) -> dict[str, Any]:
+    """Raise when a packed layer missed parts; return the counts for the log and model info."""
+    layers, types = 0, Counter()
+    for name, layer in model.named_modules():
+        state = getattr(layer, "quant_method", None)
+        if not isinstance(state, _GGUFLayerState):
+            continue
+        if state.method is None:
+            raise ValueError(f"GGUF file is missing 4-bit tensors of {name}")
+        layers += 1
+        types.update(state.types)
+    return {"layers": layers, "tensor_types": dict(sorted(types.items()))}
+
+
+def load_gguf_packed(
+    model: nn.Module, model_config: ModelConfig, weights: Iterable, device
+) -> Iterable:
+    """The weight stream for `model`: when this run can use the kernel, the 4-bit layers get
+    their placeholders now (before `load_weights` looks up parameters) and the stream yields
+    their raw blocks; the rest stays dense. Logs and records what was packed once it ends."""
+    reason = packable_reason(model_config, device)
+    if reason:
+        logger.info("GGUF: every tensor dequantized to dense weights at load (%s)", reason)
+        return weights
+    packed = attach_gguf(model, model_config.gguf_file, model_config.dtype)
+    return _packed_stream(model, model_config.gguf_file, packed)
+
+
+def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Iterator:
+    from sglang.srt.model_loader.gguf_utils import iterate_gguf_weights
+    from sglang.srt.model_loader.resolve import ModelLoadError
+
+    yield from iterate_gguf_weights(path, packed=packed)
+    try:
+        info = finish_gguf(model)
+    except ValueError as exc:
+        raise ModelLoadError(f"Cannot load GGUF model {path}: {exc}") from exc
+    dense = Counter(gguf_dense_types(path, packed))
+    if not info["layers"]:
+        logger.info(
+            "GGUF: no linear layer has only Q4_0/Q4_1/Q4_K tensors; dequantized at load: %s",
+            ", ".join(f"{n} {t}" for t, n in sorted(dense.items())),
+        )
+        return
+    logger.info(
+        "GGUF: %d linear layers packed 4-bit (%s tensors), matmul: %s; dequantized at load: %s "
+        "(--gguf-dequantize keeps every tensor dense)",
+        info["layers"],
+        ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items()),
+        KERNEL_LABEL,
+        ", ".join(f"{n} {t}" for t, n in sorted(dense.items())) or "nothing",
+    )
+    # The loader's quantization summary (/get_model_info, start-up log).
+    model.quant_info = {
+        "method": "gguf",
+        "bits": 4,
+        "group_size": BLOCK,
+        "kernel": KERNEL_LABEL,
+        "quantized_tensors": sum(info["tensor_types"].values()),
+        "tensor_types": info["tensor_types"],
+    }
+
+
+def gguf_dense_types(path: str, packed: frozenset[str]) -> list[str]:
+    """GGUF types of the tensors that load dense (one entry per tensor)."""
+    from sglang.srt.model_loader.gguf_utils import gguf_tensor_types
+
+    return [t for name, t in gguf_tensor_types(path).items() if name not in packed]

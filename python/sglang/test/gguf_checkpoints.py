@@ -1,0 +1,147 @@
+"""Quantized GGUF files of tiny HF models, for the packed GGUF path's tests.
+
+`quantize` gives a float matrix's raw GGUF blocks: Q4_0, Q4_1 and Q8_0 through the `gguf`
+package's own quantizers, Q4_K written here from the format (gguf-py only dequantizes it): per
+super-block of 256 weights an fp16 d and dmin, eight 6-bit sub-block scales and mins packed in 12
+bytes, and 128 bytes of codes, with w = d * sc * q - dmin * mn. `write_gguf` writes a Llama's
+state dict the way llama.cpp's converter lays it out (names, q/k row order), its linear weights
+in one type and everything else F32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_PARTS = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def quantize(w: np.ndarray, qtype: str) -> np.ndarray:
+    """Raw blocks uint8 [rows, bytes per row] of float32 `w` [rows, cols] in `qtype`."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == "Q4_K":
+        return quantize_q4_k(w)
+    return gguf_quantize(w, GGMLQuantizationType[qtype])
+
+
+def quantize_q4_k(w: np.ndarray) -> np.ndarray:
+    """Q4_K blocks of `w` [rows, cols % 256 == 0]: each 32-wide sub-block's min and range set
+    its 6-bit min and scale codes against the super-block's fp16 dmin and d."""
+    rows, cols = w.shape
+    sub = w.reshape(rows, cols // 256, 8, 32).astype(np.float32)
+    lo = np.minimum(sub.min(-1), 0.0)
+    scale = (sub.max(-1) - lo) / 15.0
+    mins = -lo
+    d = (scale.max(-1, keepdims=True) / 63.0).astype(np.float16)
+    dmin = (mins.max(-1, keepdims=True) / 63.0).astype(np.float16)
+    d32, dmin32 = d.astype(np.float32), dmin.astype(np.float32)
+    sc = np.clip(np.rint(np.divide(scale, d32, out=np.zeros_like(scale), where=d32 > 0)), 0, 63)
+    mn = np.clip(np.rint(np.divide(mins, dmin32, out=np.zeros_like(mins), where=dmin32 > 0)), 0, 63)
+    eff_scale = (d32 * sc)[..., None]
+    eff_min = (dmin32 * mn)[..., None]
+    q = np.divide(sub + eff_min, eff_scale, out=np.zeros_like(sub), where=eff_scale > 0)
+    q = np.clip(np.rint(q), 0, 15).astype(np.uint8)  # [rows, supers, 8, 32]
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    packed_scales = np.concatenate(
+        [
+            (sc[..., :4] & 0x3F) | ((sc[..., 4:] >> 4) << 6),
+            (mn[..., :4] & 0x3F) | ((mn[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 0x0F) | ((mn[..., 4:] & 0x0F) << 4),
+        ],
+        axis=-1,
+    )
+    # Chunk c of 32 bytes: sub-block 2c in the low nibbles, 2c + 1 in the high ones.
+    qs = (q[..., 0::2, :] | (q[..., 1::2, :] << 4)).reshape(rows, cols // 256, 128)
+    blocks = np.concatenate(
+        [d.view(np.uint8), dmin.view(np.uint8), packed_scales, qs], axis=-1
+    )  # [rows, supers, 144]
+    return np.ascontiguousarray(blocks.reshape(rows, -1))
+
+
+def llamacpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The row order llama.cpp's convert_hf_to_gguf writes for attn_q/attn_k."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_gguf(
+    path: str | Path, config: Any, state: dict[str, torch.Tensor], linear_type: str
+) -> dict[str, torch.Tensor]:
+    """Write a Llama `state` as GGUF with its linear weights in `linear_type` (others F32).
+
+    Returns the state with each linear weight replaced by its dequantized value (gguf-py's
+    dequantizer), i.e. the weights the file holds, in HF layout.
+    """
+    import gguf
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_eos_token_id(int(config.eos_token_id))
+    qtype = GGMLQuantizationType[linear_type]
+    dequantized: dict[str, torch.Tensor] = {}
+    for hf_name, tensor in state.items():
+        tensor = tensor.float()
+        if hf_name == "model.embed_tokens.weight":
+            name, part = "token_embd.weight", None
+        elif hf_name == "model.norm.weight":
+            name, part = "output_norm.weight", None
+        elif hf_name == "lm_head.weight":
+            name, part = "output.weight", None
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            part = rest.rsplit(".", 1)[0]
+            name = f"blk.{layer}.{_PARTS[part]}.weight"
+        heads = {
+            "self_attn.q_proj": config.num_attention_heads,
+            "self_attn.k_proj": config.num_key_value_heads,
+        }.get(part or "")
+        on_disk = llamacpp_permute(tensor, heads) if heads else tensor
+        if part is not None and part.endswith("_proj"):
+            raw = quantize(on_disk.numpy(), linear_type)
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
+            values = torch.from_numpy(np.array(dequantize(raw, qtype), dtype=np.float32))
+            # Back to HF row order: the inverse of the permutation on a (half, 2) view.
+            if heads:
+                rows = values.shape[0]
+                values = values.reshape(heads, rows // heads // 2, 2, -1).transpose(1, 2)
+                values = values.reshape(rows, -1).contiguous()
+            dequantized[hf_name] = values
+        else:
+            writer.add_tensor(name, on_disk.numpy())
+            dequantized[hf_name] = tensor
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dequantized

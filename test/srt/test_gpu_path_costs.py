@@ -127,7 +127,7 @@ def test_static_shape_follows_the_batch(tiny_path: str) -> None:
     assert shape.layers == (0, last) and shape.per_layer
 
     per_layer = SimpleNamespace(forward_mode=ForwardMode.DECODE, batch_size=2,
-                                attention_capture=both)  # fmt: skip
+                                attention_capture=both, layer_probe=None)  # fmt: skip
     assert graphs.can_run(per_layer)
 
     # A real decode through the static path: a 300-token prompt puts the batch in bucket 512.

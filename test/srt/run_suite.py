@@ -54,6 +54,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_sampling.py", 20),
         TestFile("test_attention_viz.py", 5),
         TestFile("test_attention_viewer.py", 75),
+        TestFile("test_attention_prompt.py", 120),
         TestFile("test_model_loader.py", 60),
         TestFile("test_quantized_checkpoints.py", 120),
         TestFile("test_hub_ids.py", 60),
@@ -88,6 +89,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_gpu_path_costs.py", 60),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 200, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_attention_prompt_triton.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_fp8.py", 90, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_fp8_checkpoints.py", 80),
         TestFile("test_deploy_examples.py", 75),

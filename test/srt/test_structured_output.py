@@ -299,6 +299,15 @@ TIME = {
 TOOLS = {"get_weather": WEATHER, "get_time": TIME}
 
 
+def _accumulated_stream(client: openai.OpenAI, kw: dict[str, Any]) -> tuple[str, Any]:
+    """(content of the deltas, final choice) as the openai client's stream() accumulates
+    the incremental tool-call deltas."""
+    with client.chat.completions.stream(**kw) as events:
+        chunks = [e.chunk for e in events if e.type == "chunk"]
+        final = events.get_final_completion().choices[0]
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), final
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("choice", ["required", "named"])
 def test_forced_tool_calls_parse_and_validate(client, choice, stream):
@@ -316,11 +325,9 @@ def test_forced_tool_calls_parse_and_validate(client, choice, stream):
         temperature=0,
     )
     if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kw))
-        deltas = [c.choices[0].delta for c in chunks if c.choices]
-        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-        assert not "".join(d.content or "" for d in deltas)
+        content, final = _accumulated_stream(client, kw)
+        calls, finish = final.message.tool_calls or [], final.finish_reason
+        assert not content
     else:
         msg = client.chat.completions.create(**kw).choices[0]
         calls, finish = msg.message.tool_calls or [], msg.finish_reason
@@ -418,11 +425,8 @@ def test_auto_tool_calls_parsed_from_the_output(client, stream):
         extra_body={"ebnf": QWEN_CALL},
     )
     if stream:
-        chunks = list(client.chat.completions.create(stream=True, **kw))
-        deltas = [c.choices[0].delta for c in chunks if c.choices]
-        calls = [tc for d in deltas for tc in (d.tool_calls or [])]
-        content = "".join(d.content or "" for d in deltas)
-        finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        content, final = _accumulated_stream(client, kw)
+        calls, finish = final.message.tool_calls, final.finish_reason
     else:
         choice = client.chat.completions.create(**kw).choices[0]
         calls, content = choice.message.tool_calls, choice.message.content
@@ -470,25 +474,6 @@ def test_tool_call_parsers_on_hand_written_outputs(parser, text, content, calls)
     from sglang.srt.function_call.tool_call_parsers import parse_tool_calls
 
     assert parse_tool_calls(parser, text, {"f", "g"}) == (content, calls)
-
-
-def test_tool_results_are_accepted_and_rendered(client):
-    call = {
-        "id": "call_1",
-        "type": "function",
-        "function": {"name": "get_time", "arguments": '{"timezone": "UTC"}'},
-    }
-    messages = [
-        {"role": "user", "content": "What time is it?"},
-        {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
-    ]
-    kw = dict(model="default", tools=[TIME], tool_choice="none", max_tokens=8)
-    resp = client.chat.completions.create(messages=messages, **kw)
-    before = client.chat.completions.create(messages=messages[:2], **kw)
-    assert resp.choices[0].message.content
-    # The tool turn went through the chat template into the prompt.
-    assert resp.usage.prompt_tokens > before.usage.prompt_tokens
 
 
 def test_stop_string_ends_a_constrained_output(server):

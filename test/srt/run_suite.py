@@ -101,6 +101,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_structured_output_scheduler.py", 60),
         TestFile("test_tool_calls_tiny.py", 60),  # --dp 2
         TestFile("test_reasoning_tiny.py", 60),  # --tp 2
+        TestFile("test_tool_call_detectors.py", 5),
     ],
     "per-commit-1-gpu": [
         TestFile("test_cuda_graph_runner.py", 60),

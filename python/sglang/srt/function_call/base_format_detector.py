@@ -240,9 +240,11 @@ class CallObject:
         if call is None or (self.name is not None and call[0] != self.name):
             self.state = "broken" if self.name is not None else "rejected"
             return
-        first = self.name is None
-        self.name, self.arguments = call[0], json.dumps(call[1], ensure_ascii=False)
-        out.append(ToolCallItem(self.index, call[0] if first else None, self.arguments))
+        if self.name is None:
+            self.name = call[0]
+            out.append(ToolCallItem(self.index, self.name, ""))
+        self.arguments = json.dumps(call[1], ensure_ascii=False)
+        out.append(ToolCallItem(self.index, None, self.arguments))
         self.state = "done"
 
 

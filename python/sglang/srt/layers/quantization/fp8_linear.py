@@ -87,7 +87,7 @@ class Fp8Method:
         return dequantize(self.layer.weight, self.layer.weight_scale, self.block_in)
 
 
-def _scale_loader(layer: LinearBase):
+def _scale_loader(layer: LinearBase, dense_loader):
     """The layer's own loader, except that a row-parallel layer's single scale column (per
     tensor or per channel) is the same on every rank."""
 
@@ -96,16 +96,16 @@ def _scale_loader(layer: LinearBase):
             with torch.no_grad():
                 param.data.copy_(tensor)
             return
-        layer.weight_loader(param, tensor, shard_id)
+        dense_loader(param, tensor, shard_id)
 
     return loader
 
 
-def _weight_loader(layer: LinearBase, name: str):
+def _weight_loader(name: str, dense_loader):
     def loader(param: nn.Parameter, tensor: torch.Tensor, shard_id: Any = None) -> None:
         if tensor.dtype != FP8_DTYPE:
             raise ValueError(f"{name}: got a {tensor.dtype} weight for a float8 layer")
-        layer.weight_loader(param, tensor, shard_id)
+        dense_loader(param, tensor, shard_id)
 
     return loader
 
@@ -132,13 +132,14 @@ def attach_fp8(model: nn.Module, fp8_modules: set[str], config: Fp8Config) -> se
                 "scale block; use a tensor-parallel size that divides the blocks"
             )
         scale_cols = -(-in_features // block_in)
+        dense_loader = layer.weight.weight_loader  # sharding and stacking as for dense weights
         del layer.weight
         weight = nn.Parameter(
             torch.empty(out_features, in_features, dtype=FP8_DTYPE), requires_grad=False
         )
-        weight.weight_loader = _weight_loader(layer, name)  # type: ignore[attr-defined]
+        weight.weight_loader = _weight_loader(name, dense_loader)  # type: ignore[attr-defined]
         scale = nn.Parameter(torch.empty(out_features, scale_cols), requires_grad=False)
-        scale.weight_loader = _scale_loader(layer)  # type: ignore[attr-defined]
+        scale.weight_loader = _scale_loader(layer, dense_loader)  # type: ignore[attr-defined]
         layer.register_parameter("weight", weight)
         layer.register_parameter("weight_scale", scale)
         layer.quant_method = Fp8Method(layer, block_in)

@@ -113,21 +113,24 @@ def test_retraction_keeps_one_record_per_token(tiny_path: str, hf: HFRunner) -> 
         check_lens(hf, record_lens(req, 2), ref[2], 3)
 
 
-def test_gemma2_softcap_lens(hf: HFRunner) -> None:
-    """A model with a final-logit softcap: the lens goes through the model's own logits."""
-    path = make_tiny_model("gemma2", seed=3)
-    gemma = HFRunner(path)
+@pytest.mark.parametrize("arch", ["gemma2", "gpt2", "gpt_neox"])
+def test_other_layer_loops(arch: str) -> None:
+    """Gemma 2 (final-logit softcap: the lens goes through the model's own logits), GPT-2 and
+    GPT-NeoX (LayerNorm final norms, their own layer loops)."""
+    path = make_tiny_model(arch, seed=3)
+    ref_model = HFRunner(path)
     srt = SRTRunner(path)
-    probe = ProbeRequest(hidden_layers=(0, 3), lens_layers=(1, 3), top_n=4)
+    top = ref_model.model.config.num_hidden_layers - 1
+    probe = ProbeRequest(hidden_layers=(0, top), lens_layers=(1, top), top_n=4)
     req = Req("g", PROMPTS[2], SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True),
               probe=probe)  # fmt: skip
     srt.scheduler.add_request(req)
     srt.scheduler.run_until_idle()
-    ref = reference(gemma, PROMPTS[2], req.output_ids)
+    ref = reference(ref_model, PROMPTS[2], req.output_ids)
     for layer in probe.hidden_layers:
         check_hidden(record_rows(req, layer), ref[layer])
     for layer in probe.lens_layers:
-        check_lens(gemma, record_lens(req, layer), ref[layer], 4)
+        check_lens(ref_model, record_lens(req, layer), ref[layer], 4)
 
 
 def test_engine_native_streaming_and_base64(tiny_path: str, hf: HFRunner) -> None:

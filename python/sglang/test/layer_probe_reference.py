@@ -20,10 +20,19 @@ HIDDEN_RTOL = 1e-5
 LENS_TOL = 1e-4
 
 
+def backbone_parts(model: torch.nn.Module) -> tuple[torch.nn.ModuleList, torch.nn.Module]:
+    """An HF causal LM's decoder layers and final norm (Llama-style, GPT-2, GPT-NeoX)."""
+    if hasattr(model, "transformer"):
+        return model.transformer.h, model.transformer.ln_f
+    if hasattr(model, "gpt_neox"):
+        return model.gpt_neox.layers, model.gpt_neox.final_layer_norm
+    return model.model.layers, model.model.norm
+
+
 def reference(hf: HFRunner, prompt: list[int], output_ids: list[int]) -> dict[int, torch.Tensor]:
     """Layer -> [completion_len, hidden] residual stream after that layer, at each query."""
     model = hf.model
-    layers = model.model.layers
+    layers, _ = backbone_parts(model)
     outputs: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
@@ -54,8 +63,9 @@ def reference(hf: HFRunner, prompt: list[int], output_ids: list[int]) -> dict[in
 def lens_reference(hf: HFRunner, h: torch.Tensor) -> torch.Tensor:
     """log_softmax(lm_head(norm(h))) with HF's modules (and Gemma 2's final softcap)."""
     model = hf.model
+    _, norm = backbone_parts(model)
     with torch.no_grad():
-        logits = model.lm_head(model.model.norm(h)).float()
+        logits = model.get_output_embeddings()(norm(h)).float()
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

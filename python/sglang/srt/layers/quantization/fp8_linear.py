@@ -126,7 +126,8 @@ def attach_fp8(model: nn.Module, fp8_modules: set[str], config: Fp8Config) -> se
             raise ValueError(f"{parts} share one layer here but only some of them are float8")
         out_features, in_features = layer.weight.shape
         block_in = config.block[1] if config.block else layer.input_size
-        if in_features % block_in and block_in < layer.input_size:
+        split = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
+        if split and in_features % block_in and block_in < layer.input_size:
             raise ValueError(
                 f"{name}: this rank's {in_features} input columns split a {block_in}-column "
                 "scale block; use a tensor-parallel size that divides the blocks"

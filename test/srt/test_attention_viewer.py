@@ -253,27 +253,11 @@ def _read_when_written(path: Path) -> dict[str, Any]:
     raise AssertionError(f"the page's Save wrote no {path}")
 
 
-def _per_head_report(server: str) -> dict[str, Any]:
-    """Per-layer, per-head lists (head aggregation "none") from the server; where it does not
-    take attention_heads yet, the same shape built from its per-layer lists."""
-    fields = {"attention_heads": [0, 1], "attention_head_aggregation": "none"}
-    reply = _ask(server, **fields)
-    if reply.status_code == 200:
-        return reply.json()["choices"][0]["attention_tokens"]
-    print(f"per-head lists built by hand: the server refused them ({reply.text[:200]})")
-    report = _api_report(server)
-    for entry in report["content"]:
-        lists = entry.pop("layers")
-        entry["layers"] = {la: {"heads": {"0": lists["0"], "1": lists["1"]}} for la in lists}
-        entry["captured_mass"] = {la: {"0": 0.0, "1": 0.0} for la in lists}
-    return {**report, "heads": [0, 1], "head_aggregation": "none"}
-
-
 def test_saved_html_with_heads(server: str, browser: Any, tmp_path: Path) -> None:
     """A save_html file renders with the same renderer; per-head lists get a head selector."""
     from selenium.webdriver.common.by import By
 
-    report = _per_head_report(server)
+    report = _api_report(server, attention_heads=[0, 1], attention_head_aggregation="none")
     page = save_html(report, tmp_path / "saved.html")
     browser.get(page.as_uri())
     _wait(browser, "return document.querySelectorAll('.tok.gen').length > 0")
@@ -290,3 +274,30 @@ def test_saved_html_with_heads(server: str, browser: Any, tmp_path: Path) -> Non
         lit = _hover(browser, '.tok.gen[data-gen="1"]')
         assert lit == _positions(entry["layers"][layer]["heads"][head])
     _screenshot(browser, "attention_viewer_saved.png")
+
+
+def test_saved_html_spans_and_stats(server: str, browser: Any, tmp_path: Path) -> None:
+    """Span bars and the statistics table show the entry's values."""
+    from selenium.webdriver.common.by import By
+
+    report = _api_report(
+        server,
+        attention_layer_aggregation="mean",
+        attention_spans="messages",
+        attention_stats=True,
+    )
+    browser.get(save_html(report, tmp_path / "spans.html").as_uri())
+    _wait(browser, "return document.querySelectorAll('.tok.gen').length > 0")
+    entry = report["content"][2]
+    assert _hover(browser, '.tok.gen[data-gen="2"]') == _positions(entry["top_attention"])
+    rows = browser.find_elements(By.CSS_SELECTOR, ".detail table.spans tr")
+    shown = {r.find_elements(By.TAG_NAME, "td")[0].text: r for r in rows}
+    assert list(shown) == list(entry["span_mass"]) and shown
+    for name, row in shown.items():
+        value = float(row.find_elements(By.TAG_NAME, "td")[1].text)
+        assert abs(value - entry["span_mass"][name]) < 1e-4
+    stats = browser.find_elements(By.CSS_SELECTOR, ".detail table.stats td.num")
+    names = ("entropy", "sink_mass", "prompt_mass", "completion_mass", "mean_distance")
+    assert len(stats) == len(names)
+    for td, name in zip(stats, names):
+        assert abs(float(td.text) - entry[name]) < 1e-4, name

@@ -82,6 +82,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_data_parallel.py", 60),
         TestFile("test_topk_attention.py", 60),
         TestFile("test_attention_tokens.py", 120),
+        TestFile("test_attention_heads_spans.py", 150),
         TestFile("test_startup.py", 90),
         TestFile("test_detokenizer.py", 15),
         TestFile("test_hot_path.py", 60),

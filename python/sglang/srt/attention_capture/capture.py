@@ -483,7 +483,8 @@ class AttentionCapture(StaticCaptureMixin):
         if self.spans is not None:
             result.span_mass = span_mass(row, self.spans)
         if any(r.stats for r in spec.requests):
-            prompt_lens = torch.tensor(spec.prompt_lens, dtype=torch.int64).to(self.device)
+            prompt_lens = torch.tensor(spec.prompt_lens, dtype=torch.int64)
+            prompt_lens = prompt_lens.to(self.device, non_blocking=True)
             result.stats = row_stats(row, self.seq_lens, prompt_lens)
         if self.head_rows is not None:
             split = tensor_model_parallel_all_reduce(self.head_rows)

@@ -61,6 +61,10 @@ class FakeTokenizerManager:
             if self.fail_after is not None and k > self.fail_after:
                 raise RuntimeError("engine died")
             out = pieces[:k]
+            # As the real one: a stream_deltas output (the OpenAI routes' streams) holds only
+            # what is new since the previous output: text, ids and logprobs.
+            deltas = obj.stream and (obj.stream_deltas or self.server_args.stream_output)
+            new = max(k - 1, 0) if deltas else 0
             meta: dict[str, Any] = {
                 "id": obj.rid,
                 "finish_reason": finish if k == len(pieces) else None,
@@ -70,11 +74,12 @@ class FakeTokenizerManager:
             }
             if obj.return_logprob:
                 top = obj.top_logprobs_num
-                meta["output_token_logprobs"] = [[-0.5, 100 + i, p] for i, p in enumerate(out)]
+                fresh = list(enumerate(out))[new:]
+                meta["output_token_logprobs"] = [[-0.5, 100 + i, p] for i, p in fresh]
                 meta["output_top_logprobs"] = [
-                    [[-0.5, 100 + i, p], [-1.5, 7, "x"]][:top] for i, p in enumerate(out)
+                    [[-0.5, 100 + i, p], [-1.5, 7, "x"]][:top] for i, p in fresh
                 ]
-                if obj.logprob_start_len == 0:
+                if obj.logprob_start_len == 0 and not (deltas and k > 1):
                     meta["input_token_logprobs"] = [
                         [None if i == 0 else -1.0, t, chr(t) if t < 0x110000 else None]
                         for i, t in enumerate(ids)
@@ -87,7 +92,7 @@ class FakeTokenizerManager:
                 first = k - 1 if obj.stream and k else 0
                 content = [{"token": out[i], "position": len(ids) + i} for i in range(first, k)]
                 meta["attention_tokens"] = {**ATTN, "prompt_tokens": len(ids), "content": content}
-            yield {"text": "".join(out), "output_ids": list(range(k)), "meta_info": meta}
+            yield {"text": "".join(out[new:]), "output_ids": list(range(new, k)), "meta_info": meta}
 
 
 def make_client(tm: Any) -> TestClient:
@@ -424,21 +429,16 @@ def test_chat_stream_roles_n_and_attention():
     assert events[-2]["choices"] == [] and events[-2]["usage"]["completion_tokens"] == 6
 
 
-def test_incremental_stream_output_text():
-    tm = FakeTokenizerManager(tokenizer=_SmolStub(), stream_output=True)
-    original = tm.generate_request
-
-    async def deltas(obj, request=None):
-        seen = 0
-        async for out in original(obj, request):
-            out["text"], seen = out["text"][seen:], len(out["text"])
-            yield out
-
-    tm.generate_request = deltas
-    events = sse_events(
-        make_client(tm).post("/v1/completions", json={"prompt": "a", "stream": True})
-    )
-    assert [e["choices"][0]["text"] for e in events[:-1]] == PIECES
+def test_stream_chunks_are_built_from_deltas():
+    """OpenAI streams ask the manager for deltas (stream_deltas), with or without
+    --stream-output, and each chunk carries exactly the new text."""
+    for stream_output in (False, True):
+        tm = FakeTokenizerManager(tokenizer=_SmolStub(), stream_output=stream_output)
+        events = sse_events(
+            make_client(tm).post("/v1/completions", json={"prompt": "a", "stream": True})
+        )
+        assert tm.calls[0].stream_deltas
+        assert [e["choices"][0]["text"] for e in events[:-1]] == PIECES
 
 
 def test_error_after_stream_started_is_an_event(tm, client):

@@ -167,6 +167,31 @@ def test_completion_stream(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+def test_stream_logprobs_equal_non_stream(client):
+    """Streams are built from the manager's deltas: the chunks' logprobs (echoed prompt
+    included, once) add up to the non-streamed answer's, on both routes."""
+    ref = complete(client, temperature=0, max_tokens=6, logprobs=2, echo=True).choices[0]
+    chunks = list(complete(client, temperature=0, max_tokens=6, logprobs=2, echo=True, stream=True))
+    parts = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens] == ref.logprobs.tokens
+    assert [o for p in parts for o in p.text_offset] == ref.logprobs.text_offset
+    got = [x for p in parts for x in p.token_logprobs]
+    assert got[0] is None and ref.logprobs.token_logprobs[0] is None
+    assert got[1:] == pytest.approx(ref.logprobs.token_logprobs[1:], abs=1e-6)
+
+    ref_chat = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2)
+    stream = chat(client, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2, stream=True)
+    entries = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
+    want = ref_chat.choices[0].logprobs.content
+    assert [e.token for e in entries] == [e.token for e in want]
+    assert [e.logprob for e in entries] == pytest.approx([e.logprob for e in want], abs=1e-6)
+
+
 def test_completion_stream_n2(client):
     chunks = list(complete(client, temperature=0.8, max_tokens=4, n=2, stream=True, seed=3))
     texts = {0: "", 1: ""}

@@ -113,6 +113,10 @@ class GenerateReqInput:
     is_single: bool = field(default=True, init=False)
     batch_size: int = field(default=1, init=False)
     parallel_sample_num: int = field(default=1, init=False)
+    # Internal (not a request field): a stream whose every output holds only what is new since
+    # the previous one (text, ids, logprobs), as --stream-output does for text and ids. The
+    # OpenAI routes set it, so a chunk costs O(new tokens), not O(everything generated so far).
+    stream_deltas: bool = field(default=False, init=False)
 
     def normalize_batch_and_arguments(self) -> None:
         """Check the input shape and broadcast every per-request field; raises ValueError."""

@@ -95,6 +95,8 @@ class ReqState:
     # Offsets already yielded (for --stream-output deltas).
     yielded_text: int = 0
     yielded_ids: int = 0
+    yielded_logprobs: int = 0  # output logprobs already yielded (stream_deltas)
+    yielded_input_logprobs: bool = False
     last_token_time: Optional[float] = None  # when the latest output tokens arrived (metrics)
     # Attention tokens: validated options, the prompt's ids, the records not yielded yet (the
     # only copy: a stream drops them once sent, a non-streaming request holds all until the end),
@@ -533,7 +535,7 @@ class TokenizerManager:
 
     def _make_output(self, state: ReqState) -> dict[str, Any]:
         obj = state.obj
-        incremental = obj.stream and self.server_args.stream_output
+        incremental = obj.stream and (self.server_args.stream_output or obj.stream_deltas)
         if incremental:
             text = state.text[state.yielded_text :]
             output_ids = state.output_ids[state.yielded_ids :]
@@ -550,13 +552,24 @@ class TokenizerManager:
         }
         if obj.return_logprob:
             with_text = obj.return_text_in_logprobs
-            meta["input_token_logprobs"] = self._fmt(state.input_token_logprobs, with_text)
-            meta["output_token_logprobs"] = self._fmt(state.output_token_logprobs, with_text)
+            # Deltas: the prompt's logprobs once (they arrive with the first output), then only
+            # the new tokens' logprobs in each output.
+            deltas = obj.stream and obj.stream_deltas
+            start = state.yielded_logprobs if deltas else 0
+            state.yielded_logprobs = len(state.output_token_logprobs)
+            inputs, input_tops = state.input_token_logprobs, state.input_top_logprobs
+            if deltas and state.yielded_input_logprobs:
+                inputs, input_tops = [], []
+            state.yielded_input_logprobs = state.yielded_input_logprobs or bool(inputs)
+            meta["input_token_logprobs"] = self._fmt(inputs, with_text)
+            meta["output_token_logprobs"] = self._fmt(
+                state.output_token_logprobs[start:], with_text
+            )
             meta["input_top_logprobs"] = [
-                self._fmt(x, with_text) if x is not None else None for x in state.input_top_logprobs
+                self._fmt(x, with_text) if x is not None else None for x in input_tops
             ]
             meta["output_top_logprobs"] = [
-                self._fmt(x, with_text) for x in state.output_top_logprobs
+                self._fmt(x, with_text) for x in state.output_top_logprobs[start:]
             ]
         if state.attention_options is not None:
             meta["attention_tokens"] = self._attention_report(state)

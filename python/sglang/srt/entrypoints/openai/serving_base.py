@@ -180,7 +180,10 @@ def make_generate_req(kwargs: dict[str, Any]) -> Any:
     # Imported here so this layer loads (and is testable) without the process pipeline.
     from sglang.srt.managers.io_struct import GenerateReqInput
 
-    return GenerateReqInput(**kwargs)
+    obj = GenerateReqInput(**kwargs)
+    # A stream's outputs carry only what is new (tokenizer_manager.py): chunks cost O(new).
+    obj.stream_deltas = bool(obj.stream)
+    return obj
 
 
 async def fan_out(
@@ -287,9 +290,6 @@ class ServingBase:
         args = getattr(tokenizer_manager, "server_args", None)
         self.served_model_name = getattr(args, "served_model_name", None) or "default"
         self.enable_cache_report = bool(getattr(args, "enable_cache_report", False))
-        # --stream-output makes streamed `text` a delta instead of cumulative (logprobs stay
-        # cumulative either way).
-        self.incremental_text = bool(getattr(args, "stream_output", False))
 
     @property
     def tokenizer(self) -> Any:
@@ -382,8 +382,8 @@ class ServingBase:
         yield SSE_DONE
 
     def text_delta(self, cursor: StreamCursor, out: dict[str, Any]) -> str:
-        text = out.get("text", "")
-        return text if self.incremental_text else cursor.text_delta(text)
+        # Streams run with stream_deltas (make_generate_req): the output's text is the delta.
+        return out.get("text", "")
 
     def extras(self, request: RequestBase, meta: dict[str, Any]) -> dict[str, Any]:
         """Choice-level extras the client asked for: hidden states and attention tokens.
@@ -402,36 +402,25 @@ class ServingBase:
 
 
 class StreamCursor:
-    """Per-choice progress through a cumulative stream: what has already been sent."""
+    """Per-choice state of a stream: whether its first chunk and header went out, the last output."""
 
     __slots__ = (
-        "text_len",
         "char_offset",
-        "logprobs_sent",
         "started_attention",
         "started",
         "final",
     )
 
     def __init__(self) -> None:
-        self.text_len = 0
         self.char_offset = 0  # completions text_offset of the next token
-        self.logprobs_sent = 0
         self.started_attention = False
         self.started = False
         self.final: dict[str, Any] | None = None
 
-    def text_delta(self, text: str) -> str:
-        delta = text[self.text_len :]
-        self.text_len = len(text)
-        return delta
-
-    def new_logprobs(self, meta: dict[str, Any]) -> tuple[list[Any], list[Any]]:
-        lps = meta.get("output_token_logprobs") or []
-        tops = meta.get("output_top_logprobs") or []
-        start = self.logprobs_sent
-        self.logprobs_sent = len(lps)
-        return lps[start:], tops[start:]
+    @staticmethod
+    def new_logprobs(meta: dict[str, Any]) -> tuple[list[Any], list[Any]]:
+        """This output's new token logprobs (a stream_deltas output holds only those)."""
+        return meta.get("output_token_logprobs") or [], meta.get("output_top_logprobs") or []
 
     def attention_delta(self, report: dict[str, Any] | None) -> dict[str, Any] | None:
         """This chunk's attention entries; header fields only in the first chunk.

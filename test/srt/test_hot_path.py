@@ -121,6 +121,16 @@ def test_cpu_binding_env_parsing():
             cpu_binding(spec, 0, ranks)
 
 
+def test_default_cpu_threads():
+    """Small machines give every core to the model; from 5 cores one is left to the HTTP process
+    and the detokenizer; ranks on a node share the rest, at least one thread each."""
+    from sglang.srt.managers.tp_worker import default_cpu_threads
+
+    assert [default_cpu_threads(c, 1) for c in (1, 2, 4, 5, 16)] == [1, 2, 4, 4, 15]
+    assert default_cpu_threads(2, 2) == 1 and default_cpu_threads(16, 2) == 7
+    assert default_cpu_threads(2, 4) == 1
+
+
 def test_cpu_weights_column_major_same_values(tmp_path, monkeypatch):
     """After loading on CPU, dense matmul weights live in transposed storage with the same shape
     and values, and every linear layer gives the checkpoint layout's output within float32

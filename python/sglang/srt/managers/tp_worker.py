@@ -74,9 +74,7 @@ class TpRank:
                 os.sched_setaffinity(0, cores)
                 torch.set_num_threads(len(cores))
             else:
-                # Leave a core for the HTTP server and the detokenizer; share the rest among the
-                # ranks (benchmark/results/threads_cpu.md measures the choices).
-                torch.set_num_threads(max(1, ((os.cpu_count() or 2) - 1) // local_ranks))
+                torch.set_num_threads(default_cpu_threads(usable_cores(), local_ranks))
         elif p.gpu_id is not None:
             visible = torch.cuda.device_count()
             if p.gpu_id >= visible:
@@ -167,6 +165,26 @@ def local_rank(p: RankPlacement) -> int:
     """This rank's index among the scheduler processes of its node."""
     per_node = max(1, p.tp_size // p.nnodes)
     return p.dp_rank * per_node + p.tp_rank % per_node
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: what Slurm or taskset granted)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_cpu_threads(cores: int, local_ranks: int) -> int:
+    """Torch intra-op threads per scheduler rank when no cores are bound.
+
+    The HTTP process and the detokenizer take 1-3 ms of CPU per step, far less than a core: on a
+    machine of up to 4 cores every core runs the model (on the idle 2-core machine two threads
+    serve 1.5-1.7x faster than one, benchmark/results/threads_cpu.md); from 5 cores on, one is
+    left to them. The rest is shared among the ranks on this node.
+    """
+    spare = 1 if cores > 4 else 0
+    return max(1, (cores - spare) // max(1, local_ranks))
 
 
 def cpu_binding(spec: str, rank: int, local_ranks: int) -> Optional[list[int]]:

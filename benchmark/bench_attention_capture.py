@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -83,11 +83,14 @@ def finish_batch(runner: SRTRunner) -> None:
     sched.check_memory()
 
 
-def lockstep_round(runners: dict[str, SRTRunner], args: argparse.Namespace) -> dict[str, list]:
-    """One batch per configuration, decoded in lockstep: step i of every configuration runs
-    back to back, so machine drift lands on all of them alike. Returns decode step times."""
+def lockstep_round(
+    runners: dict[str, SRTRunner], args: argparse.Namespace, start: Callable = start_batch
+) -> dict[str, list]:
+    """One batch per configuration (queued and prefilled by `start`), decoded in lockstep: step
+    i of every configuration runs back to back, so machine drift lands on all of them alike.
+    Returns decode step times."""
     for config, runner in runners.items():
-        start_batch(runner, config, args)
+        start(runner, config, args)
     times: dict[str, list[float]] = {c: [] for c in runners}
     for _ in range(args.output_len - 2):  # the last step only finishes requests
         for config, runner in runners.items():

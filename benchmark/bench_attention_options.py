@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_attention_capture import finish_batch, prompts  # noqa: E402
+from bench_attention_capture import lockstep_round, prompts  # noqa: E402
 
 from sglang.srt.attention_capture.config import parse_attention_request  # noqa: E402
 from sglang.srt.managers.io_struct import ATTENTION_FIELDS  # noqa: E402
@@ -116,20 +116,6 @@ def start_batch(runner: SRTRunner, name: str, args: argparse.Namespace) -> None:
         sched.step()
 
 
-def lockstep_round(runners: dict[str, SRTRunner], args: argparse.Namespace) -> dict[str, list]:
-    for name, runner in runners.items():
-        start_batch(runner, name, args)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(args.output_len - 2):  # the last step only finishes requests
-        for name, runner in runners.items():
-            begin = time.perf_counter()
-            runner.scheduler.step()
-            times[name].append(time.perf_counter() - begin)
-    for runner in runners.values():
-        finish_batch(runner)
-    return times
-
-
 def run(args: argparse.Namespace) -> dict[str, float]:
     runners = {
         name: SRTRunner(
@@ -143,10 +129,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         )  # fmt: skip
         for name in args.options
     }
-    lockstep_round(runners, args)  # warm-up
+    lockstep_round(runners, args, start_batch)  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(args.repeat):
-        for name, times in lockstep_round(runners, args).items():
+        for name, times in lockstep_round(runners, args, start_batch).items():
             samples[name].extend(times)
     return {name: statistics.median(s) for name, s in samples.items()}
 

@@ -22,6 +22,8 @@ import pytest
 import requests
 import torch
 
+from test_topk_attention import run_reqs
+
 from sglang.attention_tokens import merge_stream_chunks, to_bertviz, to_rows
 from sglang.srt.attention_capture import AttentionRequest
 from sglang.srt.attention_capture.config import STAT_NAMES
@@ -145,15 +147,7 @@ def options_for(prompt_len: int) -> list:
 def run_in_process(folder: str, prompts, options, **server_kwargs) -> list:
     srt = SRTRunner(folder, return_attention_tokens=True, attention_capture_layers="all",
                     attention_tokens_top_k=8, **server_kwargs)  # fmt: skip
-    reqs = [
-        srt.make_req(p, STEPS, attention=o, temperature=0.0, ignore_eos=True)
-        for p, o in zip(prompts, options)
-    ]
-    for req in reqs:
-        srt.scheduler.add_request(req)
-    srt.scheduler.run_until_idle()
-    srt.scheduler.check_memory()
-    return reqs
+    return run_reqs(srt, prompts, options, STEPS)
 
 
 def check_reqs(reqs, prompts, options, hf: HFRunner, label: str) -> None:

@@ -308,7 +308,6 @@ class AttentionCapture(StaticCaptureMixin):
             self.prompt.record(layer, q, lse, forward_batch, score_scale(layer, forward_batch))
             if not self.layer_wanted[layer.layer_id]:
                 return
-        hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
         c = self.slot_of_layer[layer.layer_id]
         if self.heads is not None:
@@ -316,17 +315,7 @@ class AttentionCapture(StaticCaptureMixin):
         elif self.use_kernel:
             probs = self._record_fused(layer, q, lse, forward_batch, c)
         else:
-            # The backend's LSE is of the soft-capped scores (Gemma 2): head_summed_probs caps.
-            probs = head_summed_probs(
-                q.view(-1, hq * d)[self.q_index],
-                lse[self.q_index],
-                forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                self.kv_slots,
-                self._allowed(layer.sliding_window_size),
-                score_scale(layer, forward_batch),
-                layer.logit_cap,
-                self.num_q_heads_total,
-            )
+            probs = self._torch_probs(layer, q, lse, forward_batch, per_head=False)
             self.rows[:num, : self.max_kv].addcmul_(probs, self.weights[:, c : c + 1])
         if self.spec.per_layer:
             probs = tensor_model_parallel_all_reduce(probs)
@@ -334,6 +323,29 @@ class AttentionCapture(StaticCaptureMixin):
             self.layer_values[c, :num, : self.k] = vals
             self.layer_indices[c, :num, : self.k] = idx
             self.layer_excluded[c, :num] = excl
+
+    def _torch_probs(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+        per_head: bool,
+    ) -> torch.Tensor:
+        """torch_scores' [R, W] head-summed (or [R, Hl, W] per-head) probabilities of the rows."""
+        hq, d = layer.tp_q_head_num, layer.head_dim
+        # The backend's LSE is of the soft-capped scores (Gemma 2): head_summed_probs caps.
+        return head_summed_probs(
+            q.view(-1, hq * d)[self.q_index],
+            lse[self.q_index],
+            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
+            self.kv_slots,
+            self._allowed(layer.sliding_window_size),
+            score_scale(layer, forward_batch),
+            layer.logit_cap,
+            self.num_q_heads_total,
+            per_head=per_head,
+        )
 
     def _record_heads(
         self,
@@ -345,22 +357,11 @@ class AttentionCapture(StaticCaptureMixin):
     ) -> torch.Tensor:
         """`record` for a forward with head selection (heads.py): every local head's row, then
         each capturing row's own aggregation. Returns the layer's unweighted [R, W] share."""
-        hq, d = layer.tp_q_head_num, layer.head_dim
         num = self.spec.num_rows
         if self.use_kernel:
             probs, split = self._heads_fused(layer, q, lse, forward_batch)
         else:
-            per_head = head_summed_probs(
-                q.view(-1, hq * d)[self.q_index],
-                lse[self.q_index],
-                forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-                self.kv_slots,
-                self._allowed(layer.sliding_window_size),
-                score_scale(layer, forward_batch),
-                layer.logit_cap,
-                self.num_q_heads_total,
-                per_head=True,
-            )
+            per_head = self._torch_probs(layer, q, lse, forward_batch, per_head=True)
             probs, split = aggregate_heads(self.heads, per_head)
         weight = self.weights[:, c : c + 1]
         self.rows[:num, : self.max_kv].addcmul_(probs, weight)
@@ -388,21 +389,13 @@ class AttentionCapture(StaticCaptureMixin):
             split = torch.zeros(num, plan.num_slots, self.max_kv, device=dev)
         if plan.is_max is not None:
             top = torch.zeros(num, self.max_kv, dtype=torch.float32, device=dev)
-        self._capture_scores(
-            q if q.stride(-1) == 1 else q.contiguous(),
-            lse.contiguous(),
-            forward_batch.token_to_kv_pool.get_key_buffer(layer.layer_id),
-            forward_batch.req_to_token_pool.req_to_token,
-            self.row_pool_indices,
-            self.seq_lens,
-            self.q_index,
-            self.row_mask,
+        self._kernel(
+            layer,
+            q,
+            lse,
+            forward_batch,
             self.row_mask.float(),  # weight 1: `probs` is this layer's own row
             probs,
-            score_scale(layer, forward_batch),
-            self.num_q_heads_total,
-            sliding_window=layer.sliding_window_size,
-            logit_cap=layer.logit_cap,
             accumulate=False,
             head_weights=plan.mean_weights,
             head_slots=plan.head_slot,
@@ -428,6 +421,28 @@ class AttentionCapture(StaticCaptureMixin):
         layer_rows = None
         if self.spec.per_layer:
             layer_rows = torch.zeros(num, self.max_kv, dtype=torch.float32, device=self.device)
+        self._kernel(
+            layer,
+            q,
+            lse,
+            forward_batch,
+            self.weights[:, c],
+            self.rows[:num, : self.max_kv],
+            layer_rows=layer_rows,
+        )
+        return layer_rows
+
+    def _kernel(
+        self,
+        layer: "RadixAttention",
+        q: torch.Tensor,
+        lse: torch.Tensor,
+        forward_batch: "ForwardBatch",
+        weights: torch.Tensor,
+        rows: torch.Tensor,
+        **options: Any,
+    ) -> None:
+        """sgl_kernel's `capture_scores` over this forward's capturing rows."""
         self._capture_scores(
             q if q.stride(-1) == 1 else q.contiguous(),
             lse.contiguous(),
@@ -437,15 +452,14 @@ class AttentionCapture(StaticCaptureMixin):
             self.seq_lens,
             self.q_index,
             self.row_mask,
-            self.weights[:, c],
-            self.rows[:num, : self.max_kv],
+            weights,
+            rows,
             score_scale(layer, forward_batch),
             self.num_q_heads_total,
             sliding_window=layer.sliding_window_size,
             logit_cap=layer.logit_cap,
-            layer_rows=layer_rows,
+            **options,
         )
-        return layer_rows
 
     def _rank(self, row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k of [R, W] score rows (or [R, S, W] per-head rows) after leaving out padding

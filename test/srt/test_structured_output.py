@@ -104,10 +104,16 @@ def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key="none", timeout=300)
 
 
-def _chat(client: openai.OpenAI, prompt: str, schema: dict, stream: bool) -> str:
-    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+def _chat(client: openai.OpenAI, prompt: str, constraint: dict, stream: bool) -> str:
+    """A JSON schema goes as `response_format`, a regex or EBNF grammar in `extra_body`."""
     messages = [{"role": "user", "content": prompt}]
-    kw = dict(model="default", messages=messages, response_format=fmt, max_tokens=MAX_TOKENS)
+    kw: dict[str, Any] = dict(model="default", messages=messages, max_tokens=MAX_TOKENS)
+    if "json_schema" in constraint:
+        schema = json.loads(constraint["json_schema"])
+        fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+        kw["response_format"] = fmt
+    else:
+        kw["extra_body"] = constraint
     if not stream:
         return client.chat.completions.create(temperature=0, **kw).choices[0].message.content
     parts = client.chat.completions.create(temperature=0, stream=True, **kw)
@@ -138,8 +144,7 @@ def _generate(url: str, prompt: str, constraint: dict, stream: bool) -> str:
 
 def _run(url: str, client: openai.OpenAI, route: str, prompt: str, constraint: dict, stream: bool):
     if route == "chat":
-        schema = json.loads(constraint["json_schema"])
-        return _chat(client, prompt, schema, stream)
+        return _chat(client, prompt, constraint, stream)
     if route == "completions":
         return _completions(client, prompt, constraint, stream)
     return _generate(url, prompt, constraint, stream)
@@ -194,16 +199,17 @@ def test_json_object_response_format(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_regex_full_match(server, client, stream):
     pattern = r"(\+1 )?[0-9]{3}-[0-9]{3}-[0-9]{4}"
-    for route in ROUTES[1:]:
+    for route in ROUTES:
         text = _run(server, client, route, "Call me at", {"regex": pattern}, stream)
         assert re.fullmatch(pattern, text), (route, text)
 
 
 def test_ebnf_grammar(server, client):
     grammar = 'root ::= "The answer is " answer "."\nanswer ::= "yes" | "no" | "maybe"'
-    for route in ROUTES[1:]:
-        text = _run(server, client, route, "Is the sky blue?", {"ebnf": grammar}, False)
-        assert re.fullmatch(r"The answer is (yes|no|maybe)\.", text), (route, text)
+    for route in ROUTES:
+        for stream in (False, True):
+            text = _run(server, client, route, "Is the sky blue?", {"ebnf": grammar}, stream)
+            assert re.fullmatch(r"The answer is (yes|no|maybe)\.", text), (route, stream, text)
 
 
 def test_n_samples_and_logprobs_follow_the_grammar(server):

@@ -89,6 +89,37 @@ def test_constraints_hold_through_chunking_prefix_hits_and_retraction(tiny):
     assert all(reqs[i].finished_reason.to_json()["type"] == "stop" for i in (0, 1, 4, 5))
 
 
+SAMPLING_MODES = [
+    {"temperature": 0.0},
+    {"temperature": 0.8, "top_k": 5},
+    {"temperature": 1.0, "top_p": 0.5},
+    {"temperature": 1.0, "min_p": 0.2},
+    {"temperature": 1.2, "repetition_penalty": 1.3, "frequency_penalty": 0.5},
+    {"temperature": 1.0, "presence_penalty": 1.0, "logit_bias": {"15": 8.0, "33": -8.0}},
+]
+
+
+def test_every_sampling_mode_follows_the_grammar(tiny):
+    """Top-k/p, min-p, penalties and logit_bias act on the logits around the grammar's mask;
+    whatever they do, only the grammar's tokens can be sampled."""
+    _, tokenizer = tiny
+    srt = runner(tiny)
+    reqs = []
+    for i, mode in enumerate(SAMPLING_MODES):
+        for constraint in ({"regex": REGEX}, {"json_schema": json.dumps(ENUM_SCHEMA)}):
+            reqs.append(srt.make_req([5, 6, 7, 8], 64, sampling_seed=i, **mode, **constraint))
+    for req in reqs:
+        srt.scheduler.add_request(req)
+    srt.scheduler.run_until_idle()
+    for req in reqs:
+        text = tokenizer.decode(req.output_ids, skip_special_tokens=True)
+        assert req.finished_reason.to_json()["type"] == "stop", (text, req.sampling_params)
+        if req.sampling_params.regex:
+            assert re.fullmatch(REGEX, text), (text, req.sampling_params)
+        else:
+            jsonschema.validate(json.loads(text), ENUM_SCHEMA)
+
+
 def test_compile_is_cached_and_a_bad_grammar_aborts_with_400(tiny):
     srt = runner(tiny)
     sched = srt.scheduler

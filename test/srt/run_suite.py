@@ -93,6 +93,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_triton_backend.py", 200, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_attention_prompt_triton.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_fp8.py", 90, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_int4.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_fp8_checkpoints.py", 80),
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
@@ -110,6 +111,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_triton_kernels.py", 30),
         TestFile("test_triton_backend.py", 60),
         TestFile("test_triton_fp8.py", 30),
+        TestFile("test_triton_int4.py", 30),
     ],
 }
 

@@ -13,8 +13,12 @@ memory in one of two forms, chosen once per process (`SGLANG_INT4_MATMUL`):
   sorted by group (the activations are gathered the same way).
 - `dequant`: two codes per byte; each forward dequantizes the layer's weight to the activation
   dtype with exactly (q - zero) * scale (float32 arithmetic) and runs a dense matmul, so float32
-  results equal HF transformers on the dequantized weights. Also the path on CUDA, and the
-  fallback for shapes the CPU kernel does not take.
+  results equal HF transformers on the dequantized weights. The fallback for shapes the CPU
+  kernel does not take, and on CUDA without Triton.
+- `triton` (default on CUDA with Triton): the same two-codes-per-byte layout, multiplied by the
+  Triton int4 GEMM `sgl_kernel.int4_gemm` (imported when the first layer is built), which
+  dequantizes tiles in registers with the same formula; act-order `g_idx` is read in-kernel.
+  CPU tensors run it only under Triton's interpreter (the tests).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # From this many activation rows on, float32 int4pack layers dequantize and run a dense matmul
 # (PackedInt4); measured crossover in benchmark/results/int4_matmul_cpu.md.
 DENSE_MIN_ROWS = 4
-MATMUL_CHOICES = ("int4pack", "dequant")
+MATMUL_CHOICES = ("int4pack", "dequant", "triton")
 
 
 @dataclass
@@ -80,14 +84,24 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def matmul_choice(device: torch.device) -> str:
-    """The int4 matmul for this process: `SGLANG_INT4_MATMUL`, else int4pack on CPU."""
+    """The int4 matmul for this process: `SGLANG_INT4_MATMUL`, else int4pack on CPU and triton
+    on CUDA (dequant there when Triton is missing)."""
+    from sgl_kernel.triton_common import triton_usable
+
     wanted = os.environ.get("SGLANG_INT4_MATMUL", "").strip().lower()
     if wanted and wanted not in MATMUL_CHOICES:
         raise ValueError(f"SGLANG_INT4_MATMUL={wanted!r}; expected one of {MATMUL_CHOICES}")
-    if device.type != "cpu":
-        # NOTE: no int4 GPU kernel is built here yet; dequantize per forward on the device.
-        return "dequant"
-    return wanted or "int4pack"
+    if wanted == "triton" and not triton_usable(device):
+        raise ValueError(
+            "SGLANG_INT4_MATMUL=triton needs Triton and a CUDA device (or TRITON_INTERPRET=1)"
+        )
+    if wanted == "int4pack" and device.type != "cpu":
+        raise ValueError(f"SGLANG_INT4_MATMUL=int4pack is a CPU kernel; the device is {device}")
+    if wanted:
+        return wanted
+    if device.type == "cpu":
+        return "int4pack"
+    return "triton" if triton_usable(device) else "dequant"
 
 
 def _kernel_layout(shard: Int4Shard) -> Optional[tuple[Optional[torch.Tensor], int]]:
@@ -253,6 +267,17 @@ class DequantInt4:
         return F.linear(x, self.weight().to(x.dtype))
 
 
+class TritonInt4(DequantInt4):
+    """`DequantInt4`'s tensors multiplied by the Triton int4 GEMM (sgl_kernel.int4_gemm)."""
+
+    label = "triton int4 GEMM (sgl_kernel.int4_gemm; 4-bit codes, dequantized in-kernel)"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from sgl_kernel.int4_gemm import int4_linear
+
+        return int4_linear(x, self.codes, self.scales, self.zeros, self.group, self.g_idx)
+
+
 class Int4LinearMethod:
     """The matmuls of one linear layer: one per merged shard, outputs concatenated."""
 
@@ -263,6 +288,8 @@ class Int4LinearMethod:
             layout = _kernel_layout(shard) if self.kind == "int4pack" else None
             if layout is not None and dtype in (torch.float32, torch.bfloat16, torch.float16):
                 self.parts.append(PackedInt4(shard, layout[0], layout[1], dtype))
+            elif self.kind == "triton":
+                self.parts.append(TritonInt4(shard, device))
             else:
                 self.parts.append(DequantInt4(shard, device))
         self.kinds = sorted({part.label for part in self.parts})

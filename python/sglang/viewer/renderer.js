@@ -284,7 +284,7 @@
 
     var spans = e.span_mass;
     if (keys(spans).length) {
-      h += '<h3>Span mass</h3><table class="spans">';
+      h += '<h3>Span mass <small>(the selected layers and heads together)</small></h3><table class="spans">';
       keys(spans).forEach(function (name) {
         var m = spans[name];
         h += "<tr><td>" + esc(name) + '</td><td class="num">' + fmt(m) +
@@ -294,7 +294,7 @@
     }
     var stats = STATS.filter(function (s) { return e[s[0]] != null; });
     if (stats.length) {
-      h += '<h3>Statistics</h3><table class="stats">';
+      h += '<h3>Statistics <small>(the selected layers and heads together)</small></h3><table class="stats">';
       stats.forEach(function (s) {
         h += "<tr><td>" + s[1] + '</td><td class="num">' + fmt(e[s[0]]) + "</td></tr>";
       });

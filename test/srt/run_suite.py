@@ -66,6 +66,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_model_parity.py", 180),
         TestFile("test_model_parity_archs.py", 100),
         TestFile("test_model_parity_gemma.py", 120),
+        TestFile("test_model_parity_windowed.py", 60),
         TestFile("test_model_parity_moe.py", 60),
         TestFile("test_supported_models_table.py", 5),
         TestFile("test_smollm2_parity.py", 180),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import zlib
+from typing import Optional
 
 import pytest
 from test_tensor_parallel import run_models
@@ -101,16 +102,21 @@ def test_chunked_prefill_and_prefix_hit(setup):
     assert_greedy_matches([hit], refs[3:], f"{arch} prefix hit")
 
 
-def test_attention_tokens_against_hf_eager(setup):
-    arch, folder, hf, prompts, _ = setup
-    last = hf.model.config.num_hidden_layers - 1
-    every = tuple(range(last + 1))
-    options = [
-        AttentionRequest(top_k=5, layers=(last,)),
+def capture_options(num_layers: int) -> list[Optional[AttentionRequest]]:
+    """Per prompt: the last layer, the all-layer mean, no capture (in the same batches), and
+    per-layer lists with the sink excluded."""
+    every = tuple(range(num_layers))
+    return [
+        AttentionRequest(top_k=5, layers=(num_layers - 1,)),
         AttentionRequest(top_k=8, layers=every),
-        None,  # does not ask, runs in the same batches
+        None,
         AttentionRequest(top_k=4, layers=every, aggregation="none", exclude_sink=1),
     ]
+
+
+def test_attention_tokens_against_hf_eager(setup):
+    arch, folder, hf, prompts, _ = setup
+    options = capture_options(hf.model.config.num_hidden_layers)
     steps = 6
     reqs = run_reqs(capture_runner(folder, chunked_prefill_size=16), prompts, options, steps)
     for i, (req, prompt) in enumerate(zip(reqs, prompts)):

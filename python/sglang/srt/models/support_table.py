@@ -49,8 +49,9 @@ SUPPORT: dict[str, ArchSupport] = {
         models="Mistral 7B",
         specific="Llama with a sliding window on every layer",
         parity=("test_model_parity.py",),
-        capture=(),
-        notes="Llama's class; attention tokens under a window checked on Phi-3 and Mixtral",
+        capture=("test_model_parity_windowed.py",),
+        tp=("test_model_parity_windowed.py",),
+        notes="Llama's class",
     ),
     "Qwen2ForCausalLM": ArchSupport(
         models="Qwen2, Qwen2.5",
@@ -84,6 +85,7 @@ SUPPORT: dict[str, ArchSupport] = {
         specific="per-layer `layer_types` (sliding / full) with their own rope bases, q/k norms",
         parity=("test_model_parity_gemma.py",),
         capture=("test_model_parity_gemma.py",),
+        tp=("test_model_parity_windowed.py",),
     ),
     "GPT2LMHeadModel": ArchSupport(
         models="GPT-2 small to XL, DistilGPT2",

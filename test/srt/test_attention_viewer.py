@@ -100,6 +100,10 @@ def _wait(driver: Any, script: str) -> Any:
     )
 
 
+# The page's phase once it leaves idle/running (it changes after the view is drawn).
+_SETTLED = "const p = document.body.dataset.phase; return !['idle', 'running'].includes(p) && p"
+
+
 def _hover(driver: Any, css: str) -> list[int]:
     """Move the mouse onto the element; the positions now highlighted, ascending."""
     from selenium.webdriver.common.action_chains import ActionChains
@@ -194,7 +198,7 @@ def test_live_page(server: str, browser: Any, tmp_path: Path) -> None:
     lens_n.send_keys(str(LENS_N))
     _select(driver, "select[name=attention_layer_aggregation]", "none")
     driver.find_element(By.ID, "attn-run").click()
-    phase = _wait(driver, "const p = document.body.dataset.phase; return p !== 'running' && p")
+    phase = _wait(driver, _SETTLED)  # the click set it to running before returning
     assert phase == "done", driver.find_element(By.ID, "attn-error").text
     held = driver.execute_script("return window.attnState.report")
     api = _api_report(server, logit_lens={"layers": [0, 1], "top_n": LENS_N})
@@ -234,7 +238,7 @@ def test_live_page(server: str, browser: Any, tmp_path: Path) -> None:
     assert len(saved["token_strings"]) == held["prompt_tokens"] + MAX_TOKENS
     driver.get(f"{server}/attention")
     driver.find_element(By.ID, "attn-load").send_keys(str(saved_file))
-    assert _wait(driver, "return document.body.dataset.phase") == "loaded"
+    assert _wait(driver, _SETTLED) == "loaded", driver.find_element(By.ID, "attn-error").text
     assert not driver.find_elements(By.CSS_SELECTOR, ".tok.unk")
     _select(driver, "select.layer", "1")
     lit = _hover(driver, '.tok.gen[data-gen="4"]')
@@ -276,8 +280,9 @@ def test_saved_html_with_heads(server: str, browser: Any, tmp_path: Path) -> Non
     _screenshot(browser, "attention_viewer_saved.png")
 
 
-def test_saved_html_spans_and_stats(server: str, browser: Any, tmp_path: Path) -> None:
-    """Span bars and the statistics table show the entry's values."""
+def test_saved_html_spans_stats_prompt_rows(server: str, browser: Any, tmp_path: Path) -> None:
+    """Span bars and the statistics table show the entry's values; prompt positions asked with
+    attention_prompt_positions can be hovered like generated tokens."""
     from selenium.webdriver.common.by import By
 
     report = _api_report(
@@ -285,6 +290,7 @@ def test_saved_html_spans_and_stats(server: str, browser: Any, tmp_path: Path) -
         attention_layer_aggregation="mean",
         attention_spans="messages",
         attention_stats=True,
+        attention_prompt_positions=[5, 10],
     )
     browser.get(save_html(report, tmp_path / "spans.html").as_uri())
     _wait(browser, "return document.querySelectorAll('.tok.gen').length > 0")
@@ -301,3 +307,8 @@ def test_saved_html_spans_and_stats(server: str, browser: Any, tmp_path: Path) -
     assert len(stats) == len(names)
     for td, name in zip(stats, names):
         assert abs(float(td.text) - entry[name]) < 1e-4, name
+    prompt_rows = report["prompt_content"]
+    assert [e["position"] for e in prompt_rows] == [5, 10]
+    lit = _hover(browser, '.tok.qp[data-prompt="1"]')
+    assert lit == _positions(prompt_rows[1]["top_attention"])
+    assert max(lit) <= 10  # a prompt row's query is its own position

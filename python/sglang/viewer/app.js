@@ -1,7 +1,9 @@
 /* The server's /attention page (app.html): sends the form as a streaming OpenAI request with the
    attention fields, draws the report with renderer.js as entries arrive, loads and saves report
    JSON. Only fields the user set are sent, so the page works with whatever the server accepts;
-   a refused field shows the server's error text. window.attnState holds the report (tests read it). */
+   a refused field shows the server's error text. window.attnState holds the report, and
+   document.body.dataset.phase (idle, running, done, loaded, error) changes only once the view is
+   drawn (tests wait on it). */
 (function () {
   "use strict";
   var form = document.getElementById("attn-form");
@@ -24,12 +26,16 @@
     state.error = text;
     errorEl.textContent = text || "";
   }
+  function draw() {
+    view.set({ report: state.report, tokens: state.tokens });
+  }
+  // While streaming: at most one draw per frame.
   function redraw() {
     if (pending) return;
     pending = true;
     window.requestAnimationFrame(function () {
       pending = false;
-      view.set({ report: state.report, tokens: state.tokens });
+      draw();
     });
   }
   function ints(text, name) {
@@ -153,8 +159,10 @@
         });
       }
       var n = state.report ? state.report.content.length : 0;
+      draw();
       setPhase("done", "done: " + n + " generated tokens");
     } catch (e) {
+      if (state.report) draw();
       if (e.name === "AbortError") setPhase("done", "stopped");
       else {
         showError(String(e.message || e));
@@ -165,7 +173,6 @@
       stopBtn.disabled = true;
       saveBtn.disabled = !state.report;
       controller = null;
-      redraw();
     }
   }
 
@@ -180,10 +187,11 @@
       state.report = report;
       state.tokens = report.token_strings || null;
       saveBtn.disabled = false;
+      draw();
       setPhase("loaded", "loaded " + file.name + ": " + report.content.length + " generated tokens");
-      redraw();
     }).catch(function (e) {
       showError(String(e.message || e));
+      setPhase("error", "failed");
     });
   }
 

@@ -27,6 +27,7 @@ from test_topk_attention import run_reqs
 from sglang.attention_tokens import merge_stream_chunks, to_bertviz, to_rows
 from sglang.srt.attention_capture import AttentionRequest
 from sglang.srt.attention_capture.config import STAT_NAMES
+from sglang.srt.attention_capture.records import result_to_records
 from sglang.test.attention_reference import assert_valid_topk
 from sglang.test.runners import HFRunner, SRTRunner, cpu_threads_hint, make_tiny_text_model
 from sglang.test.test_utils import running_server
@@ -167,6 +168,52 @@ def test_mixed_batch_against_hf(folder, hf) -> None:
     n = min(len(p) for p in prompts)
     options = options_for(n)
     check_reqs(run_in_process(folder, prompts, options), prompts, options, hf, "mixed")
+
+
+def test_static_graph_path_spans_and_stats_equal_eager() -> None:
+    """The fixed-shape path CUDA graphs record, run eagerly, gives the eager path's span mass
+    and statistics (rows that do not ask beside rows that do)."""
+    from test_torch_native_backend import MAX_CONTEXT, NUM_ROWS, make_case, make_layer
+
+    from sglang.srt.attention_capture import AttentionCapture, CaptureSpec
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    case = make_case(11, hq=8, hkv=2, d=16, prefix_lens=[9, 20, 3, 40, 17], extend_lens=[1] * 5,
+                     mode=ForwardMode.DECODE, num_layers=2, page_size=2)  # fmt: skip
+    spans = (("a", 0, 2), ("b", 1, 4), ("c", 0, 3))
+    requests = [
+        AttentionRequest(top_k=5, layers=(1,), spans=spans[:2], stats=True),
+        AttentionRequest(top_k=4, layers=(0, 1)),
+        AttentionRequest(top_k=3, layers=(0, 1), aggregation="none", spans=spans, stats=True),
+    ]
+    spec = CaptureSpec([3, 0, 4], requests, [30, 5, 12])
+    cap = AttentionCapture((0, 1), 2, NUM_ROWS, MAX_CONTEXT, 8, case.hq, device="cpu")
+    layers = [make_layer(case, i) for i in range(2)]
+
+    def forward_layers() -> None:
+        for i, layer in enumerate(layers):
+            _, lse = case.backend.forward(case.q[i], case.k[i], case.v[i], layer, case.fb,
+                                          return_lse=True)  # fmt: skip
+            if cap.wants_layer(i):
+                cap.record(layer, case.q[i], lse, case.fb)
+
+    cap.begin(spec, case.fb)
+    forward_layers()
+    eager = cap.finish()
+    cap.init_static(NUM_ROWS, max_width=MAX_CONTEXT)
+    bs = case.fb.batch_size
+    cap.load_static(spec, bs)
+    shape = cap.static_shape(spec, case.fb.seq_lens_cpu)
+    assert shape.reduces and spec.plain_heads
+    cap.static_begin(bs, shape)
+    forward_layers()
+    cap.static_finish(case.fb, bs)
+    static = cap.static_result(spec, case.fb.seq_lens_cpu)
+    assert eager.span_mass.shape == static.span_mass.shape == (3, 3)
+    torch.testing.assert_close(static.span_mass, eager.span_mass, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(static.stats, eager.stats, rtol=1e-5, atol=1e-6)
+    for a, b in zip(result_to_records(static), result_to_records(eager)):
+        assert a.span_mass == pytest.approx(b.span_mass) and (a.stats is None) == (b.stats is None)
 
 
 TP_PROMPTS = rand_prompts(3, seed=3, lo=12, hi=20)

@@ -78,10 +78,10 @@ class CaptureSpec:
         return max(r.top_k for r in self.requests)
 
     @property
-    def plain(self) -> bool:
-        """Every row takes the plain head mean and asks no span mass or statistics (what the
-        static graph path serves; other specs run eagerly)."""
-        return all(r.plain_heads and not r.spans and not r.stats for r in self.requests)
+    def plain_heads(self) -> bool:
+        """Every row takes the plain head mean (what the static graph path serves, spans and
+        statistics included; head selection runs eagerly)."""
+        return all(r.plain_heads for r in self.requests)
 
 
 def build_capture_spec(reqs: list[Any], extend: bool) -> Optional[CaptureSpec]:

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from sgl_kernel.attention_scores import key_visible
 
+from sglang.srt.attention_capture.config import MAX_SPANS, STAT_NAMES
+from sglang.srt.attention_capture.row_stats import row_stats, span_mass
 from sglang.srt.attention_capture.torch_scores import head_summed_probs
 from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
@@ -68,6 +70,7 @@ class StaticShape:
     width: int  # key positions per row: a bucket >= the longest capturing sequence
     layers: tuple[int, ...]  # captured layers some row selected, the only ones launched
     per_layer: bool  # some row wants one list per layer ("none" aggregation)
+    reduces: bool = False  # some row asks for span mass or statistics (row_stats.py)
 
 
 def score_scale(layer: "RadixAttention", forward_batch: "ForwardBatch") -> float:
@@ -82,7 +85,9 @@ def static_buffer_bytes(num_cap: int, max_bs: int, max_width: int, max_top_k: in
     per_row = 4 + 8 + 4 + 8 + num_cap * 4  # mask, exclude, excluded, q index, weights
     per_layer = num_cap * 4  # each layer's excluded mass
     top_k = (num_cap + 1) * max_top_k * 12  # values (4) and indices (8), mean and per layer
-    return max_bs * (per_row + per_layer + top_k + max_width * 4)  # + the per-layer score row
+    # Prompt length, span bounds and masses, statistics.
+    reductions = 8 + MAX_SPANS * (16 + 4) + len(STAT_NAMES) * 4
+    return max_bs * (per_row + per_layer + top_k + reductions + max_width * 4)  # + layer row
 
 
 class StaticCaptureMixin:
@@ -126,6 +131,10 @@ class StaticCaptureMixin:
         self.g_layer_indices = torch.zeros(num_cap, max_bs, k, dtype=i64, device=dev)
         self.g_layer_excluded = torch.zeros(num_cap, max_bs, dtype=f32, device=dev)
         self.g_layer_row = torch.zeros(max_bs, width, dtype=f32, device=dev)
+        self.g_prompt_lens = torch.zeros(max_bs, dtype=i64, device=dev)
+        self.g_spans = torch.zeros(max_bs, MAX_SPANS, 2, dtype=i64, device=dev)
+        self.g_span_mass = torch.zeros(max_bs, MAX_SPANS, dtype=f32, device=dev)
+        self.g_stats = torch.zeros(max_bs, len(STAT_NAMES), dtype=f32, device=dev)
 
     # ---- outside the graph -------------------------------------------------------------------
     def static_shape(self, spec: "CaptureSpec", seq_lens_cpu: list[int]) -> StaticShape:
@@ -137,7 +146,8 @@ class StaticCaptureMixin:
             raise ValueError(f"sequence of {longest} exceeds the static width {self.static_widths}")
         wanted = set().union(*(r.layers for r in spec.requests))
         layers = tuple(layer for layer in self.layers if layer in wanted)
-        return StaticShape(width, layers, spec.per_layer)
+        reduces = any(r.spans or r.stats for r in spec.requests)
+        return StaticShape(width, layers, spec.per_layer, reduces)
 
     def load_static(self, spec: Optional["CaptureSpec"], bs: int) -> None:
         """Fill mask, exclusions and weights of the (padded) batch's first `bs` rows."""
@@ -147,17 +157,27 @@ class StaticCaptureMixin:
         mask = [0] * bs
         exclude = [0] * bs
         weights = [[0.0] * num_cap for _ in range(bs)]
+        prompt_lens = [0] * bs
+        spans = [[(0, 0)] * MAX_SPANS for _ in range(bs)]
         if spec is not None:
-            for row, req in zip(spec.batch_rows, spec.requests):
+            for i, (row, req) in enumerate(zip(spec.batch_rows, spec.requests)):
                 mask[row] = 1
                 exclude[row] = req.exclude_sink
                 w = 1.0 / len(req.layers)
                 weights[row] = [w if layer in req.layers else 0.0 for layer in self.layers]
+                if spec.prompt_lens:
+                    prompt_lens[row] = spec.prompt_lens[i]
+                for s, (_, start, end) in enumerate(req.spans):
+                    spans[row][s] = (start, end)
         dev = self.device
         self.g_row_mask[:bs].copy_(torch.tensor(mask, dtype=torch.int32), non_blocking=True)
         self.g_exclude[:bs].copy_(torch.tensor(exclude, dtype=torch.int64), non_blocking=True)
         w_host = torch.tensor(weights, dtype=torch.float32).view(bs, num_cap)
         self.g_weights[:bs].copy_(w_host.to(dev, non_blocking=True), non_blocking=True)
+        if spec is not None and any(r.spans or r.stats for r in spec.requests):
+            lens = torch.tensor(prompt_lens, dtype=torch.int64)
+            self.g_prompt_lens[:bs].copy_(lens, non_blocking=True)
+            self.g_spans[:bs].copy_(torch.tensor(spans, dtype=torch.int64), non_blocking=True)
 
     def static_result(self, spec: "CaptureSpec", seq_lens_cpu: list[int]) -> "CaptureResult":
         """The capturing rows of the last static run, as the eager path's CaptureResult."""
@@ -178,6 +198,11 @@ class StaticCaptureMixin:
             result.layer_values = self.g_layer_values.index_select(1, rows)[:, :, :k]
             result.layer_indices = self.g_layer_indices.index_select(1, rows)[:, :, :k]
             result.layer_excluded = self.g_layer_excluded.index_select(1, rows)
+        spans = max((len(r.spans) for r in spec.requests), default=0)
+        if spans:
+            result.span_mass = self.g_span_mass.index_select(0, rows)[:, :spans]
+        if any(r.stats for r in spec.requests):
+            result.stats = self.g_stats.index_select(0, rows)
         return result
 
     # ---- inside the graph --------------------------------------------------------------------
@@ -191,10 +216,13 @@ class StaticCaptureMixin:
         self, row: torch.Tensor, forward_batch: "ForwardBatch", bs: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k (the shape's k) of [bs, width] score rows, all-reduced over TP first."""
+        return self._rank_reduced(_all_reduced(row), forward_batch, bs)
+
+    def _rank_reduced(
+        self, row: torch.Tensor, forward_batch: "ForwardBatch", bs: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from sgl_kernel.attention_capture import capture_rank
 
-        if get_tensor_model_parallel_world_size() > 1:
-            row = tensor_model_parallel_all_reduce(row.contiguous())
         k = min(self.max_top_k, row.shape[1])
         seq_lens = forward_batch.seq_lens[:bs]
         return capture_rank(row, seq_lens, self.g_row_mask[:bs], self.g_exclude[:bs], k)
@@ -267,9 +295,12 @@ class StaticCaptureMixin:
     def static_finish(self, forward_batch: "ForwardBatch", bs: int) -> None:
         """Rank the rows (all-reduced over TP, the shape's width only) into the static top-k
         outputs; ends the forward."""
-        vals, idx, excl = self._rank_static(
-            self.rows[:bs, : self.graph_shape.width], forward_batch, bs
-        )
+        row = _all_reduced(self.rows[:bs, : self.graph_shape.width])
+        vals, idx, excl = self._rank_reduced(row, forward_batch, bs)
+        if self.graph_shape.reduces:
+            self.g_span_mass[:bs].copy_(span_mass(row, self.g_spans[:bs]))
+            seq_lens = forward_batch.seq_lens[:bs]
+            self.g_stats[:bs].copy_(row_stats(row, seq_lens, self.g_prompt_lens[:bs]))
         self.g_values[:bs, : vals.shape[1]].copy_(vals)
         self.g_indices[:bs, : idx.shape[1]].copy_(idx)
         self.g_excluded[:bs].copy_(excl)
@@ -277,3 +308,10 @@ class StaticCaptureMixin:
 
     def static_abort(self) -> None:
         self.graph_active = False
+
+
+def _all_reduced(row: torch.Tensor) -> torch.Tensor:
+    """The [bs, width] rows summed over the TP group (as they are without TP)."""
+    if get_tensor_model_parallel_world_size() > 1:
+        return tensor_model_parallel_all_reduce(row.contiguous())
+    return row

@@ -112,10 +112,10 @@ class CudaGraphRunner:
             return False  # --disable-cuda-graph-padding: run eagerly rather than pad
         if batch.layer_probe is not None:
             return False  # layer probes (hidden_states_layers, logit_lens) run eagerly
-        # A capturing batch (its CaptureSpec, any layer aggregation) needs the capture buffers;
-        # head selection, spans and statistics run eagerly (CaptureSpec.plain).
+        # A capturing batch (its CaptureSpec, any layer aggregation, spans, statistics) needs the
+        # capture buffers; head selection runs eagerly (CaptureSpec.plain_heads).
         spec = batch.attention_capture
-        return spec is None or (self.capture_obj is not None and spec.plain)
+        return spec is None or (self.capture_obj is not None and spec.plain_heads)
 
     # ---- capture -------------------------------------------------------------------------------
     def _static_batch(self, bs: int) -> ForwardBatch:

@@ -9,6 +9,13 @@ stops the whole server process tree, and finally writes one markdown table plus 
     .venv/bin/python benchmark/bench_serving_compare.py --llama-server /path/to/llama-server \
         --llama-quantize /path/to/llama-quantize          # the whole matrix
     .venv/bin/python benchmark/bench_serving_compare.py --engines sglang-bf16 --skip-gsp
+    .venv/bin/python benchmark/bench_serving_compare.py --skip-gsp --our-omp-bind 0-1 \
+        --engines sglang-q4_1,sglang-fp32,sglang-bf16,llamacpp-q4_1 --concurrency 1 32 \
+        --num-prompts 16 96 --name serving_cpu_gguf_packed   # packed Q4_1 vs dense vs llama.cpp
+
+Our engines: `sglang-q4_1` serves the GGUF's Q4_1 linear weights packed (4-bit, PyTorch's CPU
+int4 kernel, bf16 activations; layers/quantization/gguf.py), `sglang-bf16` / `sglang-fp32` the
+same file dequantized at load (`--gguf-dequantize`; float32 always loads dense).
 
 llama.cpp's engines are `llama-server -m GGUF -np 32 -c 16384 -t <cores>` (32 parallel slots,
 continuous batching, which recent llama-server turns on by default) on the Q4_1 GGUF and on a
@@ -196,16 +203,23 @@ def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any
     port = args.port
     ours = [OUR_PY, "-m", "sglang.launch_server", "--model-path", MODEL, "--port", str(port)]
     return {
-        "sglang-bf16": {
-            "label": "sglang (ours), bf16",
+        "sglang-q4_1": {
+            "label": "sglang (ours), GGUF Q4_1 packed (int4 kernel, bf16 activations)",
             "cmd": ours + ["--dtype", "bfloat16"],
             "backend": "sglang-oai",
             "health": "/health",
             "model": MODEL,
         },
+        "sglang-bf16": {
+            "label": "sglang (ours), bf16 (dequantized at load)",
+            "cmd": ours + ["--dtype", "bfloat16", "--gguf-dequantize"],
+            "backend": "sglang-oai",
+            "health": "/health",
+            "model": MODEL,
+        },
         "sglang-fp32": {
-            "label": "sglang (ours), fp32",
-            "cmd": ours + ["--dtype", "float32"],
+            "label": "sglang (ours), fp32 (dequantized at load)",
+            "cmd": ours + ["--dtype", "float32", "--gguf-dequantize"],
             "backend": "sglang-oai",
             "health": "/health",
             "model": MODEL,
@@ -339,7 +353,14 @@ def main() -> int:
     p.add_argument(
         "--engines",
         default="sglang-bf16,llamacpp-bf16,llamacpp-q4_1,transformers",
-        help="comma list of sglang-bf16, sglang-fp32, llamacpp-bf16, llamacpp-q4_1, transformers",
+        help="comma list of sglang-q4_1, sglang-bf16, sglang-fp32, llamacpp-bf16, "
+        "llamacpp-q4_1, transformers",
+    )
+    p.add_argument(
+        "--our-omp-bind",
+        default=None,
+        help="SGLANG_CPU_OMP_THREADS_BIND for our servers (e.g. 0-1: the scheduler computes with "
+        "both cores, as llama-server's -t <cores> does); default: the server's own default",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument(
@@ -417,6 +438,14 @@ def main() -> int:
             engines.remove("transformers")
 
     specs = engine_specs(args, gguf)
+    if args.our_omp_bind:
+        for name, spec in specs.items():
+            if name.startswith("sglang-"):
+                env = {
+                    **spec.get("server_env", {}),
+                    "SGLANG_CPU_OMP_THREADS_BIND": args.our_omp_bind,
+                }
+                spec["server_env"] = env
     base_url = f"http://127.0.0.1:{args.port}"
     random_args = [
         "--dataset-name",
@@ -461,7 +490,9 @@ def main() -> int:
 
     def with_server(name: str, spec: dict[str, Any], runs: list[tuple[list[str], dict]]) -> None:
         spec = dict(spec, base_url=base_url)
-        meta["server_cmds"][name] = shlex.join(spec["cmd"])
+        bind = spec.get("server_env", {}).get("SGLANG_CPU_OMP_THREADS_BIND")
+        prefix = f"SGLANG_CPU_OMP_THREADS_BIND={bind} " if bind else ""
+        meta["server_cmds"][name] = prefix + shlex.join(spec["cmd"])
         quiet = wait_for_quiet_machine(args.quiet_wait_s, args.max_load1)
         server_log = os.path.join(log_dir, f"{name}.server.log")
         client_log = os.path.join(log_dir, f"{name}.client.log")

@@ -116,6 +116,18 @@ def write_report(args, results, gsp_results, meta, failures, path) -> None:
             f"{'MET' if ratio >= factor else 'MISSED'}); median TTFT {ours['median_ttft_ms']:.0f} "
             f"vs {o['median_ttft_ms']:.0f} ms (target lower: {'MET' if ttft_ok else 'MISSED'})"
         )
+    packed, llama = by.get(("sglang-q4_1", 1)), by.get(("llamacpp-q4_1", 1))
+    if packed is not None and llama is not None:
+        ok = packed["median_tpot_ms"] <= llama["median_tpot_ms"]
+        lines += [
+            "",
+            "## Target at concurrency 1 (same Q4_1 GGUF)",
+            "",
+            f"- packed Q4_1 vs llamacpp-q4_1: median TPOT {packed['median_tpot_ms']:.1f} vs "
+            f"{llama['median_tpot_ms']:.1f} ms, output {packed['output_throughput']:.1f} vs "
+            f"{llama['output_throughput']:.1f} tok/s (target: TPOT at most llama-server's: "
+            f"{'MET' if ok else 'MISSED'})",
+        ]
     if gsp_results:
         lines += [
             "",

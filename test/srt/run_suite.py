@@ -96,7 +96,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_attention_prompt_triton.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_fp8.py", 90, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_int4.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_fp8_checkpoints.py", 80),
+        TestFile("test_fp8_checkpoints.py", 90),
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),

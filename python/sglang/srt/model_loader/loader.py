@@ -70,10 +70,6 @@ def get_model(
         from sglang.srt.layers.quantization.gguf import load_gguf_packed
 
         weights = load_gguf_packed(model, model_config, weights, device)
-    if weights is not None and model_config.gguf_file and not load_config.gguf_dequantize:
-        from sglang.srt.layers.quantization.gguf import load_gguf_packed
-
-        weights = load_gguf_packed(model, model_config, weights, device)
     if weights is None:
         fill_dummy_weights(model, seed=load_config.dummy_seed)
     else:

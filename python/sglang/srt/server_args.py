@@ -182,7 +182,6 @@ class ServerArgs:
     dtype: str = "auto"
     quantization: Optional[str] = None
     gguf_dequantize: bool = False
-    gguf_dequantize: bool = False
     kv_cache_dtype: str = "auto"
     served_model_name: Optional[str] = None
     chat_template: Optional[str] = None

@@ -59,9 +59,6 @@ _HELP: dict[str, str] = {
     "gguf_dequantize": "GGUF: dequantize every tensor to the model dtype at load, as before the "
     "packed path (by default Q4_0/Q4_1/Q4_K linear weights of a bfloat16/float16 CPU model stay "
     "4-bit and run on the int4 kernel).",
-    "gguf_dequantize": "GGUF: dequantize every tensor to the model dtype at load, as before the "
-    "packed path (by default Q4_0/Q4_1/Q4_K linear weights of a bfloat16/float16 CPU model stay "
-    "4-bit and run on the int4 kernel).",
     "trust_remote_code": "Let transformers run code shipped in the model folder (custom config "
     "or tokenizer classes); model architectures still come from the built-in registry.",
     "context_length": "Maximum context length (default: from the model config).",

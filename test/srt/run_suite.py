@@ -58,7 +58,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_attention_prompt.py", 120),
         TestFile("test_model_loader.py", 60),
         TestFile("test_quantized_checkpoints.py", 120),
-        TestFile("test_gguf_packed.py", 120),  # loads the default model twice
+        TestFile("test_gguf_packed.py", 45),  # loads the default model twice
         TestFile("test_hub_ids.py", 60),
         TestFile("test_torch_native_backend.py", 20),
         TestFile("test_sdpa_with_lse.py", 5),

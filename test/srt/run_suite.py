@@ -94,9 +94,9 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 200, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_attention_prompt_triton.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_triton_fp8.py", 90, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_fp8.py", 30, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_int4.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_fp8_checkpoints.py", 90),
+        TestFile("test_fp8_checkpoints.py", 30),
         TestFile("test_deploy_examples.py", 75),
         TestFile("test_reliability_faults.py", 240),
         TestFile("test_reliability.py", 300),

@@ -94,7 +94,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_backend.py", 200, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_attention_prompt_triton.py", 60, venv=TRITON_VENV),  # Triton interpreter
-        TestFile("test_triton_fp8.py", 30, venv=TRITON_VENV),  # Triton interpreter
+        TestFile("test_triton_fp8.py", 40, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_triton_int4.py", 60, venv=TRITON_VENV),  # Triton interpreter
         TestFile("test_fp8_checkpoints.py", 30),
         TestFile("test_deploy_examples.py", 75),

@@ -6,7 +6,8 @@ rounded to the activation dtype (block, per-channel and per-tensor scales, parti
 every finite e4m3 value). The engine loads an FP8 checkpoint (python/sglang/test/fp8_checkpoints.py)
 with `SGLANG_FP8_MATMUL=triton` (float8 weights in memory, the kernel for every linear layer) and
 checkpoint k/v scales into a float8 KV cache read by the Triton attention kernels: greedy tokens
-and logprobs equal HF float32 on the dequantized weights with the same K/V rounding.
+and logprobs equal HF float32 on the dequantized weights with the same K/V rounding; and the
+same float8 layers on two gloo TP ranks (CPU interpreter only).
 
 Runs on CUDA when present, else on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 and
 SGLANG_TRITON_INTERPRET_OK=1 are set here before anything imports the kernels).
@@ -107,3 +108,27 @@ def test_engine_with_float8_layers_kv_scales_and_triton_attention(tmp_path, monk
         assert out.output_ids == ref.output_ids, f"request {i}: greedy tokens differ"
         diff = max(abs(a - b) for a, b in zip(out.output_logprobs, ref.output_logprobs))
         assert diff < 1e-3, f"request {i}: logprobs differ by {diff}"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the gloo TP group runs on CPU tensors (interpreter)")
+def test_tp2_float8_layers_match_hf(tmp_path, monkeypatch):
+    """Two gloo ranks with float8 layers on the kernel: block scales split with the input columns
+    of o_proj / down_proj (16-column blocks), a per-channel scale column kept whole."""
+    from test_fp8_checkpoints import greedy_on_this_rank
+
+    from sglang.test.tp_runners import run_tp_group
+
+    monkeypatch.setenv("SGLANG_FP8_MATMUL", "triton")  # spawned ranks inherit it
+    tiny = make_tiny_model("llama", str(tmp_path / "tiny"), max_position_embeddings=256)
+    prompt = [1, 5, 9, 33, 100, 7]
+    folders, refs = [], []
+    for name, kw in (("block", dict(form="fp8-block", block=(16, 16))),
+                     ("channel", dict(form="ct-channel"))):  # fmt: skip
+        folders.append(str(tmp_path / name))
+        write_fp8(tiny, folders[-1], str(tmp_path / f"{name}-ref"), **kw)
+        refs.append(HFRunner(str(tmp_path / f"{name}-ref")).greedy(prompt, 4))
+    ranks = run_tp_group(2, greedy_on_this_rank, folders, [prompt], 4)
+    assert ranks[0] == ranks[1], "TP ranks disagree"
+    for [(ids, lps)], ref in zip(ranks[0], refs):
+        assert ids == ref.output_ids, "TP 2 greedy tokens differ from HF"
+        assert max(abs(a - b) for a, b in zip(lps, ref.output_logprobs)) < 1e-3

@@ -176,15 +176,16 @@ def usable_cores() -> int:
 
 
 def default_cpu_threads(cores: int, local_ranks: int) -> int:
-    """Torch intra-op threads per scheduler rank when no cores are bound.
+    """Torch intra-op threads per scheduler rank when no cores are bound: one core is left to the
+    HTTP process and the detokenizer, the rest shared among the ranks on this node (at least 1).
 
-    The HTTP process and the detokenizer take 1-3 ms of CPU per step, far less than a core: on a
-    machine of up to 4 cores every core runs the model (on the idle 2-core machine two threads
-    serve 1.5-1.7x faster than one, benchmark/results/threads_cpu.md); from 5 cores on, one is
-    left to them. The rest is shared among the ranks on this node.
+    Every core would serve faster on an idle machine (two threads 1.5-1.7x faster than one on the
+    2-core machine, benchmark/results/threads_cpu.md), but OpenMP threads that share their cores
+    with other busy processes wait for each other at every parallel region: with a test client or
+    a second server on the same two cores, a decode step took 10x longer. A dedicated server
+    binds its cores with SGLANG_CPU_OMP_THREADS_BIND.
     """
-    spare = 1 if cores > 4 else 0
-    return max(1, (cores - spare) // max(1, local_ranks))
+    return max(1, (cores - 1) // max(1, local_ranks))
 
 
 def cpu_binding(spec: str, rank: int, local_ranks: int) -> Optional[list[int]]:

@@ -454,7 +454,7 @@ def check_gpu_extra(args: ServerArgs) -> None:
 
 
 def _detect_device() -> str:
-    """"cuda" when torch sees a GPU, else "cpu"; without an NVIDIA driver, no torch import.
+    """ "cuda" when torch sees a GPU, else "cpu"; without an NVIDIA driver, no torch import.
 
     Importing torch costs ~1.3 s of the main process's start-up on a small CPU machine, and the
     main process needs torch for nothing else; a machine with no NVIDIA driver node cannot have

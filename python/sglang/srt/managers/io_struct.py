@@ -262,8 +262,7 @@ _LIST_FIELDS = (
 def _broadcast(name: str, value: Any, num: int, single: bool) -> list[Any]:
     # A list of layers is itself one request's value, so only a list of lists is per-prompt.
     per_prompt = isinstance(value, list) and (
-        name not in _LIST_FIELDS
-        or (value and isinstance(value[0], list))
+        name not in _LIST_FIELDS or (value and isinstance(value[0], list))
     )
     if per_prompt and not single:
         if len(value) != num:

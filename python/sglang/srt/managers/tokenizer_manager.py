@@ -12,7 +12,9 @@ Contract of `generate_request(obj, request=None)` (an async generator):
 - validation errors raise ValueError before anything is yielded or sent;
 - single request, not streaming: yields exactly one final dict;
 - single request, streaming: yields dicts as tokens arrive; each is cumulative (`text`,
-  `output_ids`, logprobs) unless `--stream-output`, and the last one has a non-null
+  `output_ids`, logprobs) unless `--stream-output` (text and ids new since the previous dict) or
+  the request's internal `stream_deltas` (text, ids and logprobs new; the OpenAI routes set it;
+  req_output.py builds the dicts), and the last one has a non-null
   `meta_info.finish_reason`; `meta_info.attention_tokens.content` always holds only the entries
   of tokens new since the previous dict (each token's entry is sent once);
 - batch (list input or n > 1), not streaming: yields exactly one list of final dicts, in input
@@ -31,15 +33,13 @@ import asyncio
 import collections
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 import zmq
 import zmq.asyncio
 
 from sglang.srt.attention_capture.config import parse_attention_request
-from sglang.srt.attention_capture.prompt import apply_prompt_positions, format_prompt_content
-from sglang.srt.attention_capture.records import format_content, report_header
+from sglang.srt.attention_capture.prompt import apply_prompt_positions
 from sglang.srt.managers.hidden_states import HIDDEN_STATES_OFF
 from sglang.srt.managers.layer_probes import PROBE_FIELDS, ProbeOutput, parse_probe_request
 from sglang.srt.managers.io_struct import (
@@ -64,6 +64,7 @@ from sglang.srt.managers.request_errors import (
     RequestFailed,
     from_finish_reason,
 )
+from sglang.srt.managers.req_output import ReqState, make_output
 from sglang.srt.managers.request_logger import RequestLogger
 from sglang.srt.managers.step_profile import HOP_DETOK_TM, TOKENIZER_MANAGER, StepProfileStore
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -74,44 +75,6 @@ logger = logging.getLogger(__name__)
 DISCONNECT_CHECK_S = 0.5
 # Prompts with more characters than this are tokenized off the event loop (~5 ms of work).
 TOKENIZE_OFFLOAD_CHARS = 4096
-
-
-@dataclass
-class ReqState:
-    obj: GenerateReqInput
-    prompt_tokens: int
-    created: float = field(default_factory=time.perf_counter)
-    text: str = ""
-    output_ids: list[int] = field(default_factory=list)
-    finished_reason: Optional[dict[str, Any]] = None
-    finished: bool = False
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    output_token_logprobs: list[tuple[float, int]] = field(default_factory=list)
-    output_top_logprobs: list[Any] = field(default_factory=list)
-    input_token_logprobs: list[tuple[Optional[float], int]] = field(default_factory=list)
-    input_top_logprobs: list[Any] = field(default_factory=list)
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-    # Offsets already yielded (for --stream-output deltas).
-    yielded_text: int = 0
-    yielded_ids: int = 0
-    yielded_logprobs: int = 0  # output logprobs already yielded (stream_deltas)
-    yielded_input_logprobs: bool = False
-    last_token_time: Optional[float] = None  # when the latest output tokens arrived (metrics)
-    # Attention tokens: validated options, the prompt's ids, the records not yielded yet (the
-    # only copy: a stream drops them once sent, a non-streaming request holds all until the end),
-    # and how many were yielded before them (the completion index of the first pending one).
-    attention_options: Any = None
-    prompt_ids: list[int] = field(default_factory=list)
-    attention_records: list[Any] = field(default_factory=list)
-    attention_yielded: int = 0
-    # attention_prompt_positions: (query position, record) pairs not yielded yet.
-    attention_prompt: list[Any] = field(default_factory=list)
-    # Hidden states (return_hidden_states): entries as JSON-ready lists, and how many were yielded.
-    hidden_states: list[Any] = field(default_factory=list)
-    yielded_hidden: int = 0
-    # hidden_states_layers / logit_lens: a layer_probes.ProbeOutput, None when not asked.
-    probe: Any = None
 
 
 class TokenizerManager:
@@ -534,80 +497,9 @@ class TokenizerManager:
                 task.cancel()
 
     def _make_output(self, state: ReqState) -> dict[str, Any]:
-        obj = state.obj
-        incremental = obj.stream and (self.server_args.stream_output or obj.stream_deltas)
-        if incremental:
-            text = state.text[state.yielded_text :]
-            output_ids = state.output_ids[state.yielded_ids :]
-        else:
-            text, output_ids = state.text, list(state.output_ids)
-        state.yielded_text, state.yielded_ids = len(state.text), len(state.output_ids)
-        meta: dict[str, Any] = {
-            "id": obj.rid,
-            "finish_reason": state.finished_reason,
-            "prompt_tokens": state.prompt_tokens,
-            "completion_tokens": state.completion_tokens,
-            "cached_tokens": state.cached_tokens,
-            "e2e_latency": time.perf_counter() - state.created,
-        }
-        if obj.return_logprob:
-            with_text = obj.return_text_in_logprobs
-            # Deltas: the prompt's logprobs once (they arrive with the first output), then only
-            # the new tokens' logprobs in each output.
-            deltas = obj.stream and obj.stream_deltas
-            start = state.yielded_logprobs if deltas else 0
-            state.yielded_logprobs = len(state.output_token_logprobs)
-            inputs, input_tops = state.input_token_logprobs, state.input_top_logprobs
-            if deltas and state.yielded_input_logprobs:
-                inputs, input_tops = [], []
-            state.yielded_input_logprobs = state.yielded_input_logprobs or bool(inputs)
-            meta["input_token_logprobs"] = self._fmt(inputs, with_text)
-            meta["output_token_logprobs"] = self._fmt(
-                state.output_token_logprobs[start:], with_text
-            )
-            meta["input_top_logprobs"] = [
-                self._fmt(x, with_text) if x is not None else None for x in input_tops
-            ]
-            meta["output_top_logprobs"] = [
-                self._fmt(x, with_text) for x in state.output_top_logprobs[start:]
-            ]
-        if state.attention_options is not None:
-            meta["attention_tokens"] = self._attention_report(state)
-        if obj.return_hidden_states:
-            first = state.yielded_hidden if incremental else 0
-            state.yielded_hidden = len(state.hidden_states)
-            meta["hidden_states"] = state.hidden_states[first:]
-        if state.probe is not None:
-            state.probe.fill_meta(meta, self.token_text)
-        return {"text": text, "output_ids": output_ids, "meta_info": meta}
-
-    def _attention_report(self, state: ReqState) -> dict[str, Any]:
-        """The header and the entries of the records not yielded before, which are dropped.
-
-        NOTE: unlike the text, a stream's attention content is never cumulative (with or
-        without --stream-output): re-sending every earlier entry in each chunk made a stream's
-        size quadratic in its length. Each record is formatted once and not kept after."""
-        records, state.attention_records = state.attention_records, []
-        first = state.attention_yielded
-        state.attention_yielded += len(records)
-        report = report_header(state.attention_options, len(state.prompt_ids))
-        report["content"] = format_content(
-            records,
-            first,
-            state.attention_options,
-            state.prompt_ids,
-            state.output_ids,
-            self.token_text,
+        return make_output(
+            state, self.server_args.stream_output, self.token_text, self.tokenizer is not None
         )
-        if state.attention_prompt:
-            # Sent once: the prefill's rows arrive with (or before) the first token.
-            items, state.attention_prompt = state.attention_prompt, []
-            report["prompt_content"] = format_prompt_content(
-                items, state.attention_options, state.prompt_ids, self.token_text
-            )
-        if state.probe is not None:
-            state.probe.attach_lens(report["content"], first, self.token_text)
-        return report
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as it reads on its own (cached; '' without a tokenizer)."""
@@ -616,12 +508,6 @@ class TokenizerManager:
             text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
             self._token_text[token_id] = text
         return text
-
-    def _fmt(self, pairs: list[Any], with_text: bool) -> list[list[Any]]:
-        if with_text and self.tokenizer is not None:
-            # Cached per token id: a stream re-formats its logprobs in every chunk.
-            return [[lp, tid, self.token_text(tid)] for lp, tid in pairs]
-        return [[lp, tid, None] for lp, tid in pairs]
 
 
 async def _last(gen: AsyncIterator[Any]) -> Any:

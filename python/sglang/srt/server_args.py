@@ -127,10 +127,6 @@ REFUSED_VALUES: dict[str, dict[str, str]] = {
 }
 # Flags accepted although nothing reads them, because what upstream does with them already holds.
 ACCEPTED_AS_IS: dict[str, str] = {
-    "disable_overlap_schedule": (
-        "there is no overlap scheduler: scheduling and the forward pass always run one after "
-        "the other"
-    ),
     "disable_flashinfer": (
         "legacy switch: flashinfer attention backends fall back to triton (torch_native on CPU) "
         "while the flags are parsed"

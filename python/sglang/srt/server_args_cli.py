@@ -86,7 +86,7 @@ _HELP: dict[str, str] = {
     "schedule_conservativeness": "Higher values keep more KV room for running requests.",
     "page_size": "Tokens per KV cache page.",
     "disable_radix_cache": "Turn off prefix caching.",
-    "disable_overlap_schedule": "Schedule and run the forward pass one after the other.",
+    "disable_overlap_schedule": "Run scheduling and the forward pass one after the other.",
     "allow_auto_truncate": "Truncate over-long prompts instead of rejecting them.",
     "tp_size": "Tensor parallel size across all nodes.",
     "dp_size": "Data parallel size (independent model replicas).",

@@ -326,9 +326,13 @@ class ScheduleBatch:
         page = getattr(self.allocator, "page_size", 1)
         return len(self.reqs) * page
 
-    def prepare_for_decode(self) -> ModelWorkerBatch:
+    def prepare_for_decode(self, future_ids: Optional[list[int]] = None) -> ModelWorkerBatch:
+        """The next decode step. With `future_ids` (overlap schedule), each request's last token
+        is still being sampled by the forward in flight: its sequence length counts that token
+        and its input is that placeholder (managers/tp_worker_overlap_thread.py)."""
         self.forward_mode = ForwardMode.DECODE
-        seq_lens = [r.seqlen for r in self.reqs]
+        pending = 0 if future_ids is None else 1
+        seq_lens = [r.seqlen + pending for r in self.reqs]
         last_locs = self._last_locs([s - 1 for s in seq_lens])
         self._ensure_available(self.decode_slots_needed())
         out_loc = self.allocator.alloc_decode(seq_lens, last_locs)
@@ -340,7 +344,10 @@ class ScheduleBatch:
         table[rows.to(table.device), pos.to(table.device)] = out_loc.to(table.dtype)
         return ModelWorkerBatch(
             forward_mode=ForwardMode.DECODE,
-            input_ids=torch.tensor([r.output_ids[-1] for r in self.reqs], dtype=torch.int64),
+            input_ids=torch.tensor(
+                future_ids if future_ids is not None else [r.output_ids[-1] for r in self.reqs],
+                dtype=torch.int64,
+            ),
             req_pool_indices=rows,
             seq_lens=seq_lens,
             out_cache_loc=out_loc,

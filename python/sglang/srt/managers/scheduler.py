@@ -194,6 +194,9 @@ class Scheduler:
     def _reject_invalid(self, req: Req, message: str) -> None:
         self._finish_aborted(req, message, status_code=400)
 
+    def drain(self) -> None:
+        """Settle every step in flight (the overlap schedule's; here none ever is)."""
+
     def is_idle(self) -> bool:
         return (
             not self.waiting_queue

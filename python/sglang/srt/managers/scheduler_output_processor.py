@@ -84,11 +84,15 @@ class OutputProcessor:
         records = self._attention_records(logits_output)
         hidden_states.collect_decode(batch, getattr(logits_output, "hidden_states", None))
         probes = layer_probes.collect(logits_output)
+        advanced: list[Req] = []
         for i, req in enumerate(batch.reqs):
+            if req.finished():
+                # Overlap schedule: it finished at the step before this one; the row was spare.
+                continue
+            advanced.append(req)
             self._append_token(req, next_ids[i], out_logprobs, i, records, probes)
             if self.check_finished(req):
                 sched.tree_cache.cache_finished_req(req)
-        advanced = list(batch.reqs)
         batch.filter_batch()
         self._emit(advanced)
 

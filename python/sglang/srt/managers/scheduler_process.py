@@ -47,6 +47,7 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
 from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.managers.scheduler_overlap import make_scheduler
 from sglang.srt.managers.scheduler_watchdog import Heartbeat, Watchdog, fault_hook_from_env
 from sglang.srt.managers.step_profile import OUTPUT_MESSAGE, StepClock
 from sglang.srt.managers.tp_worker import (
@@ -242,6 +243,7 @@ class SchedulerProcess:
             self.send_state[req.rid] = _SendState()
             sched.add_request(req)
         elif isinstance(msg, AbortReq):
+            sched.drain()  # the overlap schedule's in-flight requests are in no queue meanwhile
             if msg.abort_all:
                 rids = [r.rid for r in sched.waiting_queue + sched.running_batch.reqs]
                 if sched.chunked_req is not None:
@@ -251,6 +253,7 @@ class SchedulerProcess:
             for rid in rids:
                 sched.abort_request(rid)
         elif isinstance(msg, FlushCacheReq):
+            sched.drain()
             send_msg(self.send_to_tokenizer, self.flush_cache())
         elif isinstance(msg, GetLoadReq):
             send_msg(self.send_to_tokenizer, self.get_load(msg.check_memory))
@@ -474,7 +477,7 @@ def run_scheduler_process(
                 trust_remote_code=server_args.trust_remote_code,
             )
             startup.mark("tokenizer")
-        scheduler = Scheduler(server_args, runner, tokenizer)
+        scheduler = make_scheduler(server_args, runner, tokenizer, p.tp_size)
         if server_args.enable_step_profile:
             scheduler.clock = StepClock(True, runner.synchronize)
         recv, to_detok, to_tok = None, NullSocket(), NullSocket()

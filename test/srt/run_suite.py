@@ -89,6 +89,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_startup.py", 90),
         TestFile("test_detokenizer.py", 15),
         TestFile("test_hot_path.py", 60),
+        TestFile("test_overlap_schedule.py", 60),
         TestFile("test_cpu_bf16_gemm.py", 45),
         TestFile("test_cuda_graph_runner.py", 20),
         TestFile("test_gpu_path_costs.py", 60),

@@ -12,9 +12,9 @@ replaces placeholders from the buffer right before its forward. Batches run one 
 on the thread, so a placeholder is always written before it is read, and a half is reused only
 by the launch after next, which the scheduler issues after it has waited for the reader.
 
-On CUDA the thread runs on its own stream that first waits for the scheduler's stream (the
-batch's inputs and req_to_token writes were queued there), and synchronizes once the batch has
-sampled, so results handed back are complete and the scheduler thread never waits for a forward
+On CUDA the thread runs on its own stream that first waits for an event the scheduler recorded
+on its stream at launch (the batch's inputs and req_to_token writes were queued before it), and
+synchronizes once the batch has sampled, so results handed back are complete and the scheduler thread never waits for a forward
 it did not ask about.
 """
 
@@ -60,8 +60,12 @@ class TpModelWorkerClient:
         """Queue `batch`; its input ids may hold placeholders of batches launched before it."""
         handle = Launch(1 + (self.launches % 2) * self.max_bs)
         self.launches += 1
-        caller_stream = torch.cuda.current_stream(self.device) if self.stream is not None else None
-        self.inputs.put((batch, handle, has_placeholders, caller_stream))
+        ready = None
+        if self.stream is not None:
+            # The batch's inputs and req_to_token writes are queued on the caller's stream.
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        self.inputs.put((batch, handle, has_placeholders, ready))
         return handle
 
     @staticmethod
@@ -74,13 +78,13 @@ class TpModelWorkerClient:
 
     def _loop(self) -> None:
         while True:
-            batch, handle, has_placeholders, caller_stream = self.inputs.get()
+            batch, handle, has_placeholders, ready = self.inputs.get()
             try:
                 if self.stream is None:
                     handle.result = self._run(batch, handle, has_placeholders)
                 else:
                     with torch.cuda.stream(self.stream):
-                        self.stream.wait_stream(caller_stream)
+                        self.stream.wait_event(ready)
                         handle.result = self._run(batch, handle, has_placeholders)
                     self.stream.synchronize()
             except BaseException as e:  # handed to the scheduler thread, which fails the batch

@@ -3,7 +3,8 @@
 The server runs with `--return-attention-tokens --attention-capture-layers 0,14,29`. Checked:
 reports on /v1/completions, /v1/chat/completions and /generate against HF transformers eager
 attention on the same GGUF weights (mean over the selected layers, the last layer alone, per-layer
-lists with an excluded sink); streaming chunks (OpenAI, and a long native stream) carry exactly
+lists with an excluded sink; chosen heads per layer and per head, their maximum, span mass, the
+statistics and prompt rows); streaming chunks (OpenAI, and a long native stream) carry exactly
 their tokens' entries, each sent once, and add up to the non-streaming report; the field is
 absent when not asked; n=2; stop-string trimming drops the entries of trimmed tokens; concurrent
 mixed batches give the same reports as requests alone and the same text as without the feature;
@@ -116,6 +117,34 @@ def test_generate_per_layer_with_sink_matches_hf(server, tok, hf):
     assert report["layers"] == [0, 29] and report["layer_aggregation"] == "none"
     assert all(set(e["layers"]) == {"0", "29"} for e in report["content"])
     check_against_hf(report, tok.encode(PROMPT), hf, tok, 5)
+
+
+def test_heads_spans_stats_and_prompt_rows_match_hf(server, tok, hf):
+    """Issue 14's options on the default model, each entry against HF eager float32: per-head
+    lists (per layer, so against `output_attentions[layer][0, h]` itself), the max over chosen
+    heads, span mass and the five statistics (sums over the HF row), and prompt rows against the
+    prefill attentions; top-k valid within 1e-4."""
+    from test_attention_heads_spans import check_report
+    from test_attention_prompt import check_prompt_content
+
+    ids = tok.encode(PROMPT)
+    spans = [{"name": "start", "start": 0, "end": 2}, {"name": "rest", "start": 2, "end": len(ids)}]
+    cases = [
+        {"attention_heads": [0, 4, 8], "attention_head_aggregation": "none",
+         "attention_layer_aggregation": "none", "attention_tokens_top_k": 4},
+        {"attention_heads": [1, 2, 7], "attention_head_aggregation": "max"},
+        {"attention_spans": spans, "attention_stats": True, "attention_prompt_positions": "all"},
+    ]  # fmt: skip
+    for fields in cases:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 3, "temperature": 0,
+                "ignore_eos": True}, "return_attention_tokens": True, **fields}  # fmt: skip
+        report = requests.post(f"{server}/generate", json=body, timeout=120).json()["meta_info"][
+            "attention_tokens"
+        ]
+        assert len(report["content"]) == 3
+        check_report(report, ids, hf, f"default model {list(fields)}")
+    assert list(report["content"][0]["span_mass"]) == ["start", "rest"]
+    check_prompt_content(report, ids, hf, tok, range(len(ids)), MAX_K)
 
 
 def stream_chat(client, **kwargs) -> tuple[str, list[dict]]:

@@ -7,9 +7,10 @@ decoder layer. A tap keeps only the query row of each probing request (the last 
 prefill, the single token of a decode step): the residual stream after that layer, i.e. the
 layer's output plus the residual the model carries separately (fused add-RMSNorm models), before
 any final norm. For logit-lens layers it also applies the model's own final norm. The logits
-processor then calls `finish` with its own LM head (TP gather, vocabulary trim and final-logit
-softcap included), takes log_softmax and the top-n, and packs everything into one float32 tensor,
-so a step costs one device-to-host copy (`unpack` reads it back on the host).
+processor runs the lens rows through its own LM head (TP gather, vocabulary trim and final-logit
+softcap included) in the same call as the rows it samples from, and hands their logits to
+`finish`, which takes the top-n of their log_softmax and packs everything into one float32
+tensor, so a step costs one device-to-host copy (`unpack` reads it back on the host).
 
 Cheap when nobody asks: `tap_layer` reads one attribute and returns. Batches that probe run
 eagerly (the CUDA-graph runner and torch.compile path refuse them).
@@ -80,19 +81,60 @@ class LayerProbe:
         if layer_id in self.spec.lens_layers:
             self.normed[layer_id] = norm(rows)
 
-    def finish(self, logits: Callable[[torch.Tensor], torch.Tensor]) -> ProbeResult:
+    def lens_rows(self) -> Optional[torch.Tensor]:
+        """The final-normed rows of every lens layer, stacked layer-major (None without lens).
+
+        The logits processor appends them to its own rows, so one LM-head call serves both and
+        the head's weight is read once per step."""
+        if not self.spec.lens_layers:
+            return None
+        return torch.cat([self.normed[i] for i in self.spec.lens_layers])
+
+    def finish(self, lens_logits: Optional[torch.Tensor]) -> ProbeResult:
         """Everything the host needs, packed into one flat float32 tensor (see `unpack`).
 
-        `logits` is the logits processor's own head: float32 logits over the vocabulary."""
+        `lens_logits` are the logits processor's float32 logits of `lens_rows()`; they are
+        overwritten here (the log-sum-exp works in place: a fresh buffer of that size costs
+        more than the arithmetic on CPU)."""
         spec = self.spec
         parts = [self.stream[i].float().reshape(-1) for i in spec.hidden_layers]
         if spec.lens_layers:
-            normed = torch.cat([self.normed[i] for i in spec.lens_layers])
-            logprobs = torch.log_softmax(logits(normed), dim=-1)
-            values, ids = logprobs.topk(spec.top_n, dim=-1)
+            assert lens_logits is not None
+            values, ids = _top_n(lens_logits, spec.top_n)
+            # log_softmax's own formula at the top-n: x - max - log(sum(exp(x - max))).
+            top = values[:, :1]
+            log_sum = lens_logits.sub_(top).exp_().sum(-1, keepdim=True).log_()
+            values = values - top - log_sum
             # int32 ids ride bit-for-bit in the float32 buffer (a view, not a conversion).
             parts += [values.reshape(-1), ids.to(torch.int32).view(torch.float32).reshape(-1)]
         return ProbeResult(spec, torch.cat(parts))
+
+
+# Columns per block of `_top_n`'s first pass.
+TOP_N_BLOCK = 256
+
+
+def _top_n(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact `logits.topk(n, dim=-1)` of a wide matrix, in two narrow passes.
+
+    The n largest entries of a row lie in the n blocks with the largest maxima (an entry outside
+    them has n larger block maxima above it), so a block-max pass picks n * TOP_N_BLOCK candidate
+    columns (plus the ragged tail) and topk runs on those alone: topk over a whole vocabulary
+    row spends most of its time building a per-row buffer of the row's size on CPU."""
+    rows, width = logits.shape
+    blocks = width // TOP_N_BLOCK
+    if blocks <= 2 * n:
+        return logits.topk(n, dim=-1)
+    body = blocks * TOP_N_BLOCK
+    maxima = logits[:, :body].reshape(rows, blocks, TOP_N_BLOCK).amax(-1)
+    chosen = maxima.topk(n, dim=-1).indices
+    offsets = torch.arange(TOP_N_BLOCK, device=logits.device)
+    cols = (chosen[:, :, None] * TOP_N_BLOCK + offsets).reshape(rows, -1)
+    if body < width:
+        tail = torch.arange(body, width, device=logits.device).expand(rows, -1)
+        cols = torch.cat([cols, tail], dim=1)
+    values, at = logits.gather(1, cols).topk(n, dim=-1)
+    return values, cols.gather(1, at)
 
 
 def tap_layer(

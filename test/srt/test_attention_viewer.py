@@ -4,7 +4,8 @@ One live server (the tiny random-weight Llama with the default model's tokenizer
 captured) serves `GET /attention`. The page is driven like a user would: type a chat, pick k and
 per-layer lists, generate (streamed through /v1/chat/completions), hover a generated token; the
 highlighted prompt positions must equal the top-k the API returns for the same request at
-temperature 0. Then the layer and head selectors, loading a saved report JSON into the page, and a
+temperature 0 (also with the form's heads and head aggregation, max and mean). Then the layer and
+head selectors, loading a saved report JSON into the page, and a
 file written by `sglang.attention_tokens.save_html` (the same renderer). Screenshots go to
 $SGLANG_TEST_ARTIFACTS (default test/srt/artifacts/, ignored by git); their paths are printed.
 Without chromium, chromedriver or selenium the browser tests skip, saying which is missing.
@@ -243,6 +244,36 @@ def test_live_page(server: str, browser: Any, tmp_path: Path) -> None:
     _select(driver, "select.layer", "1")
     lit = _hover(driver, '.tok.gen[data-gen="4"]')
     assert lit == _positions(api["content"][4]["layers"]["1"])
+
+
+def test_live_page_head_selection(server: str, browser: Any) -> None:
+    """The form's heads and head aggregation reach the request: for the max and the mean over
+    chosen heads, hovering a token lights the API's top-k for that head selection (per layer)."""
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    for how, heads in (("max", [0, 2]), ("mean", [1, 3])):
+        driver.get(f"{server}/attention")
+        form = driver.find_element(By.ID, "attn-form")
+        values = {"input": QUESTION, "max_tokens": MAX_TOKENS, "attention_tokens_top_k": K,
+                  "attention_layers": "0,1", "attention_heads": ",".join(map(str, heads))}  # fmt: skip
+        for name, value in values.items():
+            field = form.find_element(By.NAME, name)
+            field.clear()
+            field.send_keys(str(value))
+        _select(driver, "select[name=attention_layer_aggregation]", "none")
+        _select(driver, "select[name=attention_head_aggregation]", how)
+        driver.find_element(By.ID, "attn-run").click()
+        phase = _wait(driver, _SETTLED)
+        assert phase == "done", driver.find_element(By.ID, "attn-error").text
+        held = driver.execute_script("return window.attnState.report")
+        assert held["heads"] == heads and held["head_aggregation"] == how
+        api = _api_report(server, attention_heads=heads, attention_head_aggregation=how)
+        assert [e["token_id"] for e in held["content"]] == [e["token_id"] for e in api["content"]]
+        for layer, t in (("0", 1), ("1", 3)):
+            _select(driver, "select.layer", layer)
+            lit = _hover(driver, f'.tok.gen[data-gen="{t}"]')
+            assert lit == _positions(api["content"][t]["layers"][layer]), (how, layer, t)
 
 
 def _read_when_written(path: Path) -> dict[str, Any]:

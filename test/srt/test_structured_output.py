@@ -3,8 +3,8 @@
 One server for the module (attention tokens on, small KV pool). Every output is checked with a
 real validator: `jsonschema` for JSON schemas, `re.fullmatch` for regexes. The 5 schemas x 4
 prompts go out at once, spread over chat `response_format` (official openai client),
-`/v1/completions` and `/generate`, streamed and not, so constrained and unconstrained requests
-share batches.
+`/v1/completions` and `/generate`, streamed and not, together with one schema sent through all
+six route x stream combinations, so constrained and unconstrained requests share batches.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ PROMPTS = [
     "Output JSON for a short review of a movie.",
 ]
 ROUTES = ["chat", "completions", "generate"]
+ONE_SCHEMA = "nested"  # the schema sent through all six route x stream combinations
 MAX_TOKENS = 96
 
 
@@ -157,6 +158,10 @@ def test_schemas_validate_on_every_route(server, client):
             k = s * len(PROMPTS) + p
             route, stream = ROUTES[k % 3], bool((k // 3) % 2)
             jobs.append((name, route, stream, prompt, {"json_schema": json.dumps(schema)}))
+    # One schema through every route, streamed and not (the spread above covers each route and
+    # stream mode, but each schema only on some of the six).
+    one = {"json_schema": json.dumps(SCHEMAS[ONE_SCHEMA])}
+    jobs += [(ONE_SCHEMA, r, st, PROMPTS[0], one) for r in ROUTES for st in (False, True)]
     # Unconstrained requests in the same batches: they must come back as plain text.
     plain = [("plain", "generate", False, prompt, {}) for prompt in PROMPTS]
     with ThreadPoolExecutor(len(jobs) + len(plain)) as pool:

@@ -1,12 +1,8 @@
 """CPU matmul with bfloat16 weights widened in registers (csrc/cpu_gemm_bf16.c), via ctypes.
 
-Owns building, loading and calling that C kernel. The source ships with the package; on first use
-it is compiled with the system C compiler (`$CC`, default `gcc`) into a cache folder
-(`$SGLANG_KERNEL_CACHE`, default `~/.cache/sglang/kernels`), keyed by a hash of the source and the
-flags, and reused after that (a compile takes about half a second). The flags name the instruction
-set (`-mavx512f -mfma`) rather than `-march=native`, so a cache on a home folder shared by several
-machines stays valid on each of them. OpenMP comes from the libgomp that PyTorch already loaded,
-so the kernel's threads are PyTorch's threads and the two never oversubscribe the cores.
+Owns loading and calling that C kernel; sgl_kernel.cpu_build compiles it on first use (gcc,
+cached under `~/.cache/sglang/kernels`, torch's libgomp, so the kernel's threads are PyTorch's).
+The flags name the instruction set (`-mavx512f -mfma`) rather than `-march=native`.
 
 `available()` says whether the kernel can run here: x86-64 Linux with AVX-512F and FMA, and a
 compiler that built it. When it cannot, callers keep PyTorch's own matmul; the reason is logged
@@ -16,24 +12,20 @@ once. Nothing here is imported by a CUDA server.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from sgl_kernel import cpu_build
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm_bf16.c"
 CFLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared")
-CACHE_ENV = "SGLANG_KERNEL_CACHE"
 # Set to 0 to keep PyTorch's bf16 matmul (A/B measurements, or a suspected kernel problem).
 ENABLE_ENV = "SGLANG_CPU_BF16_GEMM"
 
@@ -43,46 +35,6 @@ _reason: Optional[str] = None  # why the kernel is unavailable, once decided
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "sglang", "kernels")
-    return Path(root)
-
-
-def _build(compiler: str) -> Path:
-    """Compile the source once per (source, flags, compiler); returns the shared library's path."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler,) + CFLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"sgl_cpu_gemm_bf16-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: concurrent ranks never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [compiler, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def _load() -> Optional[ctypes.CDLL]:
     global _lib, _reason
     with _lock:
@@ -90,26 +42,19 @@ def _load() -> Optional[ctypes.CDLL]:
             return _lib
         if os.environ.get(ENABLE_ENV, "1") == "0":
             _reason = f"{ENABLE_ENV}=0"
-        elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-            _reason = f"needs x86-64 Linux, this is {platform.system()} {platform.machine()}"
-        elif not {"avx512f", "fma"} <= _cpu_flags():
-            _reason = "the CPU lacks AVX-512F or FMA"
+        elif reason := cpu_build.platform_reason(("avx512f", "fma")):
+            _reason = reason
         else:
-            compiler = os.environ.get("CC", "gcc")
-            if shutil.which(compiler) is None:
-                _reason = f"no C compiler ({compiler}) to build it"
-            else:
-                try:
-                    # torch is imported above, so the kernel's libgomp.so.1 binds to torch's copy.
-                    lib = ctypes.CDLL(str(_build(compiler)))
-                    lib.sgl_cpu_pack_bf16.argtypes = [_P, _I, _I, _P, _C]
-                    lib.sgl_cpu_pack_bf16.restype = None
-                    lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
-                    lib.sgl_cpu_gemm_bf16w.restype = _C
-                    lib.sgl_cpu_gemm_block_cols.restype = _C
-                    _lib = lib
-                except (OSError, RuntimeError) as exc:
-                    _reason = f"build failed: {exc}"
+            try:
+                lib = cpu_build.load_library(SOURCE, CFLAGS, "sgl_cpu_gemm_bf16")
+                lib.sgl_cpu_pack_bf16.argtypes = [_P, _I, _I, _P, _C]
+                lib.sgl_cpu_pack_bf16.restype = None
+                lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
+                lib.sgl_cpu_gemm_bf16w.restype = _C
+                lib.sgl_cpu_gemm_block_cols.restype = _C
+                _lib = lib
+            except (OSError, RuntimeError) as exc:
+                _reason = f"build failed: {exc}"
         if _lib is None:
             logger.info("CPU bf16-weight GEMM kernel not used (%s): PyTorch's matmul runs", _reason)
         return _lib

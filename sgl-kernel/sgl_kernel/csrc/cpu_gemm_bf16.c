@@ -18,6 +18,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_bf16.h"
+
 #define NR 32
 #define MR 8
 #define MC 64
@@ -25,22 +27,6 @@
 static inline __m512 load_bf16x16(const uint16_t *p) {
     __m256i h = _mm256_loadu_si256((const __m256i *)p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Round to nearest even, as PyTorch's float -> bfloat16 conversion; NaN stays NaN. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
 }
 
 int sgl_cpu_gemm_block_cols(void) { return NR; }
@@ -159,15 +145,8 @@ int sgl_cpu_gemm_bf16w(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_
                 int64_t c0 = b * NR;
                 int cols = (int)((n - c0) < NR ? (n - c0) : NR);
                 for (int r = 0; r < rows; r++) {
-                    const float *src = acc + r * NR;
-                    if (y_bf16) {
-                        uint16_t *dst = (uint16_t *)y + (r0 + r) * n + c0;
-                        for (int j = 0; j < cols; j++)
-                            dst[j] = f32_to_bf16(src[j] + (bias ? bias[c0 + j] : 0.0f));
-                    } else {
-                        float *dst = (float *)y + (r0 + r) * n + c0;
-                        for (int j = 0; j < cols; j++) dst[j] = src[j] + (bias ? bias[c0 + j] : 0.0f);
-                    }
+                    size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);
+                    store_row(acc + r * NR, cols, bias ? bias + c0 : NULL, (char *)y + at, y_bf16);
                 }
             }
         }

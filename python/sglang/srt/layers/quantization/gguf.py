@@ -1,29 +1,36 @@
-"""GGUF 4-bit tensors kept packed: Q4_0 / Q4_1 / Q4_K linear weights on PyTorch's CPU int4 kernel.
+"""GGUF block-quantized tensors kept packed: Q4_0 / Q4_1 / Q4_K / Q8_0 linear weights on CPU.
 
-Every format here stores, per block of 32 weights along a row, 4-bit codes q (0..15) and values
-that make each weight an affine function of its code: w = q * scale + bias, with
+Every format here stores, per block of 32 weights along a row, codes q and values that make each
+weight an affine function of its code: w = q * scale + bias, with
 
 - Q4_0 (18-byte blocks): scale = d, bias = -8 d (w = d (q - 8));
 - Q4_1 (20-byte blocks): scale = d, bias = m;
 - Q4_K (144-byte super-blocks of 256): eight 32-wide sub-blocks with 6-bit scale/min codes sc, mn:
-  scale = d sc, bias = -dmin mn.
+  scale = d sc, bias = -dmin mn;
+- Q8_0 (34-byte blocks of signed bytes s): q = s + 128, scale = d, bias = -128 d.
 
-`decode_blocks` turns a tensor's raw blocks into (codes, scale, bias); `GGUFInt4` repacks them for
-`aten._weight_int4pack_mm_for_cpu`, whose weight is (q - 8) * s + z, so s = scale and
-z = bias + 8 scale. In float32 that dequantizes each weight bit for bit like gguf-py's (checked by
-the tests); the kernel is fast only with bfloat16/float16 activations, and then takes s and z in
-that dtype, which rounds them (measured in docs/quantization.md). `attach_gguf` swaps the model's
-linear layers whose GGUF tensors are all 4-bit for placeholders before `load_weights`, so the raw
-blocks (yielded by gguf_utils.iterate_gguf_weights) go through the model's own name mapping and
-q/k/v, gate/up stacking; each layer packs as soon as its parts are in.
+`decode_blocks` turns a tensor's raw blocks into (codes, scale, bias). The matmul is
+sgl_kernel's GGUF kernel (`GGUFCpuGemm`, sgl_kernel/cpu_gemm_gguf.py): the weight stays in its
+GGUF bits (repacked so 16 output columns interleave), activations float32 or bfloat16 are
+quantized to int8 per 32-block inside each call and multiplied with VNNI integer dot products,
+as llama.cpp does; that rounding is the only difference from a matmul on the dequantized weight
+(measured in docs/quantization.md). So the default float32 dtype gets packed weights too.
+Where that kernel cannot run (no C compiler, not x86-64 Linux) or `SGLANG_CPU_GGUF_GEMM=0`, the
+4-bit formats use `aten._weight_int4pack_mm_for_cpu` (`GGUFInt4`, bfloat16/float16 activations
+only: its float32 path measured ~10x slower than dense) and Q8_0 stays dense.
 
-Q8_0 stays dense: `_weight_int8pack_mm` takes one scale per output row, and running it per
-32-wide group measured slower than a dense matmul at every SmolLM2 shape (docs/quantization.md).
+`attach_gguf` swaps the model's linear layers whose GGUF tensors are all packable for
+placeholders before `load_weights`, so the raw blocks (yielded by
+gguf_utils.iterate_gguf_weights) go through the model's own name mapping and q/k/v, gate/up
+stacking; each layer packs as soon as its parts are in. `--gguf-dequantize` keeps every tensor
+dense (float32 or the model dtype), the exact path. The LM head and embedding load dense as
+before (a tied head is the embedding table).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -39,9 +46,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per scale/bias pair in every packed format (Q4_K: per sub-block)
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K")
-KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the 4-bit formats (both kernels)
+GEMM_TYPES = (*PACKED_TYPES, "Q8_0")  # sgl_kernel's GGUF kernel
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)  # activations of the int4pack kernel
+GEMM_DTYPES = (torch.float32, torch.bfloat16)  # activations of sgl_kernel's GGUF kernel
 KERNEL_LABEL = "int4pack (aten._weight_int4pack_mm_for_cpu), group 32"
+# 0: the int4pack kernel for 4-bit tensors (bf16/fp16 only) and Q8_0 dense, as before the kernel.
+GEMM_ENV = "SGLANG_CPU_GGUF_GEMM"
 # Checkpoint names of the parts a stacked layer is loaded from (the models' STACKED_PARAMS).
 _HF_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -86,6 +97,12 @@ def decode_blocks(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tens
         m = _f16(blocks[..., 2:4]).reshape(rows, -1)
         codes = _low_high(blocks[..., 4:])
         scale, bias = d, m
+    elif qtype == "Q8_0":
+        blocks = raw.reshape(rows, -1, 34)
+        d = _f16(blocks[..., :2]).reshape(rows, -1)
+        signed = np.ascontiguousarray(blocks[..., 2:]).view(np.int8)
+        codes = (signed.astype(np.int16) + 128).astype(np.uint8)
+        scale, bias = d, -128.0 * d
     elif qtype == "Q4_K":
         blocks = raw.reshape(rows, -1, 144)
         d = _f16(blocks[..., :2])  # [rows, supers, 1]
@@ -97,7 +114,7 @@ def decode_blocks(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tens
         scale = (d * sc.astype(np.float32)).reshape(rows, -1)
         bias = -(dmin * mn.astype(np.float32)).reshape(rows, -1)
     else:
-        raise ValueError(f"GGUF type {qtype} is not a packed 4-bit type ({PACKED_TYPES})")
+        raise ValueError(f"GGUF type {qtype} is not a packed type ({GEMM_TYPES})")
     codes = codes.reshape(rows, -1)
     return (
         torch.from_numpy(np.ascontiguousarray(codes)),
@@ -124,7 +141,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> 
 
 
 class GGUFInt4:
-    """One packed matmul: y = x @ W.T with W from 4-bit codes, on the CPU int4 kernel."""
+    """One packed matmul: y = x @ W.T with W from 4-bit codes, on PyTorch's CPU int4 kernel."""
 
     label = KERNEL_LABEL
 
@@ -151,6 +168,48 @@ class GGUFInt4:
         return out + bias if bias is not None else out
 
 
+def gemm_kernel():
+    """sgl_kernel.cpu_gemm_gguf when it runs here and is not switched off, else None."""
+    if os.environ.get(GEMM_ENV, "1") == "0":
+        return None
+    from sgl_kernel import cpu_gemm_gguf
+
+    return cpu_gemm_gguf if cpu_gemm_gguf.available() else None
+
+
+class GGUFCpuGemm:
+    """One packed matmul on sgl_kernel's GGUF kernel: y = x @ W.T, x float32 or bfloat16.
+
+    A layer whose parts mix 4-bit formats runs in the Q4_K form (float32 scales, exact for all).
+    """
+
+    def __init__(
+        self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, qtypes: set[str]
+    ) -> None:
+        from sgl_kernel import cpu_gemm_gguf
+
+        self.qtype = next(iter(qtypes)) if len(qtypes) == 1 else "Q4_K"
+        fmt = cpu_gemm_gguf.FORMATS[self.qtype]
+        self.out_features = int(codes.shape[0])
+        self.weight = cpu_gemm_gguf.pack(codes, scale, bias if fmt.has_min else None, self.qtype)
+        self.label = (
+            f"sgl_kernel cpu_gemm_gguf ({cpu_gemm_gguf.isa_name()}, "
+            f"{cpu_gemm_gguf.activation_mode()} activations per 32-block)"
+        )
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.weight]
+
+    def apply(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        from sgl_kernel.cpu_gemm_gguf import linear_gguf, linear_gguf_op
+
+        if bias is not None:
+            bias = bias.float().contiguous()
+        if torch.compiler.is_compiling():
+            return linear_gguf_op(x, self.weight, self.out_features, self.qtype, bias)
+        return linear_gguf(x, self.weight, self.out_features, self.qtype, bias)
+
+
 def _parts(layer_name: str) -> list[tuple[str, Any]]:
     """(HF weight name, shard id) of each checkpoint tensor a model layer is loaded from."""
     prefix, _, leaf = layer_name.rpartition(".")
@@ -162,16 +221,20 @@ def _parts(layer_name: str) -> list[tuple[str, Any]]:
 
 
 class _GGUFLayerState:
-    """Collects a layer's GGUFBlocks parts; packs them into one GGUFInt4 when all are in."""
+    """Collects a layer's GGUFBlocks parts; packs them into one matmul when all are in
+    (GGUFCpuGemm when `gemm`, else GGUFInt4)."""
 
-    def __init__(self, layer: nn.Module, name: str, shard_ids: list[Any], dtype) -> None:
+    def __init__(
+        self, layer: nn.Module, name: str, shard_ids: list[Any], dtype, gemm: bool
+    ) -> None:
         self.layer = layer
         self.name = name
         self.shard_ids = shard_ids
         self.dtype = dtype
+        self.gemm = gemm
         self.parts: dict[Any, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.types: Counter[str] = Counter()
-        self.method: Optional[GGUFInt4] = None
+        self.method: Optional[GGUFCpuGemm | GGUFInt4] = None
 
     def add(self, blocks: Any, shard_id: Any) -> None:
         if not isinstance(blocks, GGUFBlocks) or shard_id not in self.shard_ids:
@@ -189,7 +252,10 @@ class _GGUFLayerState:
             raise ValueError(
                 f"{self.name}: GGUF tensors give {tuple(codes.shape)}, expected {expected}"
             )
-        self.method = GGUFInt4(codes, scale, bias, self.dtype)
+        if self.gemm:
+            self.method = GGUFCpuGemm(codes, scale, bias, set(self.types))
+        else:
+            self.method = GGUFInt4(codes, scale, bias, self.dtype)
         for i, tensor in enumerate(self.method.tensors()):
             self.layer.register_buffer(f"gguf_int4_{i}", tensor, persistent=False)
 
@@ -199,24 +265,40 @@ class _GGUFLayerState:
         return self.method.apply(x, bias)
 
 
-def packable_reason(model_config: ModelConfig, device: str | torch.device) -> str:
-    """Why this run keeps every GGUF tensor dense ('' when 4-bit tensors may stay packed)."""
+def packable_reason(model_config: ModelConfig, device: str | torch.device) -> tuple[str, bool]:
+    """(why this run keeps every GGUF tensor dense, '' when some may stay packed; whether the
+    packed ones run on sgl_kernel's GGUF kernel rather than PyTorch's int4 kernel)."""
     if torch.device(device).type != "cpu":
-        return "no int4 GPU kernel is built here"
-    if model_config.dtype not in KERNEL_DTYPES:
-        return (
-            f"the model dtype is {str(model_config.dtype).removeprefix('torch.')}: the CPU int4 "
-            "kernel's float32 path measured ~10x slower than a dense float32 matmul; "
-            "--dtype bfloat16 keeps them packed"
-        )
-    return ""
+        return "no GGUF GPU kernel is built here", False
+    dtype = model_config.dtype
+    if dtype in GEMM_DTYPES and gemm_kernel() is not None:
+        return "", True
+    if dtype in KERNEL_DTYPES:
+        return "", False
+    if os.environ.get(GEMM_ENV, "1") == "0":
+        why = f"{GEMM_ENV}=0"
+    elif dtype in GEMM_DTYPES:
+        from sgl_kernel import cpu_gemm_gguf
+
+        why = f"sgl_kernel's GGUF kernel cannot run here: {cpu_gemm_gguf.unavailable_reason()}"
+    else:
+        why = "sgl_kernel's GGUF kernel takes float32 and bfloat16 activations"
+    return (
+        f"the model dtype is {str(dtype).removeprefix('torch.')} and {why}; PyTorch's CPU int4 "
+        "kernel's float32 path measured ~10x slower than a dense float32 matmul",
+        False,
+    )
 
 
-def attach_gguf(model: nn.Module, path: str, dtype: torch.dtype) -> frozenset[str]:
-    """Give every linear layer whose GGUF tensors are all 4-bit a collecting placeholder.
+def attach_gguf(
+    model: nn.Module, path: str, dtype: torch.dtype, gemm: bool = False
+) -> frozenset[str]:
+    """Give every linear layer whose GGUF tensors are all packable a collecting placeholder:
+    with `gemm` (sgl_kernel's GGUF kernel) Q8_0 layers or layers whose parts are all 4-bit; else
+    layers whose parts are all 4-bit (PyTorch's int4 kernel).
 
-    Returns the HF names of the tensors to be yielded as GGUFBlocks; other tensors (Q8_0, Q6_K,
-    F16, F32, a stacked layer with one non-4-bit part) load dense as before.
+    Returns the HF names of the tensors to be yielded as GGUFBlocks; other tensors (Q6_K, F16,
+    F32, a stacked layer mixing 8- and 4-bit parts) load dense as before.
     """
     from sglang.srt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
     from sglang.srt.model_loader.gguf_utils import gguf_tensor_types
@@ -229,13 +311,14 @@ def attach_gguf(model: nn.Module, path: str, dtype: torch.dtype) -> frozenset[st
         parts = _parts(name)
         if isinstance(layer, (QKVParallelLinear, MergedColumnParallelLinear)) != (len(parts) > 1):
             continue  # a layer this naming does not describe: leave it dense
-        if not all(types.get(hf) in PACKED_TYPES for hf, _ in parts):
+        part_types = {types.get(hf) for hf, _ in parts}
+        if not (part_types <= set(PACKED_TYPES) or (gemm and part_types == {"Q8_0"})):
             continue
-        if layer.output_size % 16 or layer.input_size % BLOCK:
+        if (not gemm and layer.output_size % 16) or layer.input_size % BLOCK:
             continue  # shapes the kernel does not take
         if getattr(layer, "tp_size", 1) != 1:
             continue  # NOTE: tensor-parallel shards of packed blocks are not cut here yet
-        state = _GGUFLayerState(layer, name, [sid for _, sid in parts], dtype)
+        state = _GGUFLayerState(layer, name, [sid for _, sid in parts], dtype, gemm)
         del layer.weight
         placeholder = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
         placeholder.weight_loader = _make_loader(state)  # type: ignore[attr-defined]
@@ -254,29 +337,34 @@ def _make_loader(state: _GGUFLayerState):
 
 def finish_gguf(model: nn.Module) -> dict[str, Any]:
     """Raise when a packed layer missed parts; return the counts for the log and model info."""
-    layers, types = 0, Counter()
+    layers, types, kernels = 0, Counter(), set()
     for name, layer in model.named_modules():
         state = getattr(layer, "quant_method", None)
         if not isinstance(state, _GGUFLayerState):
             continue
         if state.method is None:
-            raise ValueError(f"GGUF file is missing 4-bit tensors of {name}")
+            raise ValueError(f"GGUF file is missing packed tensors of {name}")
         layers += 1
         types.update(state.types)
-    return {"layers": layers, "tensor_types": dict(sorted(types.items()))}
+        kernels.add(state.method.label)
+    return {
+        "layers": layers,
+        "tensor_types": dict(sorted(types.items())),
+        "kernel": "; ".join(sorted(kernels)),
+    }
 
 
 def load_gguf_packed(
     model: nn.Module, model_config: ModelConfig, weights: Iterable, device
 ) -> Iterable:
-    """The weight stream for `model`: when this run can use the kernel, the 4-bit layers get
+    """The weight stream for `model`: when this run can use a kernel, the packable layers get
     their placeholders now (before `load_weights` looks up parameters) and the stream yields
     their raw blocks; the rest stays dense. Logs and records what was packed once it ends."""
-    reason = packable_reason(model_config, device)
+    reason, gemm = packable_reason(model_config, device)
     if reason:
         logger.info("GGUF: every tensor dequantized to dense weights at load (%s)", reason)
         return weights
-    packed = attach_gguf(model, model_config.gguf_file, model_config.dtype)
+    packed = attach_gguf(model, model_config.gguf_file, model_config.dtype, gemm)
     return _packed_stream(model, model_config.gguf_file, packed)
 
 
@@ -292,24 +380,26 @@ def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Itera
     dense = Counter(gguf_dense_types(path, packed))
     if not info["layers"]:
         logger.info(
-            "GGUF: no linear layer has only Q4_0/Q4_1/Q4_K tensors; dequantized at load: %s",
+            "GGUF: no linear layer has only packable tensors; dequantized at load: %s",
             ", ".join(f"{n} {t}" for t, n in sorted(dense.items())),
         )
         return
+    bits = sorted({8 if t == "Q8_0" else 4 for t in info["tensor_types"]})
     logger.info(
-        "GGUF: %d linear layers packed 4-bit (%s tensors), matmul: %s; dequantized at load: %s "
+        "GGUF: %d linear layers packed %s-bit (%s tensors), matmul: %s; dequantized at load: %s "
         "(--gguf-dequantize keeps every tensor dense)",
         info["layers"],
+        "/".join(map(str, bits)),
         ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items()),
-        KERNEL_LABEL,
+        info["kernel"],
         ", ".join(f"{n} {t}" for t, n in sorted(dense.items())) or "nothing",
     )
     # The loader's quantization summary (/get_model_info, start-up log).
     model.quant_info = {
         "method": "gguf",
-        "bits": 4,
+        "bits": bits[0] if len(bits) == 1 else bits,
         "group_size": BLOCK,
-        "kernel": KERNEL_LABEL,
+        "kernel": info["kernel"],
         "quantized_tensors": sum(info["tensor_types"].values()),
         "tensor_types": info["tensor_types"],
     }

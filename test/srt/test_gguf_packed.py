@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sglang.srt.layers.quantization.gguf import GGUFInt4, decode_blocks, dequantize
-from sglang.test.gguf_checkpoints import quantize, write_gguf
+from sglang.test.gguf_checkpoints import quantize, tiny_llama_gguf
 from sglang.test.runners import HFRunner, SRTRunner, assert_greedy_matches
 
 PACKED = ["Q4_0", "Q4_1", "Q4_K"]
@@ -64,41 +64,12 @@ def test_blocks_decode_and_kernel_weights(qtype):
     assert packed_err < 2**-6
 
 
-def _tiny_llama(tmp_path, qtype: str):
-    """A random tiny Llama written as GGUF with its linear weights in `qtype`, and an HF folder
-    holding the dequantized weights the file stores."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=384,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.06,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    path = tmp_path / f"tiny-{qtype}.gguf"
-    values = write_gguf(path, config, model.state_dict(), qtype)
-    model.load_state_dict(values)
-    folder = tmp_path / f"hf-{qtype}"
-    model.save_pretrained(folder)
-    return str(path), str(folder)
-
-
 PROMPTS = [[1, 17, 200, 33, 9], [1, 5, 6, 7, 8, 9, 10, 300, 121], [1, 250]]
 
 
 @pytest.mark.parametrize("qtype", [*PACKED, "Q8_0"])
 def test_tiny_model_packed_vs_dense_vs_hf(tmp_path, qtype, caplog):
-    path, folder = _tiny_llama(tmp_path, qtype)
+    path, folder = tiny_llama_gguf(tmp_path, qtype)
     hf = HFRunner(folder)
     refs = [hf.greedy(p, 12) for p in PROMPTS]
 

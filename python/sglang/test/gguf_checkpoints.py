@@ -5,7 +5,8 @@ package's own quantizers, Q4_K written here from the format (gguf-py only dequan
 super-block of 256 weights an fp16 d and dmin, eight 6-bit sub-block scales and mins packed in 12
 bytes, and 128 bytes of codes, with w = d * sc * q - dmin * mn. `write_gguf` writes a Llama's
 (or Qwen's) state dict the way llama.cpp's converter lays it out (names, and q/k row order for
-the llama family), its linear weights in one type and everything else F32.
+the llama family), its linear weights in one type and everything else F32. `tiny_llama_gguf`
+writes a random tiny Llama that way beside an HF folder of the weights the file holds.
 """
 
 from __future__ import annotations
@@ -153,3 +154,34 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return dequantized
+
+
+def tiny_llama_gguf(folder: str | Path, qtype: str, **overrides: Any) -> tuple[str, str]:
+    """A random tiny Llama (config fields overridable) written as GGUF with its linear weights in
+    `qtype`, and an HF folder holding the dequantized weights the file stores: (gguf, folder)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields: dict[str, Any] = dict(
+        vocab_size=384,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.06,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    config = LlamaConfig(**fields)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"tiny-{qtype}.gguf"
+    model.load_state_dict(write_gguf(path, config, model.state_dict(), qtype))
+    model.save_pretrained(folder / f"hf-{qtype}")
+    return str(path), str(folder / f"hf-{qtype}")

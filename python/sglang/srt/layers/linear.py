@@ -205,3 +205,21 @@ class RowParallelLinear(LinearBase):
             out = tensor_model_parallel_all_reduce(out)
         # NOTE: the bias is added once, after the reduction.
         return out + self.bias if self.bias is not None else out
+
+
+def rows_of_rank(layer: LinearBase, shard_id: Any) -> Optional[slice]:
+    """The output rows of checkpoint part `shard_id` (q/k/v, a merged index, or None) that this
+    rank keeps, where the weight loaders above cut them (for quantized weights loaded outside
+    them); None when it keeps all of them."""
+    if layer.tp_size == 1 or not isinstance(layer, ColumnParallelLinear):
+        return None
+    if isinstance(layer, QKVParallelLinear):
+        if shard_id == "q":
+            size, rank = layer.q_size, layer.tp_rank
+        else:
+            size, rank = layer.kv_size, layer.tp_rank // layer.kv_replicas
+    elif isinstance(layer, MergedColumnParallelLinear):
+        size, rank = layer.output_sizes[shard_id] // layer.tp_size, layer.tp_rank
+    else:
+        size, rank = layer.output_size_per_partition, layer.tp_rank
+    return slice(rank * size, (rank + 1) * size)

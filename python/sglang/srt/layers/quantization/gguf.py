@@ -40,6 +40,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from sglang.srt.layers.quantization.gguf_tp import (
+    columns_of_rank,
+    local_shape,
+    row_split_problem,
+    rows_of_rank,
+)
+
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig
 
@@ -239,15 +246,17 @@ class _GGUFLayerState:
     def add(self, blocks: Any, shard_id: Any) -> None:
         if not isinstance(blocks, GGUFBlocks) or shard_id not in self.shard_ids:
             raise ValueError(f"{self.name}: expected GGUF 4-bit blocks for part {shard_id!r}")
-        codes, scale, bias = decode_blocks(blocks.raw.numpy(), blocks.qtype)
-        self.parts[shard_id] = (codes, scale, bias)
+        rows = rows_of_rank(self.layer, shard_id)  # TP: this rank's part (gguf_tp.py)
+        raw = blocks.raw if rows is None else blocks.raw[rows]
+        codes, scale, bias = decode_blocks(raw.numpy(), blocks.qtype)
+        self.parts[shard_id] = columns_of_rank(self.layer, codes, scale, bias)
         self.types[blocks.qtype] += 1
         if len(self.parts) < len(self.shard_ids):
             return
         # q/k/v (gate/up) share the input, so their rows stack into one matmul.
         ordered = [self.parts.pop(sid) for sid in self.shard_ids]
         codes, scale, bias = (torch.cat([p[i] for p in ordered]) for i in range(3))
-        expected = (self.layer.output_size, self.layer.input_size)
+        expected = local_shape(self.layer)
         if tuple(codes.shape) != expected:
             raise ValueError(
                 f"{self.name}: GGUF tensors give {tuple(codes.shape)}, expected {expected}"
@@ -302,6 +311,7 @@ def attach_gguf(
     """
     from sglang.srt.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear
     from sglang.srt.model_loader.gguf_utils import gguf_tensor_types
+    from sglang.srt.model_loader.resolve import ModelLoadError
 
     types = gguf_tensor_types(path)
     packed: set[str] = set()
@@ -314,10 +324,12 @@ def attach_gguf(
         part_types = {types.get(hf) for hf, _ in parts}
         if not (part_types <= set(PACKED_TYPES) or (gemm and part_types == {"Q8_0"})):
             continue
-        if (not gemm and layer.output_size % 16) or layer.input_size % BLOCK:
+        problem = row_split_problem(layer, name)
+        if problem:
+            raise ModelLoadError(f"Cannot load GGUF model {path}: {problem}")
+        out_size, in_size = local_shape(layer)
+        if (not gemm and out_size % 16) or in_size % BLOCK:
             continue  # shapes the kernel does not take
-        if getattr(layer, "tp_size", 1) != 1:
-            continue  # NOTE: tensor-parallel shards of packed blocks are not cut here yet
         state = _GGUFLayerState(layer, name, [sid for _, sid in parts], dtype, gemm)
         del layer.weight
         placeholder = nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)

@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.linear import (
-    ColumnParallelLinear,
     LinearBase,
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    rows_of_rank,
 )
 from sglang.srt.layers.quantization import QuantConfig
 from sglang.srt.layers.quantization.int4 import Int4LinearMethod, Int4Shard
@@ -54,18 +54,9 @@ def _tp_slice(layer: LinearBase, shard: Int4Shard, shard_id: Any) -> Int4Shard:
         size = layer.input_size_per_partition
         cols = slice(layer.tp_rank * size, (layer.tp_rank + 1) * size)
         return Int4Shard(shard.q[:, cols], shard.scales, shard.zeros, shard.g_idx[cols])
-    if isinstance(layer, QKVParallelLinear):
-        if shard_id == "q":
-            size, rank = layer.q_size, layer.tp_rank
-        else:
-            size, rank = layer.kv_size, layer.tp_rank // layer.kv_replicas
-    elif isinstance(layer, MergedColumnParallelLinear):
-        size, rank = layer.output_sizes[shard_id] // layer.tp_size, layer.tp_rank
-    elif isinstance(layer, ColumnParallelLinear):
-        size, rank = layer.output_size_per_partition, layer.tp_rank
-    else:  # replicated
+    rows = rows_of_rank(layer, shard_id)
+    if rows is None:  # replicated
         return shard
-    rows = slice(rank * size, (rank + 1) * size)
     return Int4Shard(
         shard.q[rows].contiguous(), shard.scales[:, rows], shard.zeros[:, rows], shard.g_idx
     )

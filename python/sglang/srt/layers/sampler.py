@@ -117,8 +117,8 @@ class Sampler(nn.Module):
         info = sampling_info
         biased = info.apply_logits_bias(logits) if info.has_logits_bias else logits.float()
         if info.vocab_mask is not None:
-            if biased is logits:
-                biased = logits.clone()  # logprobs below read the raw logits
+            if biased is logits and return_logprob:
+                biased = logits.clone()  # logprobs below read the raw logits; nothing else does
             info.vocab_mask.apply(biased)
         greedy_ids = biased.argmax(dim=-1)
         if info.is_all_greedy:

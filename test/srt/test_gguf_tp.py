@@ -5,18 +5,23 @@ real TP 2 group: q/k/v and gate/up keep their output rows, o_proj and down_proj 
 columns in whole 32-weight blocks (Q4_K's 256-weight super-blocks cut in the middle). Greedy
 tokens equal TP 1 on the same packed file, and each rank reports every linear tensor packed
 (float32 where sgl_kernel's GGUF kernel runs, else bfloat16 on PyTorch's int4 kernel). A model
-whose down_proj input does not split in whole blocks is refused with one clear error.
+whose down_proj input does not split in whole blocks is refused with one clear error: by the
+launching process before any rank loads (one line, exit 1, like other --tp split errors), and by
+a rank's loader if it gets there.
 """
 
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 
 from sglang.srt.model_loader import ModelLoadError
 from sglang.test.gguf_checkpoints import tiny_llama_gguf
 from sglang.test.runners import SRTRunner
+from sglang.test.test_utils import find_free_port
 from sglang.test.tp_runners import run_tp_group
 
 PROMPTS = [[1, 17, 200, 33, 9], [1, 5, 6, 7, 8, 9, 10, 300, 121]]
@@ -52,16 +57,15 @@ def files(tmp_path_factory):
     return paths, refused
 
 
-def packing_dtype(path: str) -> str:
+@pytest.fixture(scope="module")
+def dtype(files):
     """float32 where sgl_kernel's GGUF kernel packs it, else bfloat16 (PyTorch's int4 kernel)."""
-    model = SRTRunner(path, dtype="float32").model_runner.model
-    packed = getattr(model, "quant_info", None) is not None
-    return "float32" if packed else "bfloat16"
+    model = SRTRunner(files[0][0], dtype="float32").model_runner.model
+    return "float32" if getattr(model, "quant_info", None) is not None else "bfloat16"
 
 
-def test_tp2_packed_equals_tp1_packed(files):
+def test_tp2_packed_equals_tp1_packed(files, dtype):
     paths, refused = files
-    dtype = packing_dtype(paths[0])
     tp1, tp1_error = packed_greedy(paths, refused, dtype)
     assert tp1_error == ""  # TP 1 keeps every layer whole: nothing to cut
     ranks = run_tp_group(2, packed_greedy, paths, refused, dtype)
@@ -85,3 +89,19 @@ def test_tp2_packed_equals_tp1_packed(files):
             assert diff < (5e-3 if dtype == "float32" else 0.15)
     assert "model.layers.0.mlp.down_proj splits its 480 input columns into 2 parts of 240" in error
     assert "--gguf-dequantize" in error and "\n" not in error
+
+
+def test_server_refuses_a_split_inside_blocks_in_one_line(files, dtype):
+    _, refused = files
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", refused, "--tp", "2"]
+    cmd += ["--device", "cpu", "--dtype", dtype, "--skip-tokenizer-init"]
+    cmd += ["--max-total-tokens", "4096"]
+    proc = subprocess.run(
+        cmd + ["--port", str(find_free_port())], capture_output=True, text=True, timeout=180
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out, out
+    line = next(x for x in out.splitlines() if "--tp 2 splits" in x)
+    assert "model.layers.0.mlp.down_proj.weight (Q4_1) into parts of 240" in line
+    assert "--gguf-dequantize" in line

@@ -90,10 +90,11 @@ def start_scheduler_ranks(
     # took seconds of the main process that the ranks' own start-up now overlaps.
     try:
         from sglang.srt.configs.model_config import ModelConfig  # imports torch: after the spawn
+        from sglang.srt.layers.quantization.gguf_tp import check_packed_split
 
-        check_parallel_model(
-            ModelConfig.from_server_args(server_args), server_args.tp_size, server_args.pp_size
-        )
+        model_config = ModelConfig.from_server_args(server_args)
+        check_parallel_model(model_config, server_args.tp_size, server_args.pp_size)
+        check_packed_split(model_config, server_args)
     except BaseException:
         for proc in procs.values():
             proc.terminate()

@@ -299,6 +299,12 @@ def packable_reason(model_config: ModelConfig, device: str | torch.device) -> tu
     )
 
 
+def packs(part_types: set[Optional[str]], gemm: bool) -> bool:
+    """Whether a layer whose checkpoint parts have these GGUF types stays packed: all 4-bit, or
+    (on sgl_kernel's GGUF kernel, `gemm`) all Q8_0."""
+    return part_types <= set(PACKED_TYPES) or (gemm and part_types == {"Q8_0"})
+
+
 def attach_gguf(
     model: nn.Module, path: str, dtype: torch.dtype, gemm: bool = False
 ) -> frozenset[str]:
@@ -321,8 +327,7 @@ def attach_gguf(
         parts = _parts(name)
         if isinstance(layer, (QKVParallelLinear, MergedColumnParallelLinear)) != (len(parts) > 1):
             continue  # a layer this naming does not describe: leave it dense
-        part_types = {types.get(hf) for hf, _ in parts}
-        if not (part_types <= set(PACKED_TYPES) or (gemm and part_types == {"Q8_0"})):
+        if not packs({types.get(hf) for hf, _ in parts}, gemm):
             continue
         problem = row_split_problem(layer, name)
         if problem:

@@ -11,11 +11,14 @@ cut a dense weight, so a packed layer computes on every rank what its dense twin
   256 decodes to eight such blocks with exact float32 scales, so it may be cut between them).
   A layer whose per-rank input width is not a whole number of blocks cannot be cut: the start
   is refused (`row_split_problem`) with the layer, the widths and the ways out.
+
+`check_packed_split` makes the same refusal in the launching process from the config and the
+GGUF header, before any rank loads weights: one line, like the other `--tp` split checks.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -70,3 +73,32 @@ def columns_of_rank(
         scale[:, blocks].contiguous(),
         bias[:, blocks].contiguous(),
     )
+
+
+def check_packed_split(model_config: Any, server_args: Any) -> None:
+    """Raise ParallelConfigError when an o_proj or down_proj tensor of the GGUF file would stay
+    packed (gguf.py's choice for this dtype and device) but not split `--tp` ways in whole
+    blocks."""
+    tp = server_args.tp_size
+    if tp == 1 or model_config.gguf_file is None or server_args.gguf_dequantize:
+        return
+    from sglang.srt.distributed.placement import ParallelConfigError
+    from sglang.srt.layers.quantization.gguf import packable_reason, packs
+    from sglang.srt.model_loader.gguf_utils import gguf_tensor_types
+
+    reason, gemm = packable_reason(model_config, server_args.device)
+    if reason:
+        return  # every tensor loads dense: dense weights split anywhere
+    text = model_config.hf_text_config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    widths = {"self_attn.o_proj": heads * head_dim, "mlp.down_proj": text.intermediate_size}
+    for name, qtype in gguf_tensor_types(model_config.gguf_file).items():
+        for leaf, width in widths.items():
+            if name.endswith(f".{leaf}.weight") and packs({qtype}, gemm) and (width // tp) % BLOCK:
+                raise ParallelConfigError(
+                    f"--tp {tp} splits the {width} input columns of the packed GGUF tensor "
+                    f"{name} ({qtype}) into parts of {width // tp}, not a whole number of "
+                    f"{BLOCK}-weight blocks; use a --tp that cuts it in whole blocks or "
+                    "--gguf-dequantize (dense weights split anywhere)"
+                )

@@ -56,9 +56,9 @@ _HELP: dict[str, str] = {
     "tokenizer_mode": "'auto' prefers the fast tokenizer, 'slow' forces the Python one.",
     "skip_tokenizer_init": "Load no tokenizer: requests carry input_ids, outputs are token ids.",
     "load_format": "Weight format; 'dummy' builds random weights from config.json alone.",
-    "gguf_dequantize": "GGUF: dequantize every tensor to the model dtype at load, as before the "
-    "packed path (by default Q4_0/Q4_1/Q4_K linear weights of a bfloat16/float16 CPU model stay "
-    "4-bit and run on the int4 kernel).",
+    "gguf_dequantize": "GGUF: dequantize every tensor to the model dtype at load (the exact "
+    "path). By default a CPU model keeps its Q4_0/Q4_1/Q4_K/Q8_0 linear weights packed and runs "
+    "them on sgl_kernel's GGUF kernel (float32 and bfloat16; float16 on PyTorch's int4 kernel).",
     "trust_remote_code": "Let transformers run code shipped in the model folder (custom config "
     "or tokenizer classes); model architectures still come from the built-in registry.",
     "context_length": "Maximum context length (default: from the model config).",

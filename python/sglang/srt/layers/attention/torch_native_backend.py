@@ -7,7 +7,10 @@ K/V through those slots and runs one batched softmax attention that also yields 
 log-sum-exp. Grouped-query heads are folded into the query axis so K/V are never repeated. There is
 no Python loop over requests; extend and decode share the path (decode is a 1-token extend).
 K/V are read in the query dtype; a float8 pool (`--kv-cache-dtype fp8_*`) is widened on the
-gather, its per-tensor scales folded into the softmax scale and the output.
+gather, its per-tensor scales folded into the softmax scale and the output. On CPU, a decode
+batch over a float32 / bfloat16 pool of the query's dtype takes one C call per layer instead
+(sgl_kernel.cpu_layer.decode_attention: stores the new K/V and attends in place through
+req_to_token, float32 softmax), which removes some twenty operator calls per layer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from sgl_kernel import cpu_layer
 from sgl_kernel.attention_scores import key_visible, softcap
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend, AttnOutput
@@ -38,6 +42,7 @@ class TorchNativeMetadata:
     key_valid: torch.Tensor  # [B, max_kv] key position < seq_len
     no_prefix: bool = False  # extend of fresh prompts: keys are exactly this forward's tokens
     decode: bool = False  # one query per request, in request order
+    uniform: bool = False  # every request extends by max_q tokens: the padded layout is a view
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -114,6 +119,7 @@ class TorchNativeAttnBackend(AttentionBackend):
             key_valid=key_valid,
             no_prefix=fb.forward_mode.is_extend() and max(fb.extend_prefix_lens_cpu) == 0,
             decode=max_q == 1 and num_tokens == bs,
+            uniform=num_tokens == bs * max_q,
         )
 
     def _mask(
@@ -152,6 +158,23 @@ class TorchNativeAttnBackend(AttentionBackend):
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         group = hq // hkv
         k_scale, v_scale = pool.kv_scales(layer)
+        if md.decode and self._cpu_decode_ok(q, k, pool, k_scale, v_scale):
+            fb = forward_batch
+            out, lse = cpu_layer.decode_attention(
+                q,
+                pool.get_key_buffer(layer.layer_id),
+                pool.get_value_buffer(layer.layer_id),
+                self.req_to_token,
+                fb.req_pool_indices,
+                fb.seq_lens,
+                hkv,
+                layer.scaling,
+                window=layer.sliding_window_size,
+                logit_cap=layer.logit_cap,
+                new_kv=(k, v, fb.out_cache_loc) if save_kv_cache else None,
+                return_lse=return_lse,
+            )
+            return (out, lse) if return_lse else out
         if save_kv_cache:
             loc = forward_batch.out_cache_loc
             pool.set_kv_buffer(
@@ -169,9 +192,9 @@ class TorchNativeAttnBackend(AttentionBackend):
 
         keys = self._gather(pool.get_key_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
         values = self._gather(pool.get_value_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
-        # Decode has one query per request in order: the padded layout is a view.
+        # Without padding (decode, or equal extend lengths) the padded layout is a view.
         qp = (
-            q.view(bs, 1, hq, d) if md.decode else q.view(-1, hq, d)[md.q_index]
+            q.view(bs, max_q, hq, d) if md.uniform else q.view(-1, hq, d)[md.q_index]
         )  # [B, max_q, Hq, D]
         qp = (
             qp.view(bs, max_q, hkv, group, d)
@@ -189,9 +212,22 @@ class TorchNativeAttnBackend(AttentionBackend):
 
         out = out.view(bs, hkv, group, max_q, d).permute(0, 3, 1, 2, 4).reshape(bs * max_q, hq * d)
         lse = lse.view(bs, hkv, group, max_q).permute(0, 3, 1, 2).reshape(bs * max_q, hq)
-        if not md.decode:
+        if not md.uniform:
             out, lse = out[md.out_index], lse[md.out_index]
         return (out, lse) if return_lse else out
+
+    @staticmethod
+    def _cpu_decode_ok(
+        q: torch.Tensor, k: torch.Tensor, pool: Any, k_scale: float, v_scale: float
+    ) -> bool:
+        """Whether the C decode-attention kernel can serve this layer (see the module doc)."""
+        return (
+            pool.dtype == q.dtype == k.dtype
+            and pool.store_dtype == pool.dtype
+            and k_scale == 1.0
+            and v_scale == 1.0
+            and cpu_layer.usable(q)
+        )
 
     @staticmethod
     def _gather(buf: torch.Tensor, md: TorchNativeMetadata) -> torch.Tensor:
@@ -214,17 +250,25 @@ class TorchNativeAttnBackend(AttentionBackend):
         md = self.forward_metadata
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         bs, max_q = md.batch_size, md.max_q
-        qp = q.view(-1, hq, d)[md.q_index].transpose(1, 2)
-        kp = k.view(-1, hkv, d)[md.q_index].transpose(1, 2)
-        vp = v.view(-1, hkv, d)[md.q_index].transpose(1, 2)
+        if md.uniform:  # no padding: the flat tokens are already [B, max_q] in order
+            qp = q.reshape(bs, max_q, hq, d).transpose(1, 2)
+            kp = k.reshape(bs, max_q, hkv, d).transpose(1, 2)
+            vp = v.reshape(bs, max_q, hkv, d).transpose(1, 2)
+        else:
+            qp = q.view(-1, hq, d)[md.q_index].transpose(1, 2)
+            kp = k.view(-1, hkv, d)[md.q_index].transpose(1, 2)
+            vp = v.view(-1, hkv, d)[md.q_index].transpose(1, 2)
         if hq != hkv:
             kp = kp.repeat_interleave(hq // hkv, dim=1)
             vp = vp.repeat_interleave(hq // hkv, dim=1)
         out, lse = sdpa_with_lse(qp, kp, vp, None, layer.scaling, causal=True)
-        out = out.transpose(1, 2).reshape(bs * max_q, hq * d)[md.out_index]
+        out = out.transpose(1, 2).reshape(bs * max_q, hq * d)
+        if not md.uniform:
+            out = out[md.out_index]
         if not return_lse:
             return out
-        return out, lse.transpose(1, 2).reshape(bs * max_q, hq)[md.out_index]
+        lse = lse.transpose(1, 2).reshape(bs * max_q, hq)
+        return out, lse if md.uniform else lse[md.out_index]
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, return_lse=False):
         return self._attend(q, k, v, layer, forward_batch, save_kv_cache, return_lse)

@@ -1,0 +1,314 @@
+/*
+ * CPU kernels of a decoder layer's non-matmul work: (fused add +) RMSNorm, rotary embedding,
+ * SiLU-and-mul, and decode attention read straight from the paged KV pool.
+ *
+ * Why they exist: at decode's batch sizes each of these is a handful (attention: some twenty) of
+ * PyTorch operator calls on a few hundred values, so a small model's step on CPU is dominated by
+ * per-call overhead (dispatch, allocation, dtype casts) rather than arithmetic. One call here
+ * replaces them.
+ *
+ * Arithmetic follows the PyTorch reference (sgl_kernel/ref.py) operation by operation, with the
+ * same roundings: a bfloat16 result is rounded to nearest even after every operation the reference
+ * does in bfloat16, float32 work stays float32, and the file is compiled with -ffp-contract=off so
+ * no multiply-add is fused behind the reference's back. What can still differ is the last bit of
+ * a float32 transcendental or reduction (exp, the order of the mean's sum), as between any two
+ * PyTorch builds.
+ *
+ * Decode attention is not a reference transcription: scores, softmax and the weighted sum are
+ * float32 (as the fused SDPA kernel accumulates), rounded once to the output dtype.
+ *
+ * Dtype codes: 0 float32, 1 bfloat16. Rows are contiguous; row strides are in elements.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu_bf16.h"
+
+/* A value rounded to bfloat16 and widened back (the result of one bf16 operation). */
+static inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* n values of a float32 or bf16 buffer widened into dst (the branch is outside the loops). */
+static inline void load_f32(float *dst, const void *src, int bf16, int64_t n) {
+    if (bf16) {
+        const uint16_t *p = (const uint16_t *)src;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(p[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void store_f32(void *dst, int bf16, const float *src, int64_t n) {
+    if (bf16) {
+        uint16_t *p = (uint16_t *)dst;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) p[i] = f32_to_bf16(src[i]);
+    } else {
+        memcpy(dst, src, (size_t)n * sizeof(float));
+    }
+}
+
+static inline void round_bf16(float *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) v[i] = rb(v[i]);
+}
+
+/* exp(x) for float32 in branch-free arithmetic the compiler vectorizes (Cody-Waite reduction by
+ * ln 2 and a degree-6 polynomial; within about 2 ulp of the correctly rounded value, like the
+ * vectorized exp PyTorch's CPU kernels use). */
+static inline float exp_f32(float x) {
+    x = x < -87.33654f ? -87.33654f : x;
+    x = x > 88.72283f ? 88.72283f : x;
+    /* Adding and subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even). */
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return p * scale;
+}
+
+#define ROW_MAX 16384 /* values per row kept on the stack; longer rows take the heap */
+
+/*
+ * out = weight * rmsnorm(x [+ residual]) per row of n values, as ref.rmsnorm /
+ * ref.fused_add_rmsnorm: with residual, h = x + residual (one operation in the input dtype) is
+ * written to res_out; then y = h * rsqrt(mean(h^2) + eps) in float32, cast to the input dtype,
+ * times weight (weight_bf16 says its dtype; out_bf16 the product's, PyTorch's type promotion of
+ * the two). x / residual rows have strides x_stride / r_stride; out and res_out are contiguous.
+ * residual may be NULL. Returns 0, or -1 when a long row's buffer cannot be allocated.
+ */
+int sgl_cpu_rmsnorm(const void *x, int64_t x_stride, const void *residual, int64_t r_stride,
+                    const void *weight, int weight_bf16, int bf16, float eps, int64_t m,
+                    int64_t n, void *out, int out_bf16, void *res_out) {
+    float stack[3 * (n <= ROW_MAX ? n : 1)];
+    float *buf = n <= ROW_MAX ? stack : (float *)malloc(sizeof(float) * 3 * (size_t)n);
+    if (buf == NULL) return -1;
+    float *h = buf, *t = buf + n, *w = buf + 2 * n;
+    const size_t esz = bf16 ? 2 : 4, out_esz = out_bf16 ? 2 : 4;
+    load_f32(w, weight, weight_bf16, n);
+    for (int64_t r = 0; r < m; r++) {
+        load_f32(h, (const char *)x + r * x_stride * esz, bf16, n);
+        if (residual != NULL) {
+            load_f32(t, (const char *)residual + r * r_stride * esz, bf16, n);
+#pragma omp simd
+            for (int64_t i = 0; i < n; i++) h[i] = h[i] + t[i];
+            if (bf16) round_bf16(h, n);
+            store_f32((char *)res_out + r * n * esz, bf16, h, n);
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) ss += h[i] * h[i];
+        const float inv = 1.0f / sqrtf(ss / (float)n + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) t[i] = h[i] * inv;
+        if (bf16) round_bf16(t, n);
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) t[i] = w[i] * t[i];
+        store_f32((char *)out + r * n * out_esz, out_bf16, t, n);
+    }
+    if (buf != stack) free(buf);
+    return 0;
+}
+
+/*
+ * Rotary embedding in the half-split (neox) layout, as ref.apply_rotary_emb: for each token and
+ * head, the first `rot` dims of x become x * cos + rotate_half(x) * sin (cos/sin: float32
+ * [tokens][rot], cast to the input dtype first; each product and the sum rounded in the input
+ * dtype); the other dims pass through. x: [tokens][heads][head_dim] with token stride x_stride
+ * (heads contiguous); out: [tokens][heads][head_dim] contiguous. head_dim <= ROW_MAX.
+ */
+void sgl_cpu_rotary(const void *x, int64_t x_stride, int bf16, const float *cos, const float *sin,
+                    int64_t tokens, int64_t heads, int64_t head_dim, int64_t rot, void *out) {
+    const int64_t half = rot / 2;
+    const size_t esz = bf16 ? 2 : 4;
+    float c[rot], s[rot], xv[head_dim], rv[rot], a[head_dim];
+    for (int64_t t = 0; t < tokens; t++) {
+        memcpy(c, cos + t * rot, sizeof(float) * (size_t)rot);
+        memcpy(s, sin + t * rot, sizeof(float) * (size_t)rot);
+        if (bf16) {
+            round_bf16(c, rot);
+            round_bf16(s, rot);
+        }
+        for (int64_t h = 0; h < heads; h++) {
+            load_f32(xv, (const char *)x + (t * x_stride + h * head_dim) * esz, bf16, head_dim);
+            for (int64_t i = 0; i < half; i++) {
+                rv[i] = -xv[i + half];
+                rv[i + half] = xv[i];
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < rot; i++) {
+                a[i] = xv[i] * c[i];
+                rv[i] = rv[i] * s[i];
+            }
+            if (bf16) {
+                round_bf16(a, rot);
+                round_bf16(rv, rot);
+            }
+#pragma omp simd
+            for (int64_t i = 0; i < rot; i++) a[i] = a[i] + rv[i];
+            for (int64_t i = rot; i < head_dim; i++) a[i] = xv[i];
+            store_f32((char *)out + (t * heads + h) * head_dim * esz, bf16, a, head_dim);
+        }
+    }
+}
+
+/* out = silu(gate) * up for x = [gate | up] rows of 2d values (stride x_stride), as
+ * ref.silu_and_mul: silu in float32, rounded to the input dtype, then the product rounded.
+ * Returns 0, or -1 when a long row's buffer cannot be allocated. */
+int sgl_cpu_silu_and_mul(const void *x, int64_t x_stride, int bf16, int64_t m, int64_t d,
+                         void *out) {
+    float stack[2 * (d <= ROW_MAX ? d : 1)];
+    float *buf = d <= ROW_MAX ? stack : (float *)malloc(sizeof(float) * 2 * (size_t)d);
+    if (buf == NULL) return -1;
+    float *g = buf, *u = buf + d;
+    const size_t esz = bf16 ? 2 : 4;
+    for (int64_t r = 0; r < m; r++) {
+        load_f32(g, (const char *)x + r * x_stride * esz, bf16, d);
+        load_f32(u, (const char *)x + (r * x_stride + d) * esz, bf16, d);
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) g[i] = g[i] / (1.0f + exp_f32(-g[i]));
+        if (bf16) round_bf16(g, d);
+#pragma omp simd
+        for (int64_t i = 0; i < d; i++) g[i] = g[i] * u[i];
+        store_f32((char *)out + r * d * esz, bf16, g, d);
+    }
+    if (buf != stack) free(buf);
+    return 0;
+}
+
+/* Attention is not a reference transcription: let its sums use fused multiply-adds. */
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+static inline float dot_f32(const float *a, const float *b, int64_t d) {
+    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < d; i++) acc += a[i] * b[i];
+    return acc;
+}
+
+static void store_new(const void *src, int64_t src_stride, int src_bf16, void *buf, int buf_bf16,
+                      const int64_t *loc, int64_t bs, int64_t row) {
+    for (int64_t b = 0; b < bs; b++) {
+        const int64_t dst_off = loc[b] * row, src_off = b * src_stride;
+        if (src_bf16 == buf_bf16) {
+            const size_t esz = buf_bf16 ? 2 : 4;
+            memcpy((char *)buf + dst_off * esz, (const char *)src + src_off * esz, row * esz);
+        } else if (buf_bf16) {
+            for (int64_t i = 0; i < row; i++)
+                ((uint16_t *)buf)[dst_off + i] = f32_to_bf16(((const float *)src)[src_off + i]);
+        } else {
+            for (int64_t i = 0; i < row; i++)
+                ((float *)buf)[dst_off + i] = bf16_to_f32(((const uint16_t *)src)[src_off + i]);
+        }
+    }
+}
+
+/*
+ * Decode attention: one query token per request, keys and values read in place from the pool.
+ * Optionally stores the step's new K/V into the pool first. Layouts:
+ *   q      [bs][hq][d] with row stride q_stride elements per token, dtype q_dtype
+ *   k_buf, v_buf  pool [slots][hkv][d] contiguous, dtype kv_dtype
+ *   k_new, v_new  [bs][hkv][d] with row strides k_stride, v_stride, dtype new_dtype (k_new NULL:
+ *                 nothing to store), written to slots loc[bs] (int64)
+ *   req_to_token  [rows][rtt_stride], int32 (rtt_i64 = 0) or int64
+ *   req_idx, seq_lens  [bs] int64; the query sits at position seq_lens[b] - 1
+ *   out    [bs][hq][d] contiguous, dtype out_dtype; lse [bs][hq] float32 (NULL: not written)
+ * Query head h reads KV head h / (hq / hkv). Key j is visible when j <= pos and, with window > 0,
+ * pos - j < window. cap > 0 soft-caps the scaled scores: cap * tanh(s / cap). lse is the natural
+ * log-sum-exp of the scaled, capped scores. Returns 0, or -1 when scratch cannot be allocated.
+ */
+int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void *k_buf,
+                             void *v_buf, int kv_dtype, const void *k_new, const void *v_new,
+                             int64_t k_stride, int64_t v_stride, int new_dtype, const int64_t *loc, int64_t hq,
+                             int64_t hkv, int64_t d, const void *req_to_token, int rtt_i64,
+                             int64_t rtt_stride, const int64_t *req_idx, const int64_t *seq_lens,
+                             int64_t bs, int64_t window, float cap, float scale, void *out,
+                             int out_dtype, float *lse, int nthreads) {
+    const int64_t group = hq / hkv, row = hkv * d;
+    if (k_new != NULL) {
+        store_new(k_new, k_stride, new_dtype, k_buf, kv_dtype, loc, bs, row);
+        store_new(v_new, v_stride, new_dtype, v_buf, kv_dtype, loc, bs, row);
+    }
+    int64_t max_len = 1;
+    for (int64_t b = 0; b < bs; b++)
+        if (seq_lens[b] > max_len) max_len = seq_lens[b];
+    int failed = 0;
+    /* One task per (request, KV head): its `group` query heads share every key and value read. */
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* scores [group][max_len], the query rows, the output sums, one widened K or V row */
+        const size_t floats = (size_t)(group * max_len + 2 * group * d + d);
+        float *scores = (float *)malloc(sizeof(float) * floats);
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        float *qf = scores + group * max_len, *acc = qf + group * d, *kv = acc + group * d;
+        const size_t kv_esz = kv_dtype ? 2 : 4;
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < bs * hkv; task++) {
+            if (scores == NULL) continue;
+            const int64_t b = task / hkv, kh = task % hkv;
+            const int64_t len = seq_lens[b], pos = len - 1;
+            const int64_t lo = (window > 0 && pos - window + 1 > 0) ? pos - window + 1 : 0;
+            const int64_t n = len - lo;
+            const int32_t *slots32 = (const int32_t *)req_to_token + req_idx[b] * rtt_stride + lo;
+            const int64_t *slots64 = (const int64_t *)req_to_token + req_idx[b] * rtt_stride + lo;
+            load_f32(qf, (const char *)q + (b * q_stride + kh * group * d) * (q_dtype ? 2 : 4),
+                     q_dtype, group * d);
+            for (int64_t t = 0; t < n; t++) {
+                const int64_t slot = rtt_i64 ? slots64[t] : slots32[t];
+                load_f32(kv, (const char *)k_buf + (slot * row + kh * d) * kv_esz, kv_dtype, d);
+                for (int64_t g = 0; g < group; g++) {
+                    float sc = dot_f32(qf + g * d, kv, d) * scale;
+                    if (cap > 0.0f) sc = tanhf(sc / cap) * cap;
+                    scores[g * n + t] = sc;
+                }
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *sc = scores + g * n;
+                float mx = -INFINITY, sum = 0.0f;
+#pragma omp simd reduction(max : mx)
+                for (int64_t t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+#pragma omp simd reduction(+ : sum)
+                for (int64_t t = 0; t < n; t++) {
+                    sc[t] = exp_f32(sc[t] - mx);
+                    sum += sc[t];
+                }
+                const float inv = 1.0f / sum;
+#pragma omp simd
+                for (int64_t t = 0; t < n; t++) sc[t] *= inv;
+                if (lse != NULL) lse[b * hq + kh * group + g] = mx + logf(sum);
+            }
+            memset(acc, 0, sizeof(float) * (size_t)(group * d));
+            for (int64_t t = 0; t < n; t++) {
+                const int64_t slot = rtt_i64 ? slots64[t] : slots32[t];
+                load_f32(kv, (const char *)v_buf + (slot * row + kh * d) * kv_esz, kv_dtype, d);
+                for (int64_t g = 0; g < group; g++) {
+                    const float p = scores[g * n + t];
+                    float *a = acc + g * d;
+#pragma omp simd
+                    for (int64_t i = 0; i < d; i++) a[i] += p * kv[i];
+                }
+            }
+            store_f32((char *)out + (b * hq + kh * group) * d * (out_dtype ? 2 : 4), out_dtype, acc,
+                      group * d);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}
+
+#pragma GCC pop_options

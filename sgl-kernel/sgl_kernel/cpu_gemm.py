@@ -98,30 +98,33 @@ def linear_bf16w(
     `bias`, when given, must be a float32 tensor of `n` values.
     """
     lib = _lib if _lib is not None else _load()
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    # Decode calls this ~120 times a step with 2-D rows: no reshape or view when none is needed.
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    if x2.dtype not in (torch.float32, torch.bfloat16):
-        raise TypeError(f"linear_bf16w takes float32 or bfloat16 input, not {x2.dtype}")
-    m = x2.shape[0]
-    y = torch.empty(m, n, dtype=x2.dtype)
+    dtype = x2.dtype
+    if dtype is not torch.float32 and dtype is not torch.bfloat16:
+        raise TypeError(f"linear_bf16w takes float32 or bfloat16 input, not {dtype}")
+    m, k = x2.shape
+    bf16 = int(dtype is torch.bfloat16)
+    y = torch.empty(m, n, dtype=dtype)
     rc = lib.sgl_cpu_gemm_bf16w(
         x2.data_ptr(),
         x2.stride(0),
-        int(x2.dtype == torch.bfloat16),
+        bf16,
         m,
         k,
         packed.data_ptr(),
         n,
         None if bias is None else bias.data_ptr(),
         y.data_ptr(),
-        int(y.dtype == torch.bfloat16),
+        bf16,
         torch.get_num_threads(),
     )
     if rc != 0:
         raise MemoryError("cpu bf16 GEMM: could not allocate the float32 copy of the input")
-    return y.view(*x.shape[:-1], n)
+    return y if flat else y.view(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("sgl_kernel::cpu_linear_bf16w", mutates_args=())

@@ -13,9 +13,10 @@ stops the whole server process tree, and finally writes one markdown table plus 
         --engines sglang-q4_1,sglang-fp32,sglang-bf16,llamacpp-q4_1 --concurrency 1 32 \
         --num-prompts 16 96 --name serving_cpu_gguf_packed   # packed Q4_1 vs dense vs llama.cpp
 
-Our engines: `sglang-q4_1` serves the GGUF's Q4_1 linear weights packed (4-bit, PyTorch's CPU
-int4 kernel, bf16 activations; layers/quantization/gguf.py), `sglang-bf16` / `sglang-fp32` the
-same file dequantized at load (`--gguf-dequantize`; float32 always loads dense).
+Our engines: `sglang-q4_1` serves the GGUF's Q4_1 linear weights packed (sgl_kernel's CPU GGUF
+kernel, bf16 activations, the LM head from the file's Q8_0 rows; layers/quantization/gguf.py),
+`sglang-q4_1-fp32` the same with float32 activations (the CPU default dtype: what `make serve`
+runs), `sglang-bf16` / `sglang-fp32` the same file dequantized at load (`--gguf-dequantize`).
 
 llama.cpp's engines are `llama-server -m GGUF -np 32 -c 16384 -t <cores>` (32 parallel slots,
 continuous batching, which recent llama-server turns on by default) on the Q4_1 GGUF and on a
@@ -204,8 +205,15 @@ def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any
     ours = [OUR_PY, "-m", "sglang.launch_server", "--model-path", MODEL, "--port", str(port)]
     return {
         "sglang-q4_1": {
-            "label": "sglang (ours), GGUF Q4_1 packed (int4 kernel, bf16 activations)",
+            "label": "sglang (ours), GGUF Q4_1 packed (GGUF kernel, bf16 activations)",
             "cmd": ours + ["--dtype", "bfloat16"],
+            "backend": "sglang-oai",
+            "health": "/health",
+            "model": MODEL,
+        },
+        "sglang-q4_1-fp32": {
+            "label": "sglang (ours), GGUF Q4_1 packed (GGUF kernel, fp32 activations: the default)",
+            "cmd": ours,
             "backend": "sglang-oai",
             "health": "/health",
             "model": MODEL,
@@ -353,7 +361,7 @@ def main() -> int:
     p.add_argument(
         "--engines",
         default="sglang-bf16,llamacpp-bf16,llamacpp-q4_1,transformers",
-        help="comma list of sglang-q4_1, sglang-bf16, sglang-fp32, llamacpp-bf16, "
+        help="comma list of sglang-q4_1, sglang-q4_1-fp32, sglang-bf16, sglang-fp32, llamacpp-bf16, "
         "llamacpp-q4_1, transformers",
     )
     p.add_argument(

@@ -124,7 +124,9 @@ def pack_bf16_weights(model: nn.Module) -> int:
     linears = [m for m in model.modules() if isinstance(m, LinearBase) and m.quant_method is None]
     linears = [m for m in linears if wants(m)]
     head = _lm_head(model)
-    head = head if head is not None and wants(head) else None
+    # A GGUF head may already run from the file's quantized rows (quantization/gguf.py).
+    keep = head is not None and getattr(head, "cpu_packed", None) is not None
+    head = head if head is not None and wants(head) and not keep else None
     if not (linears or head) or not cpu_gemm.available():
         return 0
     for module in linears:

@@ -382,10 +382,49 @@ def load_gguf_packed(
         logger.info("GGUF: every tensor dequantized to dense weights at load (%s)", reason)
         return weights
     packed = attach_gguf(model, model_config.gguf_file, model_config.dtype, gemm)
-    return _packed_stream(model, model_config.gguf_file, packed)
+    return _packed_stream(model, model_config.gguf_file, packed, gemm)
 
 
-def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Iterator:
+class _PackedHead:
+    """An LM head's matmul on sgl_kernel's GGUF kernel (the logits processor calls `matmul`)."""
+
+    def __init__(self, method: GGUFCpuGemm) -> None:
+        self.method = method
+
+    def matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.method.apply(x, bias)
+
+
+def attach_gguf_head(model: nn.Module, path: str) -> Optional[str]:
+    """Run the LM head on sgl_kernel's GGUF kernel straight from the file's quantized rows
+    (`output.weight`, or `token_embd.weight` when the embeddings are tied, which then stay dense
+    for the lookup); returns the tensor's type, None when it stays dense (a type the kernel does
+    not take, a vocabulary split across TP ranks). At one row the head is about half of a small
+    model's decode matmul bytes: SmolLM2's Q8_0 rows are a quarter of its float32 head."""
+    from sgl_kernel import cpu_gemm_gguf
+
+    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_world_size
+    from sglang.srt.model_loader.gguf_utils import open_gguf
+
+    head = getattr(model, getattr(model, "head_name", "lm_head"), None)
+    if head is None or get_tensor_model_parallel_world_size() != 1:
+        return None
+    tensors = {t.name: t for t in open_gguf(path).tensors}
+    tensor = tensors.get("output.weight") or tensors.get("token_embd.weight")
+    qtype = None if tensor is None else tensor.tensor_type.name
+    if qtype not in cpu_gemm_gguf.FORMATS:
+        return None
+    raw = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+    codes, scale, bias = decode_blocks(raw.numpy(), qtype)
+    if codes.shape[1] % BLOCK or codes.shape[0] < getattr(model.config, "vocab_size", 0):
+        return None
+    method = GGUFCpuGemm(codes, scale, bias, {qtype})
+    head.register_buffer("gguf_head_weight", method.weight, persistent=False)
+    head.cpu_packed = _PackedHead(method)
+    return qtype
+
+
+def _packed_stream(model: nn.Module, path: str, packed: frozenset[str], gemm: bool) -> Iterator:
     from sglang.srt.model_loader.gguf_utils import iterate_gguf_weights
     from sglang.srt.model_loader.resolve import ModelLoadError
 
@@ -394,6 +433,7 @@ def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Itera
         info = finish_gguf(model)
     except ValueError as exc:
         raise ModelLoadError(f"Cannot load GGUF model {path}: {exc}") from exc
+    head_type = attach_gguf_head(model, path) if gemm else None
     dense = Counter(gguf_dense_types(path, packed))
     if not info["layers"]:
         logger.info(
@@ -403,12 +443,13 @@ def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Itera
         return
     bits = sorted({8 if t == "Q8_0" else 4 for t in info["tensor_types"]})
     logger.info(
-        "GGUF: %d linear layers packed %s-bit (%s tensors), matmul: %s; dequantized at load: %s "
-        "(--gguf-dequantize keeps every tensor dense)",
+        "GGUF: %d linear layers packed %s-bit (%s tensors), matmul: %s; LM head: %s; dequantized "
+        "at load: %s (--gguf-dequantize keeps every tensor dense)",
         info["layers"],
         "/".join(map(str, bits)),
         ", ".join(f"{n} {t}" for t, n in info["tensor_types"].items()),
         info["kernel"],
+        f"packed {head_type} rows on the same kernel" if head_type else "dense",
         ", ".join(f"{n} {t}" for t, n in sorted(dense.items())) or "nothing",
     )
     # The loader's quantization summary (/get_model_info, start-up log).
@@ -419,6 +460,7 @@ def _packed_stream(model: nn.Module, path: str, packed: frozenset[str]) -> Itera
         "kernel": info["kernel"],
         "quantized_tensors": sum(info["tensor_types"].values()),
         "tensor_types": info["tensor_types"],
+        "lm_head": head_type or "dense",
     }
 
 

@@ -3,7 +3,8 @@
 `run_scheduler_process` is the process entry (spawned by `entrypoints/engine.py`). It builds the
 model runner and `Scheduler`, reports readiness (or the load error) through a pipe, then loops:
 drain every pending message from the tokenizer manager (PULL), apply requests / aborts / control
-messages, run one `step()`, and push `BatchTokenIDOut` to the detokenizer every
+messages, run one `step()` (under the overlap schedule, managers/scheduler_overlap.py, a step
+launches a batch or chains the next decode onto the one in flight and records that one), and push `BatchTokenIDOut` to the detokenizer every
 `--stream-interval` tokens of a streaming request and whenever a request finishes (with
 `--enable-metrics`, also the first token of every request, so the tokenizer manager can time it).
 Control answers (flush, load, metrics stats, health) go straight to the tokenizer manager. When

@@ -38,7 +38,9 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def server():
-    args = ["--max-total-tokens", "4096", "--dtype", "float32", "--return-attention-tokens",
+    # --gguf-dequantize: HF dequantizes the GGUF, so the exact path is the one compared to it.
+    args = ["--max-total-tokens", "4096", "--dtype", "float32", "--gguf-dequantize",
+            "--return-attention-tokens",
             "--attention-tokens-top-k", str(MAX_K),
             "--attention-capture-layers", ",".join(map(str, CAPTURED))]  # fmt: skip
     with running_server(other_args=args) as url:

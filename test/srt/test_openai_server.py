@@ -42,7 +42,9 @@ METRIC_NAMES = (
 
 @pytest.fixture(scope="module")
 def server():
+    # --gguf-dequantize: answers are compared with HF's greedy ones on the dequantized GGUF.
     args = ["--max-total-tokens", "4096", "--enable-metrics", "--enable-cache-report"]
+    args.append("--gguf-dequantize")
     args.append("--enable-return-hidden-states")
     with running_server(other_args=args) as url:
         yield url

@@ -52,7 +52,8 @@ def setup():
     prompts = [tok.encode(t) for t in TEXTS]
     hf = HFRunner.for_model(path)
     refs = [hf.greedy(p, STEPS) for p in prompts]
-    srt = SRTRunner("smollm2-135m-instruct", max_total_tokens=8192)
+    # The exact path: the packed GGUF kernel's agreement is test_gguf_packed.py's business.
+    srt = SRTRunner("smollm2-135m-instruct", max_total_tokens=8192, gguf_dequantize=True)
     return tok, prompts, hf, refs, srt
 
 

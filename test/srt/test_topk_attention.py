@@ -254,7 +254,8 @@ def test_smollm2_against_hf_gguf() -> None:
     texts = ["The capital city of France is", "Once upon a time, in a land far away,", "1, 2, 3,"]
     prompts = [tok.encode(t) for t in texts]
     hf = HFRunner(os.path.dirname(path), gguf_file=os.path.basename(path))
-    srt = capture_runner("smollm2-135m-instruct", max_total_tokens=4096)
+    # HF dequantizes the GGUF: compare the exact (dense) path, not the packed kernel's.
+    srt = capture_runner("smollm2-135m-instruct", max_total_tokens=4096, gguf_dequantize=True)
     options = [
         AttentionRequest(top_k=10, layers=(29,)),
         AttentionRequest(top_k=10, layers=tuple(range(30))),

@@ -225,6 +225,14 @@ def engine_specs(args: argparse.Namespace, gguf: str) -> dict[str, dict[str, Any
             "health": "/health",
             "model": MODEL,
         },
+        "sglang-bf16-seq": {
+            "label": "sglang (ours), bf16 (dequantized at load), --disable-overlap-schedule",
+            "cmd": ours
+            + ["--dtype", "bfloat16", "--gguf-dequantize", "--disable-overlap-schedule"],
+            "backend": "sglang-oai",
+            "health": "/health",
+            "model": MODEL,
+        },
         "sglang-fp32": {
             "label": "sglang (ours), fp32 (dequantized at load)",
             "cmd": ours + ["--dtype", "float32", "--gguf-dequantize"],
@@ -361,7 +369,8 @@ def main() -> int:
     p.add_argument(
         "--engines",
         default="sglang-bf16,llamacpp-bf16,llamacpp-q4_1,transformers",
-        help="comma list of sglang-q4_1, sglang-q4_1-fp32, sglang-bf16, sglang-fp32, llamacpp-bf16, "
+        help="comma list of sglang-q4_1, sglang-q4_1-fp32, sglang-bf16, sglang-bf16-seq, "
+        "sglang-fp32, llamacpp-bf16, "
         "llamacpp-q4_1, transformers",
     )
     p.add_argument(

@@ -178,6 +178,16 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Multiply-adds below which decode attention runs on the calling thread: a parallel region costs
+# ~10 us on idle cores and milliseconds when another process holds one of them (each thread
+# waits at the barrier), while a batch-1 SmolLM2 layer's attention is ~0.2M multiply-adds.
+PARALLEL_MIN_WORK = 4_000_000
+
+
+def _attention_threads(work: int) -> int:
+    return torch.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+
+
 def _tokens(x: torch.Tensor) -> torch.Tensor:
     """`x` [tokens, ...] as [tokens, values] rows, each row's values contiguous (a view when the
     layout allows: a slice of a fused projection's output is one)."""
@@ -198,6 +208,7 @@ def decode_attention(
     logit_cap: float = 0.0,
     new_kv: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     return_lse: bool = False,
+    max_seq_len: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention of one query per request over its first `seq_lens[b]` keys (query position
     `seq_lens[b] - 1`).
@@ -205,7 +216,8 @@ def decode_attention(
     q: [bs, hq * d] (float32 or bfloat16); k_buf / v_buf: one layer's pool [slots, hkv, d] in
     float32 or bfloat16; `new_kv` = (k [bs, hkv*d], v [bs, hkv*d], slots [bs] int64) is stored
     into the pool first. Returns out [bs, hq * d] in q's dtype and, with `return_lse`, the
-    float32 log-sum-exp [bs, hq] of the scaled (soft-capped) scores.
+    float32 log-sum-exp [bs, hq] of the scaled (soft-capped) scores. `max_seq_len` (the largest
+    of seq_lens, when the caller knows it) sizes the work that decides the thread count.
     """
     bs = q.shape[0]
     d = k_buf.shape[-1]
@@ -245,7 +257,7 @@ def decode_attention(
         out.data_ptr(),
         _BF16[out.dtype],
         None if lse is None else lse.data_ptr(),
-        torch.get_num_threads(),
+        _attention_threads(bs * hq * d * (max_seq_len or int(seq_lens.max()))),
     )
     if rc != 0:
         raise MemoryError("cpu decode attention: could not allocate its scratch buffers")

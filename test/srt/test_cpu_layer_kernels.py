@@ -205,3 +205,19 @@ def test_model_decode_same_with_and_without_kernels(tiny_model_path: str, dtype:
     tol = 1e-4 if dtype == "float32" else 4 * 2**-8 * scale
     diff = (with_kernels[1] - without[1]).abs().max().item()
     assert diff < tol, diff
+
+
+def test_decode_attention_threads_give_the_same_result(monkeypatch) -> None:
+    """Requests x KV heads are independent tasks: OpenMP threads change nothing in the output."""
+    torch.manual_seed(4)
+    bs, hq, hkv, d, slots = 6, 8, 2, 32, 4096
+    k_buf, v_buf = torch.randn(slots, hkv, d), torch.randn(slots, hkv, d)
+    rtt = torch.randperm(slots)[: bs * 600].view(bs, 600).to(torch.int32)
+    req_idx, seq_lens = torch.arange(bs), torch.tensor([600, 1, 333, 599, 17, 480])
+    q = torch.randn(bs, hq * d)
+    args = (q, k_buf, v_buf, rtt, req_idx, seq_lens, hkv, 0.2)
+    monkeypatch.setattr(cpu_layer, "PARALLEL_MIN_WORK", 1 << 62)
+    one = cpu_layer.decode_attention(*args, return_lse=True)
+    monkeypatch.setattr(cpu_layer, "PARALLEL_MIN_WORK", 0)
+    many = cpu_layer.decode_attention(*args, return_lse=True)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])

@@ -246,7 +246,7 @@ int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void 
         if (seq_lens[b] > max_len) max_len = seq_lens[b];
     int failed = 0;
     /* One task per (request, KV head): its `group` query heads share every key and value read. */
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
         /* scores [group][max_len], the query rows, the output sums, one widened K or V row */
         const size_t floats = (size_t)(group * max_len + 2 * group * d + d);

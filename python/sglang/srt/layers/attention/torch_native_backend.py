@@ -173,6 +173,7 @@ class TorchNativeAttnBackend(AttentionBackend):
                 logit_cap=layer.logit_cap,
                 new_kv=(k, v, fb.out_cache_loc) if save_kv_cache else None,
                 return_lse=return_lse,
+                max_seq_len=md.max_kv,
             )
             return (out, lse) if return_lse else out
         if save_kv_cache:

@@ -17,7 +17,11 @@ import pytest
 import requests
 
 from sglang.srt.managers.schedule_batch import Req
-from sglang.srt.managers.scheduler_overlap import OverlapScheduler
+from sglang.srt.managers.scheduler_overlap import (
+    CPU_OVERLAP_ENV,
+    OverlapScheduler,
+    overlap_enabled,
+)
 from sglang.test.runners import SRTRunner, make_tiny_model
 from sglang.test.served_tiny import make_tiny_served_model
 from sglang.test.test_utils import find_free_port, popen_launch_server, terminate
@@ -184,9 +188,10 @@ def _same(a, b, path: str = "") -> None:
         assert a == b, path
 
 
-def test_served_outputs_equal_with_and_without_overlap(tmp_path_factory):
+def test_served_outputs_equal_with_and_without_overlap(tmp_path_factory, monkeypatch):
     model = make_tiny_served_model(str(tmp_path_factory.mktemp("tiny-served")))
     prompt = list(range(1000, 1040))
+    monkeypatch.setenv(CPU_OVERLAP_ENV, "1")  # on CPU the overlap schedule is opt-in
     on = _serve_and_ask(model, [], _bodies(prompt))
     off = _serve_and_ask(model, ["--disable-overlap-schedule"], _bodies(prompt))
     for a, b in zip(on, off):
@@ -198,3 +203,18 @@ def test_served_outputs_equal_with_and_without_overlap(tmp_path_factory):
         "type": "stop",
         "matched": on[0]["output_ids"][6],
     }
+
+
+def test_overlap_default_per_device(monkeypatch):
+    """Upstream's default (on) on CUDA; opt-in on CPU; the flag and TP > 1 turn it off."""
+    from types import SimpleNamespace
+
+    on, off = (
+        SimpleNamespace(disable_overlap_schedule=False),
+        SimpleNamespace(disable_overlap_schedule=True),
+    )
+    monkeypatch.delenv(CPU_OVERLAP_ENV, raising=False)
+    assert overlap_enabled(on, 1, "cuda") and not overlap_enabled(on, 1, "cpu")
+    assert not overlap_enabled(off, 1, "cuda") and not overlap_enabled(on, 2, "cuda")
+    monkeypatch.setenv(CPU_OVERLAP_ENV, "1")
+    assert overlap_enabled(on, 1, "cpu") and not overlap_enabled(off, 1, "cpu")

@@ -25,6 +25,7 @@ token each (retraction decides on settled state). Aborts and cache flushes drain
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -39,17 +40,28 @@ from sglang.srt.model_executor.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 
-def overlap_enabled(server_args: Any, tp_size: int) -> bool:
+# On CPU the overlap schedule is off unless this is 1: measured on the 2-core machine with the
+# forward's OpenMP threads bound to both cores, the scheduler thread's Python competed with them
+# and served single-stream TPOT went from 56 ms (sequential) to 96-108 ms
+# (benchmark/results/overlap_schedule_cpu.md).
+CPU_OVERLAP_ENV = "SGLANG_CPU_OVERLAP_SCHEDULE"
+
+
+def overlap_enabled(server_args: Any, tp_size: int, device: str = "cuda") -> bool:
     """Whether the scheduler of one rank runs the overlap schedule."""
+    if server_args.disable_overlap_schedule:
+        return False
     # The forward thread's collectives and the control plane's broadcasts would share one
     # process group from two threads: TP > 1 keeps the sequential schedule.
-    return not server_args.disable_overlap_schedule and tp_size == 1
+    if tp_size != 1:
+        return False
+    return not str(device).startswith("cpu") or os.environ.get(CPU_OVERLAP_ENV, "0") == "1"
 
 
 def make_scheduler(
     server_args: Any, model_runner: ModelRunner, tokenizer: Any = None, tp_size: int = 1
 ) -> Scheduler:
-    if overlap_enabled(server_args, tp_size):
+    if overlap_enabled(server_args, tp_size, model_runner.device):
         return OverlapScheduler(server_args, model_runner, tokenizer)
     return Scheduler(server_args, model_runner, tokenizer)
 

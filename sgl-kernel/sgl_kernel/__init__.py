@@ -23,7 +23,7 @@ def _triton_on(x: torch.Tensor) -> bool:
 
 
 def _cpu_norm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return weight.dtype in (torch.float32, torch.bfloat16) and cpu_layer.usable(x)
+    return weight.dtype in (torch.float32, torch.bfloat16) and cpu_layer.usable_rows(x)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -55,14 +55,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         from sgl_kernel import norm_act
 
         return norm_act.silu_and_mul(x)
-    if cpu_layer.usable(x):
+    if cpu_layer.usable_rows(x):
         return cpu_layer.silu_and_mul(x)
     return ref.silu_and_mul(x)
 
 
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     if cos.dtype == torch.float32 and cos.shape[0] == x.shape[0] and cos.is_contiguous():
-        if cpu_layer.usable(x):
+        if x.shape[0] <= cpu_layer.ROW_KERNEL_MAX_ROWS and cpu_layer.usable(x):
             return cpu_layer.apply_rotary_emb(x, cos, sin)
     return ref.apply_rotary_emb(x, cos, sin)
 

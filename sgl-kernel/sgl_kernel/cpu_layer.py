@@ -99,6 +99,17 @@ def usable(x: torch.Tensor) -> bool:
     return (_lib if _lib is not None else _load()) is not None
 
 
+# Rows up to which the single-threaded row kernels take a tensor: decode batches. A prefill
+# chunk's hundreds of rows are real arithmetic, which PyTorch's ops spread over every thread.
+ROW_KERNEL_MAX_ROWS = 64
+
+
+def usable_rows(x: torch.Tensor) -> bool:
+    """`usable(x)` for a row kernel's input of at most ROW_KERNEL_MAX_ROWS rows (all but the last
+    dimension)."""
+    return x.numel() <= ROW_KERNEL_MAX_ROWS * x.shape[-1] and usable(x)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """`x` as a 2-D tensor of contiguous rows (a view when it can be)."""
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])

@@ -78,7 +78,9 @@ def test_radix_hit_and_chunked(setup):
     # A full hit still recomputes the last prompt token to get its logits.
     assert [o.cached_tokens for o in outs] == [len(p) - 1 for p in prompts[4:8]]
     assert_greedy_matches(outs, refs[4:8], "radix hit")
-    chunked = SRTRunner("smollm2-135m-instruct", max_total_tokens=8192, chunked_prefill_size=5)
+    chunked = SRTRunner(
+        "smollm2-135m-instruct", max_total_tokens=8192, chunked_prefill_size=5, gguf_dequantize=True
+    )
     assert_greedy_matches(
         chunked.generate(prompts[4:8], STEPS, return_logprob=True), refs[4:8], "chunked"
     )

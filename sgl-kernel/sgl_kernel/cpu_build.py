@@ -94,8 +94,12 @@ def load_library(source: Path, cflags: Sequence[str], stem: str) -> ctypes.CDLL:
 class LazyLibrary:
     """A kernel library built and loaded on first use, once per process, thread-safe.
 
-    `setup(lib)` declares the ctypes signatures; `precheck()` returns why the kernel must not be
-    used ('' when it may). When building or loading fails, `reason` says why, logged once.
+    `setup(lib)` declares the ctypes signatures. The kernel is not used when `$enable_env` is "0",
+    when `precheck()` returns a reason (it may also raise on a malformed setting), or when
+    `platform_reason(required)` does; when building or loading fails, `reason` says why. The
+    reason is logged once, followed by `fallback` (what runs instead) when given.
+
+    Hot paths read `lib` directly and call `get()` only while it is None.
     """
 
     def __init__(
@@ -104,21 +108,30 @@ class LazyLibrary:
         cflags: Sequence[str],
         stem: str,
         setup: Callable[[ctypes.CDLL], None],
-        precheck: Callable[[], str] = platform_reason,
+        precheck: Optional[Callable[[], str]] = None,
         label: str = "",
+        required: Sequence[str] = (),
+        enable_env: str = "",
+        fallback: str = "",
     ) -> None:
         self.source, self.cflags, self.stem = source, tuple(cflags), stem
         self.setup, self.precheck, self.label = setup, precheck, label or stem
+        self.required, self.enable_env, self.fallback = tuple(required), enable_env, fallback
         self.lib: Optional[ctypes.CDLL] = None
         self.reason: Optional[str] = None
         self._lock = threading.Lock()
+
+    def _why_not(self) -> str:
+        if self.enable_env and os.environ.get(self.enable_env, "1") == "0":
+            return f"{self.enable_env}=0"
+        return (self.precheck() if self.precheck else "") or platform_reason(self.required)
 
     def get(self) -> Optional[ctypes.CDLL]:
         if self.lib is not None or self.reason is not None:
             return self.lib
         with self._lock:
             if self.lib is None and self.reason is None:
-                self.reason = self.precheck() or None
+                self.reason = self._why_not() or None
                 if self.reason is None:
                     try:
                         lib = load_library(self.source, self.cflags, self.stem)
@@ -126,6 +139,17 @@ class LazyLibrary:
                         self.lib = lib
                     except (OSError, RuntimeError, AttributeError) as exc:
                         self.reason = f"build failed: {exc}"
-                if self.lib is None:
+                if self.lib is None and self.fallback:
+                    logger.info("%s not used (%s): %s", self.label, self.reason, self.fallback)
+                elif self.lib is None:
                     logger.info("%s not available (%s)", self.label, self.reason)
         return self.lib
+
+    def available(self) -> bool:
+        """True when the library is built and loaded (building it now if not decided yet)."""
+        return self.get() is not None
+
+    def unavailable_reason(self) -> Optional[str]:
+        """Why the library cannot be used here; None when it can."""
+        self.get()
+        return self.reason

@@ -12,9 +12,6 @@ once. Nothing here is imported by a CUDA server.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -22,63 +19,52 @@ import torch
 
 from sgl_kernel import cpu_build
 
-logger = logging.getLogger(__name__)
-
 SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm_bf16.c"
 CFLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-fPIC", "-shared")
 # Set to 0 to keep PyTorch's bf16 matmul (A/B measurements, or a suspected kernel problem).
 ENABLE_ENV = "SGLANG_CPU_BF16_GEMM"
 
-_lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_reason: Optional[str] = None  # why the kernel is unavailable, once decided
 _P, _I, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
-def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _reason
-    with _lock:
-        if _lib is not None or _reason is not None:
-            return _lib
-        if os.environ.get(ENABLE_ENV, "1") == "0":
-            _reason = f"{ENABLE_ENV}=0"
-        elif reason := cpu_build.platform_reason(("avx512f", "fma")):
-            _reason = reason
-        else:
-            try:
-                lib = cpu_build.load_library(SOURCE, CFLAGS, "sgl_cpu_gemm_bf16")
-                lib.sgl_cpu_pack_bf16.argtypes = [_P, _I, _I, _P, _C]
-                lib.sgl_cpu_pack_bf16.restype = None
-                lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
-                lib.sgl_cpu_gemm_bf16w.restype = _C
-                lib.sgl_cpu_gemm_block_cols.restype = _C
-                _lib = lib
-            except (OSError, RuntimeError) as exc:
-                _reason = f"build failed: {exc}"
-        if _lib is None:
-            logger.info("CPU bf16-weight GEMM kernel not used (%s): PyTorch's matmul runs", _reason)
-        return _lib
+def _setup(lib: ctypes.CDLL) -> None:
+    lib.sgl_cpu_pack_bf16.argtypes = [_P, _I, _I, _P, _C]
+    lib.sgl_cpu_pack_bf16.restype = None
+    lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
+    lib.sgl_cpu_gemm_bf16w.restype = _C
+    lib.sgl_cpu_gemm_block_cols.restype = _C
+
+
+_library = cpu_build.LazyLibrary(
+    SOURCE,
+    CFLAGS,
+    "sgl_cpu_gemm_bf16",
+    _setup,
+    label="CPU bf16-weight GEMM kernel",
+    required=("avx512f", "fma"),
+    enable_env=ENABLE_ENV,
+    fallback="PyTorch's matmul runs",
+)
 
 
 def available() -> bool:
     """True when the kernel is built and loadable on this machine."""
-    return _load() is not None
+    return _library.available()
 
 
 def unavailable_reason() -> Optional[str]:
-    _load()
-    return _reason
+    return _library.unavailable_reason()
 
 
 def block_cols() -> int:
-    lib = _load()
+    lib = _library.get()
     assert lib is not None, "the CPU bf16 GEMM kernel is not available"
     return int(lib.sgl_cpu_gemm_block_cols())
 
 
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """A `[N, K]` bf16 weight in the kernel's blocked layout (a flat tensor, N padded to blocks)."""
-    lib = _load()
+    lib = _library.get()
     assert lib is not None, "the CPU bf16 GEMM kernel is not available"
     if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
         raise ValueError("pack_bf16 takes a 2-D bfloat16 CPU tensor")
@@ -97,7 +83,9 @@ def linear_bf16w(
 
     `bias`, when given, must be a float32 tensor of `n` values.
     """
-    lib = _lib if _lib is not None else _load()
+    lib = _library.lib
+    if lib is None:
+        lib = _library.get()
     # Decode calls this ~120 times a step with 2-D rows: no reshape or view when none is needed.
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])

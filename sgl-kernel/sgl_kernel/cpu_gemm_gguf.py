@@ -65,10 +65,11 @@ def _setup(lib: ctypes.CDLL) -> None:
 
 
 def _precheck() -> str:
+    # A malformed setting is an error, not a reason to fall back quietly.
     if os.environ.get(ISA_ENV, "auto") not in ISAS:
         raise ValueError(f"{ISA_ENV} must be one of {sorted(ISAS)}")
     activation_mode()
-    return cpu_build.platform_reason()
+    return ""
 
 
 _library = cpu_build.LazyLibrary(SOURCE, CFLAGS, "sgl_cpu_gemm_gguf", _setup, _precheck, __name__)
@@ -79,12 +80,11 @@ def _load() -> Optional[ctypes.CDLL]:
 
 
 def available() -> bool:
-    return _load() is not None
+    return _library.available()
 
 
 def unavailable_reason() -> Optional[str]:
-    _load()
-    return _library.reason
+    return _library.unavailable_reason()
 
 
 def isa_name(isa: Optional[str] = None) -> str:

@@ -19,7 +19,6 @@ all-allowed words and so beats the PyTorch path, whose cost is the same in every
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -40,25 +39,23 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.sgl_cpu_apply_token_bitmask.restype = None
 
 
-def _precheck() -> str:
-    if os.environ.get(ENABLE_ENV, "1") == "0":
-        return f"{ENABLE_ENV}=0"
-    return cpu_build.platform_reason()
-
-
 _library = cpu_build.LazyLibrary(
-    SOURCE, CFLAGS, "sgl_cpu_token_bitmask", _setup, _precheck, "CPU token-bitmask kernel"
+    SOURCE,
+    CFLAGS,
+    "sgl_cpu_token_bitmask",
+    _setup,
+    label="CPU token-bitmask kernel",
+    enable_env=ENABLE_ENV,
 )
 
 
 def available() -> bool:
     """True when the kernel is built and loadable on this machine."""
-    return _library.get() is not None
+    return _library.available()
 
 
 def unavailable_reason() -> Optional[str]:
-    _library.get()
-    return _library.reason
+    return _library.unavailable_reason()
 
 
 def _check(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], vocab_size: int) -> None:

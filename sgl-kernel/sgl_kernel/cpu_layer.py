@@ -76,6 +76,10 @@ def _load() -> Optional[ctypes.CDLL]:
                 fn.argtypes = [_P, _I, _C, _P, _P, _C, _P, _P, _I, _I, _C, _P, _I, _I, _I, _P, _C]
                 fn.argtypes += [_I, _P, _P, _I, _I, _F, _F, _P, _C, _P, _C]
                 fn.restype = _C
+                lib.sgl_cpu_decoder_scratch.argtypes = [_P]
+                lib.sgl_cpu_decoder_scratch.restype = _I
+                lib.sgl_cpu_decoder_layers.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P]
+                lib.sgl_cpu_decoder_layers.restype = _C
                 _lib = lib
             except (OSError, RuntimeError) as exc:
                 _reason = f"build failed: {exc}"
@@ -273,3 +277,107 @@ def decode_attention(
     if rc != 0:
         raise MemoryError("cpu decode attention: could not allocate its scratch buffers")
     return out, lse
+
+
+# ---- a decode step's decoder layers in one call (csrc/cpu_layer.c, sgl_cpu_decoder_layers) ----
+
+
+class Linear(ctypes.Structure):
+    """A projection's packed weight as the C side reads it (`sgl_linear`)."""
+
+    _fields_ = [
+        ("kind", _I),  # LINEAR_BF16W or LINEAR_GGUF
+        ("fn", _P),  # the GEMM entry point of that kernel's library
+        ("w", _P),
+        ("n", _I),
+        ("k", _I),
+        ("bias", _P),  # float32 [n] or None
+        ("bits", _I),
+        ("zp", _I),
+        ("has_min", _I),
+        ("scale_f32", _I),
+    ]
+
+
+LINEAR_BF16W, LINEAR_GGUF = 1, 2
+
+
+class DecoderLayer(ctypes.Structure):
+    """One decoder layer's weights, norms, attention settings and pool (`sgl_decoder_layer`)."""
+
+    _fields_ = [
+        ("qkv", Linear),
+        ("o", Linear),
+        ("gate_up", Linear),
+        ("down", Linear),
+        ("norm1", _P),
+        ("norm2", _P),
+        ("eps1", _F),
+        ("eps2", _F),
+        ("scale", _F),
+        ("logit_cap", _F),
+        ("window", _I),
+        ("k_buf", _P),
+        ("v_buf", _P),
+    ]
+
+
+class DecodeStep(ctypes.Structure):
+    """A decode step's shapes, rotary rows, slot tables and thread counts (`sgl_decode_step`)."""
+
+    _fields_ = [
+        ("m", _I),
+        ("hidden", _I),
+        ("hq", _I),
+        ("hkv", _I),
+        ("head_dim", _I),
+        ("rot", _I),
+        ("inter", _I),
+        ("bf16", _I),
+        ("kv_bf16", _I),
+        ("cos", _P),
+        ("sin", _P),
+        ("req_to_token", _P),
+        ("rtt_i64", _I),
+        ("rtt_stride", _I),
+        ("req_idx", _P),
+        ("seq_lens", _P),
+        ("loc", _P),
+        ("gguf_passes", _I),
+        ("gguf_isa", _I),
+        ("gemm_threads", _I),
+        ("attn_threads", _I),
+    ]
+
+
+def decoder_scratch_values(step: DecodeStep) -> int:
+    """Values of the activation dtype `decoder_layers` needs as scratch for `step`."""
+    return int(_lib.sgl_cpu_decoder_scratch(ctypes.byref(step)))
+
+
+def decoder_layers(
+    step: DecodeStep,
+    layers: ctypes.Array,
+    start: int,
+    stop: int,
+    x_in: torch.Tensor,
+    res_in: Optional[torch.Tensor],
+    x_out: torch.Tensor,
+    res_out: torch.Tensor,
+    scratch: torch.Tensor,
+) -> None:
+    """Layers `layers[start:stop]` of a decode step (see csrc/cpu_layer.c): x_in / res_in the
+    first one's input and residual stream (res_in None: the model's first layer), results in
+    x_out / res_out (contiguous [m, hidden]; res_out may be res_in)."""
+    rc = _lib.sgl_cpu_decoder_layers(
+        ctypes.byref(step),
+        ctypes.byref(layers, start * ctypes.sizeof(DecoderLayer)),
+        stop - start,
+        x_in.data_ptr(),
+        None if res_in is None else res_in.data_ptr(),
+        x_out.data_ptr(),
+        res_out.data_ptr(),
+        scratch.data_ptr(),
+    )
+    if rc != 0:
+        raise MemoryError("cpu decoder layers: a kernel could not allocate its buffers")

@@ -94,6 +94,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_overlap_schedule.py", 60),
         TestFile("test_cpu_bf16_gemm.py", 45),
         TestFile("test_cpu_layer_kernels.py", 30),
+        TestFile("test_cpu_decoder_layers.py", 25),
         TestFile("test_cuda_graph_runner.py", 20),
         TestFile("test_gpu_path_costs.py", 60),
         TestFile("test_triton_kernels.py", 60, venv=TRITON_VENV),  # Triton interpreter

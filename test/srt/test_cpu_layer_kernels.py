@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from sgl_kernel import cpu_layer, ref
+from sglang.test.decode_steps import greedy_steps
 
 pytestmark = pytest.mark.skipif(
     not cpu_layer.usable(torch.ones(1)), reason="CPU layer kernels cannot be built here"
@@ -162,25 +163,6 @@ def tiny_model_path(tmp_path_factory) -> str:
     return make_tiny_served_model(str(tmp_path_factory.mktemp("tiny")), num_layers=3)
 
 
-def _greedy_decode(runner, prompts: list[list[int]], steps: int) -> tuple[list, torch.Tensor]:
-    """Greedy tokens of a static batch and the stacked logits of every step."""
-    from sglang.bench_one_batch import BatchDriver
-
-    driver = BatchDriver(runner)
-    batch = driver.make_batch(prompts, steps)
-    logits = []
-    try:
-        for step in range(steps):
-            worker_batch = batch.prepare_for_extend() if step == 0 else batch.prepare_for_decode()
-            out, fb = runner.forward(worker_batch)
-            logits.append(out.next_token_logits.float().clone())
-            for req, tok in zip(batch.reqs, runner.sample(out, fb).next_token_ids.tolist()):
-                req.output_ids.append(tok)
-        return [list(r.output_ids) for r in batch.reqs], torch.stack(logits)
-    finally:
-        driver.release(batch)
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_model_decode_same_with_and_without_kernels(tiny_model_path: str, dtype: str) -> None:
     """A tiny Llama's decode (norms, rotary, SiLU, pool attention) through the kernels and
@@ -193,9 +175,9 @@ def test_model_decode_same_with_and_without_kernels(tiny_model_path: str, dtype:
     runner = build_model_runner(args, ModelConfig.from_server_args(args))
     prompts = [[1, 5, 9, 13, 2, 7, 11, 3, 4], [3, 4, 8], [6] * 20]
     try:
-        with_kernels = _greedy_decode(runner, prompts, 10)
+        with_kernels = greedy_steps(runner, prompts, 10)
         cpu_layer.set_enabled(False)
-        without = _greedy_decode(runner, prompts, 10)
+        without = greedy_steps(runner, prompts, 10)
     finally:
         cpu_layer.set_enabled(True)
     assert with_kernels[0] == without[0]

@@ -312,3 +312,117 @@ int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void 
 }
 
 #pragma GCC pop_options
+
+/* ---- a decode step's decoder layers in one call ----------------------------------------------- */
+
+/*
+ * Runs consecutive Llama-family decoder layers of a decode step (pre-norm attention and gated MLP:
+ * norm, qkv, rotary, attention over the pool, o, add + norm, gate/up, SiLU-and-mul, down) with the
+ * kernels above and the packed GEMMs, which live in their own libraries (each compiled with its
+ * own flags) and come in as function pointers. Every call here is the one the layer modules make
+ * for the same batch, in the same order, with the same arguments, so the result is bit-identical
+ * to running the modules; what goes away is the Python between the calls.
+ */
+typedef int (*gemm_bf16w_fn)(const void *, int64_t, int, int64_t, int64_t, const void *, int64_t,
+                             const float *, void *, int, int);
+typedef int (*gemm_gguf_fn)(const void *, int64_t, int, int64_t, int64_t, const void *, int64_t,
+                            int, int, int, int, const float *, void *, int, int, int, int);
+
+enum { LINEAR_BF16W = 1, LINEAR_GGUF = 2 };
+
+/* One projection's packed weight (n outputs, k inputs); int64 fields keep the ctypes mirror
+ * (sgl_kernel/cpu_layer.py) free of padding questions. */
+typedef struct {
+    int64_t kind;
+    const void *fn;
+    const void *w;
+    int64_t n, k;
+    const float *bias;                    /* float32 [n] or NULL */
+    int64_t bits, zp, has_min, scale_f32; /* GGUF record format */
+} sgl_linear;
+
+typedef struct {
+    sgl_linear qkv, o, gate_up, down;
+    const void *norm1, *norm2; /* input / post-attention RMSNorm weights, the activation dtype */
+    float eps1, eps2, scale, logit_cap;
+    int64_t window;
+    void *k_buf, *v_buf; /* this layer's pool [slots][hkv][d] */
+} sgl_decoder_layer;
+
+typedef struct {
+    int64_t m, hidden, hq, hkv, head_dim, rot, inter;
+    int64_t bf16, kv_bf16; /* activation dtype and pool dtype: 0 float32, 1 bfloat16 */
+    const float *cos, *sin; /* [m][rot] */
+    const void *req_to_token;
+    int64_t rtt_i64, rtt_stride;
+    const int64_t *req_idx, *seq_lens, *loc;
+    int64_t gguf_passes, gguf_isa, gemm_threads, attn_threads;
+} sgl_decode_step;
+
+static int linear(const sgl_linear *l, const sgl_decode_step *s, const void *x, int64_t m,
+                  void *y) {
+    const int bf16 = (int)s->bf16;
+    if (l->kind == LINEAR_BF16W)
+        return ((gemm_bf16w_fn)l->fn)(x, l->k, bf16, m, l->k, l->w, l->n, l->bias, y, bf16,
+                                      (int)s->gemm_threads);
+    return ((gemm_gguf_fn)l->fn)(x, l->k, bf16, m, l->k, l->w, l->n, (int)l->bits, (int)l->zp,
+                                 (int)l->has_min, (int)l->scale_f32, l->bias, y, bf16,
+                                 (int)s->gguf_passes, (int)s->gguf_isa, (int)s->gemm_threads);
+}
+
+/* Scratch values (in the activation dtype) sgl_cpu_decoder_layers needs for m rows. */
+int64_t sgl_cpu_decoder_scratch(const sgl_decode_step *s) {
+    const int64_t q = s->hq * s->head_dim, kv = s->hkv * s->head_dim;
+    return s->m * (s->hidden + (q + 2 * kv) + q + kv + q + s->hidden + 3 * s->inter);
+}
+
+/*
+ * Layers [0, count) of `layers` over m rows. x_in: the first layer's input [m][hidden];
+ * res_in: its residual stream, or NULL when the first layer is the model's first (the residual is
+ * then x_in itself). Results: x_out, the last layer's output, and res_out, the residual stream
+ * (each [m][hidden], contiguous; res_out may alias res_in). scratch: sgl_cpu_decoder_scratch
+ * values. Returns 0, or the first nonzero return of a kernel.
+ */
+int sgl_cpu_decoder_layers(const sgl_decode_step *s, const sgl_decoder_layer *layers,
+                           int64_t count, const void *x_in, const void *res_in, void *x_out,
+                           void *res_out, void *scratch) {
+    const int bf16 = (int)s->bf16;
+    const size_t esz = bf16 ? 2 : 4;
+    const int64_t m = s->m, hs = s->hidden, d = s->head_dim;
+    const int64_t q = s->hq * d, kv = s->hkv * d, w = q + 2 * kv;
+    char *h = (char *)scratch;
+    char *qkv = h + m * hs * esz, *qr = qkv + m * w * esz, *kr = qr + m * q * esz;
+    char *att = kr + m * kv * esz, *o = att + m * q * esz, *gu = o + m * hs * esz;
+    char *act = gu + m * 2 * s->inter * esz;
+    int rc = 0;
+    for (int64_t i = 0; i < count && rc == 0; i++) {
+        const sgl_decoder_layer *L = layers + i;
+        const void *x = i == 0 ? x_in : x_out;
+        if (i == 0 && res_in == NULL) {
+            memcpy(res_out, x_in, (size_t)(m * hs) * esz);
+            rc = sgl_cpu_rmsnorm(x, hs, NULL, 0, L->norm1, bf16, bf16, L->eps1, m, hs, h, bf16,
+                                 NULL);
+        } else {
+            const void *r = i == 0 ? res_in : res_out;
+            rc = sgl_cpu_rmsnorm(x, hs, r, hs, L->norm1, bf16, bf16, L->eps1, m, hs, h, bf16,
+                                 res_out);
+        }
+        if (rc == 0) rc = linear(&L->qkv, s, h, m, qkv);
+        if (rc != 0) break;
+        sgl_cpu_rotary(qkv, w, bf16, s->cos, s->sin, m, s->hq, d, s->rot, qr);
+        sgl_cpu_rotary(qkv + q * esz, w, bf16, s->cos, s->sin, m, s->hkv, d, s->rot, kr);
+        rc = sgl_cpu_decode_attention(qr, q, bf16, L->k_buf, L->v_buf, (int)s->kv_bf16, kr,
+                                      qkv + (q + kv) * esz, kv, w, bf16, s->loc, s->hq, s->hkv, d,
+                                      s->req_to_token, (int)s->rtt_i64, s->rtt_stride, s->req_idx,
+                                      s->seq_lens, m, L->window, L->logit_cap, L->scale, att,
+                                      bf16, NULL, (int)s->attn_threads);
+        if (rc == 0) rc = linear(&L->o, s, att, m, o);
+        if (rc == 0)
+            rc = sgl_cpu_rmsnorm(o, hs, res_out, hs, L->norm2, bf16, bf16, L->eps2, m, hs, h, bf16,
+                                 res_out);
+        if (rc == 0) rc = linear(&L->gate_up, s, h, m, gu);
+        if (rc == 0) rc = sgl_cpu_silu_and_mul(gu, 2 * s->inter, bf16, m, s->inter, act);
+        if (rc == 0) rc = linear(&L->down, s, act, m, x_out);
+    }
+    return rc;
+}

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.cpu_decoder_layers import decoder_layers_for
 from sglang.srt.layers.layer_probe import tap_layer
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import (
@@ -153,10 +154,15 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch
     ) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        residual = None
-        for i, layer in enumerate(self.layers):
-            hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
-            tap_layer(forward_batch, i, hidden_states, residual, self.norm)
+        fused = decoder_layers_for(self, hidden_states, forward_batch)
+        if fused is not None:  # a CPU decode step: the layers in one C call
+            runner, max_kv = fused
+            hidden_states, residual = runner.run(positions, hidden_states, forward_batch, max_kv)
+        else:
+            residual = None
+            for i, layer in enumerate(self.layers):
+                hidden_states, residual = layer(positions, hidden_states, forward_batch, residual)
+                tap_layer(forward_batch, i, hidden_states, residual, self.norm)
         hidden_states, _ = self.norm(hidden_states, residual)
         return hidden_states
 

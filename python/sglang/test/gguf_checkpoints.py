@@ -6,7 +6,8 @@ super-block of 256 weights an fp16 d and dmin, eight 6-bit sub-block scales and 
 bytes, and 128 bytes of codes, with w = d * sc * q - dmin * mn. `write_gguf` writes a Llama's
 (or Qwen's) state dict the way llama.cpp's converter lays it out (names, and q/k row order for
 the llama family), its linear weights in one type and everything else F32. `tiny_llama_gguf`
-writes a random tiny Llama that way beside an HF folder of the weights the file holds.
+writes a random tiny Llama that way beside an HF folder of the weights the file holds;
+`tiny_config` is the tiny shape those models (and the loader tests') share.
 """
 
 from __future__ import annotations
@@ -156,27 +157,46 @@ def write_gguf(
     return dequantized
 
 
+# The tiny shape every GGUF test model shares; `tiny_config`'s callers set sizes and extras.
+_TINY_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+_CONFIG_CLASSES = {"llama": "LlamaConfig", "qwen3": "Qwen3Config"}
+
+
+def tiny_config(arch: str = "llama", **fields: Any) -> Any:
+    """A transformers config of `arch` ("llama" | "qwen3", write_gguf's names) with two layers
+    of 4 query / 2 KV heads, 128 tokens, hidden 64, MLP 96; every field overridable."""
+    import transformers
+
+    return getattr(transformers, _CONFIG_CLASSES[arch])(**{**_TINY_SHAPE, **fields})
+
+
 def tiny_llama_gguf(folder: str | Path, qtype: str, **overrides: Any) -> tuple[str, str]:
     """A random tiny Llama (config fields overridable) written as GGUF with its linear weights in
     `qtype`, and an HF folder holding the dequantized weights the file stores: (gguf, folder)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    fields: dict[str, Any] = dict(
-        vocab_size=384,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        initializer_range=0.06,
-        bos_token_id=1,
-        eos_token_id=2,
+    config = tiny_config(
+        "llama",
+        **{
+            "vocab_size": 384,
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "head_dim": 64,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+            "initializer_range": 0.06,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            **overrides,
+        },
     )
-    fields.update(overrides)
-    config = LlamaConfig(**fields)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     folder = Path(folder)

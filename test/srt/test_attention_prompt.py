@@ -17,11 +17,9 @@ import pytest
 import requests
 import torch
 
-from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.test.attention_reference import assert_valid_topk
 from sglang.test.runners import HFRunner, chat_prompt_ids, cpu_threads_hint
-from sglang.test.served_tiny import make_tiny_served_model
-from sglang.test.test_utils import running_server
+from sglang.test.served_tiny import served_tiny_fixtures
 
 cpu_threads_hint()
 MAX_K, MAX_LEN, LAYERS = 6, 48, 3
@@ -37,30 +35,7 @@ QUESTION = [{"role": "user", "content": "Name three rivers of France and one of 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_served_model(str(tmp_path_factory.mktemp("tiny-prompt")), num_layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(model_dir, other_args=ARGS) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return get_tokenizer(model_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    return HFRunner(model_dir)
+model_dir, server, client, tok, hf = served_tiny_fixtures("tiny-prompt", LAYERS, ARGS)
 
 
 @torch.no_grad()

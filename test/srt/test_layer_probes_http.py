@@ -13,15 +13,12 @@ from __future__ import annotations
 import base64
 
 import numpy as np
-import openai
 import pytest
 import requests
 
-from sglang.srt.hf_transformers_utils import get_tokenizer
 from sglang.test.layer_probe_reference import check_hidden, check_lens, lens_pairs, reference
 from sglang.test.runners import HFRunner, chat_prompt_ids, cpu_threads_hint
-from sglang.test.served_tiny import make_tiny_served_model
-from sglang.test.test_utils import running_server
+from sglang.test.served_tiny import served_tiny_fixtures
 
 cpu_threads_hint()
 LAYERS, HIDDEN, MAX_NEW = 3, 64, 4
@@ -38,30 +35,7 @@ GREEDY = {"max_new_tokens": MAX_NEW, "temperature": 0.0, "ignore_eos": True}
 PROBES = {"hidden_states_layers": [0, -1], "logit_lens": {"layers": [1, 2], "top_n": 3}}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return make_tiny_served_model(str(tmp_path_factory.mktemp("tiny-probes")), num_layers=LAYERS)
-
-
-@pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(model_dir, other_args=ARGS) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
-
-
-@pytest.fixture(scope="module")
-def tok(model_dir):
-    return get_tokenizer(model_dir)
-
-
-@pytest.fixture(scope="module")
-def hf(model_dir):
-    return HFRunner(model_dir)
+model_dir, server, client, tok, hf = served_tiny_fixtures("tiny-probes", LAYERS, ARGS)
 
 
 def check_probes(hf: HFRunner, prompt: list[int], fields: dict, output_ids=None) -> None:

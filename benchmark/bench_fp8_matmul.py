@@ -14,29 +14,17 @@ Results go to benchmark/results/fp8_matmul_cpu.md (command, machine, date, load 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from machine_info import header, load_average, write_result
+from timing import median_ms
 
 from sglang.srt.layers.quantization.fp8 import dequantize, expand_scale
 
 SHAPES = {"o_proj": (4096, 4096), "down_proj": (4096, 14336)}  # name: (out, in)
 BLOCK = (128, 128)
 FP8 = torch.float8_e4m3fn
-
-
-def timed(fn, repeats: int) -> float:
-    """Median ms per call after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -73,10 +61,10 @@ def main() -> None:
                                         out_dtype=torch.bfloat16)  # fmt: skip
 
             cells = [
-                timed(lambda: F.linear(x, dense32), args.repeats),
-                timed(lambda: F.linear(x16, dense16), args.repeats),
-                timed(lambda: F.linear(x, dequantize(q, rows, block_in)), args.repeats),
-                timed(scaled_mm, args.repeats),
+                median_ms(lambda: F.linear(x, dense32), args.repeats),
+                median_ms(lambda: F.linear(x16, dense16), args.repeats),
+                median_ms(lambda: F.linear(x, dequantize(q, rows, block_in)), args.repeats),
+                median_ms(scaled_mm, args.repeats),
             ]
             md.append(f"| {name} [{out_features} x {in_features}] | {m} | "
                       + " | ".join(f"{c:.1f}" for c in cells) + " |")  # fmt: skip

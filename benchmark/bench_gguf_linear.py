@@ -29,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from timing import median_ms
 
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.configs.model_config import ModelConfig
@@ -44,16 +45,6 @@ FORMS = {  # label: (dtype, --gguf-dequantize)
 }
 
 
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def shape_ms(model: torch.nn.Module, rows: int, dtype: torch.dtype, repeat: int) -> dict:
     """{shape label: ms per call} for one layer of each linear shape and the LM head, plus
     'step': all of one decode step's matmuls."""
@@ -66,9 +57,9 @@ def shape_ms(model: torch.nn.Module, rows: int, dtype: torch.dtype, repeat: int)
             if leaf in out:
                 continue
             x = torch.randn(rows, layer.input_size, dtype=dtype)
-            out[leaf] = _median_ms(lambda: layer(x), repeat)
+            out[leaf] = median_ms(lambda: layer(x), repeat)
         hidden = torch.randn(rows, head.embedding_dim, dtype=dtype)
-        out["lm_head"] = _median_ms(lambda: processor.get_logits(hidden, head), repeat)
+        out["lm_head"] = median_ms(lambda: processor.get_logits(hidden, head), repeat)
         inputs = [torch.randn(rows, m.input_size, dtype=dtype) for _, m in layers]
 
         def step() -> None:
@@ -76,7 +67,7 @@ def shape_ms(model: torch.nn.Module, rows: int, dtype: torch.dtype, repeat: int)
                 layer(x)
             processor.get_logits(hidden, head)
 
-        out["step"] = _median_ms(step, repeat)
+        out["step"] = median_ms(step, repeat)
     return out
 
 

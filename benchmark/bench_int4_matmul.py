@@ -17,12 +17,11 @@ Results go to benchmark/results/int4_matmul_cpu.md (command, machine, date, load
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from machine_info import header, load_average, write_result
+from timing import median_ms
 
 from sglang.srt.layers.quantization.int4 import DequantInt4, Int4Shard, PackedInt4
 
@@ -46,16 +45,6 @@ def random_shard(out_features: int, in_features: int, seed: int) -> Int4Shard:
         zeros=torch.randint(0, 16, (groups, out_features), generator=gen).float(),
         g_idx=torch.arange(in_features) // GROUP,
     )
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def nbytes(tensors: list[torch.Tensor]) -> int:

@@ -17,8 +17,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from machine_info import header, load_average, write_result
-from timing import median_ms
+from machine_info import load_average, write_result
+from timing import add_args, median_ms, start
 
 from sglang.srt.layers.quantization.fp8 import dequantize, expand_scale
 
@@ -30,13 +30,9 @@ FP8 = torch.float8_e4m3fn
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-save", action="store_true")
+    add_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = load_average()
-    md = header("FP8 linear layers on CPU (Llama-3.1-8B shapes)", args.threads, load_before)
+    md = start("FP8 linear layers on CPU (Llama-3.1-8B shapes)", args)
     md += ["", f"Block scales {BLOCK[0]}x{BLOCK[1]}; median of {args.repeats} runs after one "
            "warm-up; ms per call."]  # fmt: skip
     md += ["", "| layer [out x in] | rows | dense fp32 | dense bf16 | dequant per forward fp32 | _scaled_mm (+ activation quantization) |"]  # fmt: skip

@@ -20,8 +20,8 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from machine_info import header, load_average, write_result
-from timing import median_ms
+from machine_info import load_average, write_result
+from timing import add_args, median_ms, start
 
 from sglang.srt.layers.quantization.int4 import DequantInt4, Int4Shard, PackedInt4
 
@@ -55,14 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 64])
     parser.add_argument("--timed", nargs="+", default=["o_proj", "down_proj"], choices=SHAPES)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--no-save", action="store_true")
+    add_args(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = load_average()
-
-    md = header("int4 linear layers on CPU (Llama-3.1-8B shapes)", args.threads, load_before)
+    md = start("int4 linear layers on CPU (Llama-3.1-8B shapes)", args)
     md += ["", f"Group size {GROUP}; median of {args.repeats} runs after one warm-up; ms per call."]
     md += ["", "| layer [out x in] | rows | dense fp32 | dense bf16 | kernel fp32 | kernel bf16 | unpack+dense fp32 | dequant fp32 |"]  # fmt: skip
     md += ["|---|---|---|---|---|---|---|---|"]

@@ -111,6 +111,7 @@ SUITES: dict[str, list[TestFile]] = {
         TestFile("test_structured_output.py", 120),
         TestFile("test_structured_output_scheduler.py", 60),
         TestFile("test_cpu_token_bitmask.py", 8),
+        TestFile("test_cpu_log_softmax_topk.py", 6),
         TestFile("test_tool_calls_tiny.py", 60),  # --dp 2
         TestFile("test_reasoning_tiny.py", 60),  # --tp 2
         TestFile("test_tool_call_detectors.py", 5),

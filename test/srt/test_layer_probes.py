@@ -177,3 +177,31 @@ def test_engine_native_streaming_and_base64(tiny_path: str, hf: HFRunner) -> Non
         plain = engine.generate(input_ids=PROMPTS[0], sampling_params=greedy)
         assert "hidden_states_layers" not in plain["meta_info"]
         assert "logit_lens" not in plain["meta_info"]
+
+
+def test_deepest_lens_layer_reads_the_sampled_rows() -> None:
+    """A lens layer whose final-normed rows are the sampled rows bit for bit (the last layer)
+    adds no LM-head rows: its lens is read from the sampled rows' logits; others add theirs."""
+    from sglang.srt.layers.layer_probe import LayerProbe, ProbeSpec, unpack
+    from sglang.srt.layers.layernorm import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm, head = RMSNorm(8), torch.randn(40, 8, generator=g)
+    hidden, residual = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    spec = ProbeSpec([2, 0], [2, 0], (), (1, 3), 4, [None, None])
+    probe = LayerProbe(spec, torch.device("cpu"))
+    probe.record(1, hidden * 2, residual, norm)
+    probe.record(3, hidden, residual, norm)
+    final, _ = norm(hidden, residual)  # the model's own final call
+    extra = probe.lens_rows(final)
+    assert extra is not None and extra.shape == (2, 8)  # layer 1 only
+    assert probe.lens_at == [3, 4, 2, 0]
+    logits = torch.cat([final, extra]) @ head.T
+    host = unpack(spec, probe.finish(logits).packed)
+    for c, rows in enumerate((extra, final[[2, 0]])):
+        values, ids = torch.log_softmax(rows @ head.T, -1).topk(4)
+        assert (host.lens_ids[c] == ids.numpy()).all()
+        np.testing.assert_allclose(host.lens_values[c], values.numpy(), rtol=0, atol=1e-5)
+    # Rows that differ from the sampled ones (here: other rows) are computed on their own.
+    assert probe.lens_rows(final.flip(0)).shape == (4, 8)
+    assert probe.lens_at == [3, 4, 5, 6]

@@ -6,11 +6,15 @@ turns it into a `LayerProbe`, which every model's layer loop feeds through `tap_
 decoder layer. A tap keeps only the query row of each probing request (the last prompt token of a
 prefill, the single token of a decode step): the residual stream after that layer, i.e. the
 layer's output plus the residual the model carries separately (fused add-RMSNorm models), before
-any final norm. For logit-lens layers it also applies the model's own final norm. The logits
-processor runs the lens rows through its own LM head (TP gather, vocabulary trim and final-logit
-softcap included) in the same call as the rows it samples from, and hands their logits to
-`finish`, which takes the top-n of their log_softmax and packs everything into one float32
-tensor, so a step costs one device-to-host copy (`unpack` reads it back on the host).
+any final norm. For logit-lens layers it also applies the model's own final norm (its fused
+add-and-norm form where the model keeps the residual apart, the very call the model makes after
+its last layer). The logits processor runs the lens rows through its own LM head (TP gather,
+vocabulary trim and final-logit softcap included) in the same call as the rows it samples from;
+a lens layer whose final-normed rows are bit-identical to the sampled rows (the last layer) adds
+no rows, it reads the sampled rows' logits. `finish` takes the top-n of each lens row's
+log_softmax where the rows lie (sgl_kernel.cpu_log_softmax_topk on CPU) and packs everything
+into one float32 tensor, so a step costs one device-to-host copy (`unpack` reads it back on the
+host).
 
 Cheap when nobody asks: `tap_layer` reads one attribute and returns. Batches that probe run
 eagerly (the CUDA-graph runner and torch.compile path refuse them).
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+from sgl_kernel.cpu_log_softmax_topk import log_softmax_topk
 
 
 @dataclass
@@ -62,79 +67,73 @@ class LayerProbe:
         self.spec = spec
         self.layers = spec.tapped
         self.index = torch.tensor(spec.token_index, dtype=torch.int64).to(device, non_blocking=True)
+        self.batch_index = torch.tensor(spec.batch_rows, dtype=torch.int64).to(
+            device, non_blocking=True
+        )
         self.stream: dict[int, torch.Tensor] = {}
         self.normed: dict[int, torch.Tensor] = {}
+        # Per lens layer (layer-major), per probing row: its row of the LM head's output.
+        self.lens_at: list[int] = []
 
     def record(
         self,
         layer_id: int,
         hidden: torch.Tensor,
         residual: Optional[torch.Tensor],
-        norm: Callable[[torch.Tensor], torch.Tensor],
+        norm: Callable[..., Any],
     ) -> None:
         # Gathering copies the rows, so in-place kernels of later layers cannot change them.
         rows = hidden[self.index]
-        if residual is not None:
+        lens = layer_id in self.spec.lens_layers
+        if residual is None:
+            if lens:
+                self.normed[layer_id] = norm(rows)
+        elif lens:
+            # The model's final call, norm(hidden, residual) -> (normed, hidden + residual).
+            self.normed[layer_id], rows = norm(rows, residual[self.index])
+        else:
             rows = rows + residual[self.index]
         if layer_id in self.spec.hidden_layers:
             self.stream[layer_id] = rows
-        if layer_id in self.spec.lens_layers:
-            self.normed[layer_id] = norm(rows)
 
-    def lens_rows(self) -> Optional[torch.Tensor]:
-        """The final-normed rows of every lens layer, stacked layer-major (None without lens).
+    def lens_rows(self, final: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rows the LM head adds to `final` (the rows the logits processor samples from)
+        for the lens: the final-normed rows of each lens layer, stacked layer-major; None when
+        no layer needs any.
 
-        The logits processor appends them to its own rows, so one LM-head call serves both and
-        the head's weight is read once per step."""
-        if not self.spec.lens_layers:
+        The deepest lens layer adds none when its rows equal the probing requests' rows of
+        `final` bit for bit (the model's last layer: the same final norm of the same stream),
+        and reads their logits instead; one LM-head call serves everything, so the head's
+        weight is read once per step."""
+        spec = self.spec
+        self.lens_at = []
+        if not spec.lens_layers:
             return None
-        return torch.cat([self.normed[i] for i in self.spec.lens_layers])
+        rows, base, extra = len(spec.batch_rows), final.shape[0], []
+        deepest = max(spec.lens_layers)
+        for layer in spec.lens_layers:
+            normed = self.normed[layer].to(final.dtype)
+            if layer == deepest and torch.equal(normed, final[self.batch_index]):
+                self.lens_at += spec.batch_rows
+                continue
+            self.lens_at += range(base, base + rows)
+            base += rows
+            extra.append(normed)
+        return torch.cat(extra) if extra else None
 
-    def finish(self, lens_logits: Optional[torch.Tensor]) -> ProbeResult:
+    def finish(self, logits: Optional[torch.Tensor]) -> ProbeResult:
         """Everything the host needs, packed into one flat float32 tensor (see `unpack`).
 
-        `lens_logits` are the logits processor's float32 logits of `lens_rows()`; they are
-        overwritten here (the log-sum-exp works in place: a fresh buffer of that size costs
-        more than the arithmetic on CPU)."""
+        `logits` are the logits processor's float32 logits of its own rows followed by
+        `lens_rows()`; they are only read."""
         spec = self.spec
         parts = [self.stream[i].float().reshape(-1) for i in spec.hidden_layers]
         if spec.lens_layers:
-            assert lens_logits is not None
-            values, ids = _top_n(lens_logits, spec.top_n)
-            # log_softmax's own formula at the top-n: x - max - log(sum(exp(x - max))).
-            top = values[:, :1]
-            log_sum = lens_logits.sub_(top).exp_().sum(-1, keepdim=True).log_()
-            values = values - top - log_sum
+            assert logits is not None
+            values, ids = log_softmax_topk(logits, self.lens_at, spec.top_n)
             # int32 ids ride bit-for-bit in the float32 buffer (a view, not a conversion).
-            parts += [values.reshape(-1), ids.to(torch.int32).view(torch.float32).reshape(-1)]
+            parts += [values.reshape(-1), ids.view(torch.float32).reshape(-1)]
         return ProbeResult(spec, torch.cat(parts))
-
-
-# Columns per block of `_top_n`'s first pass.
-TOP_N_BLOCK = 256
-
-
-def _top_n(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact `logits.topk(n, dim=-1)` of a wide matrix, in two narrow passes.
-
-    The n largest entries of a row lie in the n blocks with the largest maxima (an entry outside
-    them has n larger block maxima above it), so a block-max pass picks n * TOP_N_BLOCK candidate
-    columns (plus the ragged tail) and topk runs on those alone: topk over a whole vocabulary
-    row spends most of its time building a per-row buffer of the row's size on CPU."""
-    rows, width = logits.shape
-    blocks = width // TOP_N_BLOCK
-    if blocks <= 2 * n:
-        return logits.topk(n, dim=-1)
-    body = blocks * TOP_N_BLOCK
-    maxima = logits[:, :body].reshape(rows, blocks, TOP_N_BLOCK).amax(-1)
-    chosen = maxima.topk(n, dim=-1).indices
-    offsets = torch.arange(TOP_N_BLOCK, device=logits.device)
-    cols = (chosen[:, :, None] * TOP_N_BLOCK + offsets).reshape(rows, -1)
-    if body < width:
-        tail = torch.arange(body, width, device=logits.device).expand(rows, -1)
-        cols = torch.cat([cols, tail], dim=1)
-    values, at = logits.gather(1, cols).topk(n, dim=-1)
-    return values, cols.gather(1, at)
 
 
 def tap_layer(

@@ -68,18 +68,18 @@ class LogitsProcessor(nn.Module):
         else:
             last_hidden = hidden_states
         probe = forward_batch.layer_probe
-        lens = probe.lens_rows() if probe is not None else None
+        lens = probe.lens_rows(last_hidden) if probe is not None else None
         if lens is None:
-            logits = self.get_logits(last_hidden, lm_head)
+            logits = both = self.get_logits(last_hidden, lm_head)
         else:
             # The logit lens shares the sampler's head call: one pass over the LM-head weight.
-            both = self.get_logits(torch.cat([last_hidden, lens.to(last_hidden.dtype)]), lm_head)
-            logits, lens = both[: last_hidden.shape[0]], both[last_hidden.shape[0] :]
+            both = self.get_logits(torch.cat([last_hidden, lens]), lm_head)
+            logits = both[: last_hidden.shape[0]]
         out = LogitsProcessorOutput(next_token_logits=logits)
         if forward_batch.capture_hidden_states:
             out.hidden_states = hidden_states  # a reference: copied only for rows that asked
         if probe is not None:
-            out.layer_probe = probe.finish(lens)
+            out.layer_probe = probe.finish(both)
 
         idx = forward_batch.input_logprob_indices
         if idx is not None and idx.numel() > 0:

@@ -19,9 +19,6 @@ is built until a CPU tensor asks, so a CUDA server never compiles it.
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
-import threading
 from pathlib import Path
 from typing import Optional
 
@@ -29,7 +26,6 @@ import torch
 
 from sgl_kernel import cpu_build
 
-logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_layer.c"
 # -ffp-contract=off: no fused multiply-add the PyTorch reference does not do.
@@ -48,44 +44,43 @@ CFLAGS = (
 ENABLE_ENV = "SGLANG_CPU_LAYER_KERNELS"
 _BF16 = {torch.float32: 0, torch.bfloat16: 1}  # the C code's dtype codes
 
-_lock = threading.Lock()
 _enabled = True  # set_enabled(False) routes every call back to PyTorch (A/B runs, tests)
-_lib: Optional[ctypes.CDLL] = None
-_reason: Optional[str] = None
 _P, _I, _C, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
 
+def _setup(lib: ctypes.CDLL) -> None:
+    lib.sgl_cpu_rmsnorm.argtypes = [_P, _I, _P, _I, _P, _C, _C, _F, _I, _I, _P, _C, _P]
+    lib.sgl_cpu_rotary.argtypes = [_P, _I, _C, _P, _P, _I, _I, _I, _I, _P]
+    lib.sgl_cpu_silu_and_mul.argtypes = [_P, _I, _C, _I, _I, _P]
+    lib.sgl_cpu_rmsnorm.restype = lib.sgl_cpu_silu_and_mul.restype = _C
+    lib.sgl_cpu_rotary.restype = None
+    fn = lib.sgl_cpu_decode_attention
+    fn.argtypes = [_P, _I, _C, _P, _P, _C, _P, _P, _I, _I, _C, _P, _I, _I, _I, _P, _C]
+    fn.argtypes += [_I, _P, _P, _I, _I, _F, _F, _P, _C, _P, _C]
+    fn.restype = _C
+    lib.sgl_cpu_decoder_scratch.argtypes = [_P]
+    lib.sgl_cpu_decoder_scratch.restype = _I
+    lib.sgl_cpu_decoder_layers.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P]
+    lib.sgl_cpu_decoder_layers.restype = _C
+
+
+_library = cpu_build.LazyLibrary(
+    SOURCE,
+    CFLAGS,
+    "sgl_cpu_layer",
+    _setup,
+    label="CPU layer kernels",
+    required=("avx2", "fma"),
+    enable_env=ENABLE_ENV,
+    fallback="PyTorch runs",
+)
+_lib: Optional[ctypes.CDLL] = None  # _library.lib once loaded: the hot paths read this name
+
+
 def _load() -> Optional[ctypes.CDLL]:
-    global _lib, _reason
-    with _lock:
-        if _lib is not None or _reason is not None:
-            return _lib
-        if os.environ.get(ENABLE_ENV, "1") == "0":
-            _reason = f"{ENABLE_ENV}=0"
-        else:
-            _reason = cpu_build.platform_reason(("avx2", "fma")) or None
-        if _reason is None:
-            try:
-                lib = cpu_build.load_library(SOURCE, CFLAGS, "sgl_cpu_layer")
-                lib.sgl_cpu_rmsnorm.argtypes = [_P, _I, _P, _I, _P, _C, _C, _F, _I, _I, _P, _C, _P]
-                lib.sgl_cpu_rotary.argtypes = [_P, _I, _C, _P, _P, _I, _I, _I, _I, _P]
-                lib.sgl_cpu_silu_and_mul.argtypes = [_P, _I, _C, _I, _I, _P]
-                lib.sgl_cpu_rmsnorm.restype = lib.sgl_cpu_silu_and_mul.restype = _C
-                lib.sgl_cpu_rotary.restype = None
-                fn = lib.sgl_cpu_decode_attention
-                fn.argtypes = [_P, _I, _C, _P, _P, _C, _P, _P, _I, _I, _C, _P, _I, _I, _I, _P, _C]
-                fn.argtypes += [_I, _P, _P, _I, _I, _F, _F, _P, _C, _P, _C]
-                fn.restype = _C
-                lib.sgl_cpu_decoder_scratch.argtypes = [_P]
-                lib.sgl_cpu_decoder_scratch.restype = _I
-                lib.sgl_cpu_decoder_layers.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P]
-                lib.sgl_cpu_decoder_layers.restype = _C
-                _lib = lib
-            except (OSError, RuntimeError) as exc:
-                _reason = f"build failed: {exc}"
-        if _lib is None:
-            logger.info("CPU layer kernels not used (%s): PyTorch runs", _reason)
-        return _lib
+    global _lib
+    _lib = _library.get()
+    return _lib
 
 
 def set_enabled(enabled: bool) -> None:

@@ -113,7 +113,18 @@ def _attention_f64(q, k_buf, v_buf, rtt, req_idx, seq_lens, hkv, scale, window, 
 @pytest.mark.parametrize("rtt_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize(
     "bs,hq,hkv,d,window,cap",
-    [(1, 9, 3, 64, 0, 0.0), (5, 8, 2, 32, 0, 0.0), (3, 4, 4, 16, 7, 0.0), (4, 6, 2, 64, 0, 30.0)],
+    # head_dim 64 / 128 / 256 take the AVX-512 bodies where the CPU has them (query heads of a
+    # group in register tiles of 4 / 2 / 1: groups of 5 and 8 leave partial tiles), 16 and 32
+    # the portable loops.
+    [
+        (1, 9, 3, 64, 0, 0.0),
+        (5, 8, 2, 32, 0, 0.0),
+        (3, 4, 4, 16, 7, 0.0),
+        (4, 6, 2, 64, 0, 30.0),
+        (3, 10, 2, 64, 9, 0.0),
+        (2, 16, 2, 128, 0, 0.0),
+        (2, 4, 2, 256, 5, 20.0),
+    ],
 )
 def test_decode_attention_matches_float64(dtype, rtt_dtype, bs, hq, hkv, d, window, cap) -> None:
     torch.manual_seed(3)

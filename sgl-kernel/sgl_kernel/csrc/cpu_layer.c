@@ -19,6 +19,7 @@
  *
  * Dtype codes: 0 float32, 1 bfloat16. Rows are contiguous; row strides are in elements.
  */
+#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -216,6 +217,110 @@ static void store_new(const void *src, int64_t src_stride, int src_bf16, void *b
 }
 
 /*
+ * The AVX-512 halves of one attention task, for head_dim = 16 * NV (NV 4, 8 or 16: 64, 128, 256),
+ * where the portable loops below are latency-bound: a K row and a V row are NV registers
+ * (widened once per key for every query head of the group), each score is NV multiply-adds and
+ * one horizontal sum, and the output sums of up to 16 / NV query heads stay in registers across
+ * every value row. Used when the CPU has AVX-512F/DQ (checked at run time).
+ */
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq")
+
+static inline __attribute__((always_inline)) __m512 load16(const char *p, int bf16) {
+    if (bf16) {
+        const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_loadu_ps((const float *)p);
+}
+
+/* scores[g * n + t] = scale * q_g . k_t (soft-capped when cap > 0) for the task's n keys. */
+static inline __attribute__((always_inline)) void scores_v(
+    const int NV, const float *qf, int64_t group, const char *k_base, int kv_bf16, int64_t row,
+    const int32_t *s32, const int64_t *s64, int64_t n, float scale, float cap, float *scores) {
+    const size_t esz = kv_bf16 ? 2 : 4;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t slot = s64 != NULL ? s64[t] : s32[t];
+        const char *kp = k_base + (size_t)(slot * row) * esz;
+        __m512 kv[16];
+        for (int c = 0; c < NV; c++) kv[c] = load16(kp + (size_t)c * 16 * esz, kv_bf16);
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = qf + g * 16 * NV;
+            __m512 a0 = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+            __m512 a1 = _mm512_mul_ps(_mm512_loadu_ps(qg + 16), kv[1]);
+            for (int c = 2; c < NV; c += 2) {
+                a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), kv[c], a0);
+                a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c + 16), kv[c + 1], a1);
+            }
+            float sc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) * scale;
+            if (cap > 0.0f) sc = tanhf(sc / cap) * cap;
+            scores[g * n + t] = sc;
+        }
+    }
+}
+
+/* acc[g * d ...] = sum_t p[g][t] * v_t for every query head g of the task. */
+static inline __attribute__((always_inline)) void values_v(
+    const int NV, const float *probs, int64_t group, const char *v_base, int kv_bf16, int64_t row,
+    const int32_t *s32, const int64_t *s64, int64_t n, float *acc) {
+    const size_t esz = kv_bf16 ? 2 : 4;
+    const int GT = 16 / NV; /* query heads whose sums fit in 16 registers */
+    for (int64_t g0 = 0; g0 < group; g0 += GT) {
+        const int gt = (int)(group - g0 < GT ? group - g0 : GT);
+        __m512 a[16];
+        for (int i = 0; i < GT * NV; i++) a[i] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const int64_t slot = s64 != NULL ? s64[t] : s32[t];
+            const char *vp = v_base + (size_t)(slot * row) * esz;
+            __m512 vv[16];
+            for (int c = 0; c < NV; c++) vv[c] = load16(vp + (size_t)c * 16 * esz, kv_bf16);
+            for (int gi = 0; gi < GT; gi++) {
+                if (gi >= gt) break;
+                const __m512 pv = _mm512_set1_ps(probs[(g0 + gi) * n + t]);
+                for (int c = 0; c < NV; c++)
+                    a[gi * NV + c] = _mm512_fmadd_ps(pv, vv[c], a[gi * NV + c]);
+            }
+        }
+        for (int gi = 0; gi < gt; gi++)
+            for (int c = 0; c < NV; c++)
+                _mm512_storeu_ps(acc + (g0 + gi) * 16 * NV + 16 * c, a[gi * NV + c]);
+    }
+}
+
+/* Dispatch on head_dim / 16 so each body is compiled with its register count known. Return 0
+ * when d has no AVX-512 body (the caller then runs the portable loops). */
+static int scores_avx512(int64_t d, const float *qf, int64_t group, const char *k_base,
+                         int kv_bf16, int64_t row, const int32_t *s32, const int64_t *s64,
+                         int64_t n, float scale, float cap, float *scores) {
+    switch (d) {
+        case 64: scores_v(4, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
+        case 128: scores_v(8, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
+        case 256: scores_v(16, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
+        default: return 0;
+    }
+}
+
+static int values_avx512(int64_t d, const float *probs, int64_t group, const char *v_base,
+                         int kv_bf16, int64_t row, const int32_t *s32, const int64_t *s64,
+                         int64_t n, float *acc) {
+    switch (d) {
+        case 64: values_v(4, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
+        case 128: values_v(8, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
+        case 256: values_v(16, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
+        default: return 0;
+    }
+}
+
+#pragma GCC pop_options
+
+static int have_avx512(void) {
+    static int known = -1;
+    if (known < 0)
+        known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") ? 1 : 0;
+    return known;
+}
+
+/*
  * Decode attention: one query token per request, keys and values read in place from the pool.
  * Optionally stores the step's new K/V into the pool first. Layouts:
  *   q      [bs][hq][d] with row stride q_stride elements per token, dtype q_dtype
@@ -245,6 +350,7 @@ int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void 
     for (int64_t b = 0; b < bs; b++)
         if (seq_lens[b] > max_len) max_len = seq_lens[b];
     int failed = 0;
+    const int avx512 = have_avx512();
     /* One task per (request, KV head): its `group` query heads share every key and value read. */
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
@@ -268,7 +374,13 @@ int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void 
             const int64_t *slots64 = (const int64_t *)req_to_token + req_idx[b] * rtt_stride + lo;
             load_f32(qf, (const char *)q + (b * q_stride + kh * group * d) * (q_dtype ? 2 : 4),
                      q_dtype, group * d);
-            for (int64_t t = 0; t < n; t++) {
+            const int32_t *s32 = rtt_i64 ? NULL : slots32;
+            const int64_t *s64 = rtt_i64 ? slots64 : NULL;
+            const char *k_base = (const char *)k_buf + kh * d * kv_esz;
+            const char *v_base = (const char *)v_buf + kh * d * kv_esz;
+            const int wide = avx512 && scores_avx512(d, qf, group, k_base, kv_dtype, row, s32,
+                                                     s64, n, scale, cap, scores);
+            for (int64_t t = 0; t < n && !wide; t++) {
                 const int64_t slot = rtt_i64 ? slots64[t] : slots32[t];
                 load_f32(kv, (const char *)k_buf + (slot * row + kh * d) * kv_esz, kv_dtype, d);
                 for (int64_t g = 0; g < group; g++) {
@@ -292,8 +404,12 @@ int sgl_cpu_decode_attention(const void *q, int64_t q_stride, int q_dtype, void 
                 for (int64_t t = 0; t < n; t++) sc[t] *= inv;
                 if (lse != NULL) lse[b * hq + kh * group + g] = mx + logf(sum);
             }
-            memset(acc, 0, sizeof(float) * (size_t)(group * d));
-            for (int64_t t = 0; t < n; t++) {
+            if (wide) {
+                values_avx512(d, scores, group, v_base, kv_dtype, row, s32, s64, n, acc);
+            } else {
+                memset(acc, 0, sizeof(float) * (size_t)(group * d));
+            }
+            for (int64_t t = 0; t < n && !wide; t++) {
                 const int64_t slot = rtt_i64 ? slots64[t] : slots32[t];
                 load_f32(kv, (const char *)v_buf + (slot * row + kh * d) * kv_esz, kv_dtype, d);
                 for (int64_t g = 0; g < group; g++) {

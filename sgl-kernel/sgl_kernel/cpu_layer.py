@@ -1,13 +1,16 @@
 """CPU kernels of a decoder layer's non-matmul work (csrc/cpu_layer.c), via ctypes: RMSNorm with
-the fused residual add, rotary embedding, SiLU-and-mul, and decode attention read straight from
-the paged KV pool.
+the fused residual add, rotary embedding, SiLU-and-mul, decode attention read straight from
+the paged KV pool, and `decoder_layers`, which runs whole Llama-family decoder layers of a decode
+step with them and the packed GEMMs in one call (python/sglang/srt/layers/cpu_decoder_layers.py
+decides when; the ctypes structures below mirror the C ones).
 
 Owns loading and calling them. At decode's batch sizes each of these is several PyTorch operator
 calls (decode attention some twenty: gathers, casts, mask, fused SDPA, reshapes) whose per-call
 overhead, not arithmetic, dominates a small model's step on CPU. The row kernels follow their
 `ref` functions operation by operation with the same roundings (see the C file) and run on one
 thread (a decode batch's rows are less work than a parallel region's start-up); decode attention
-computes in float32 and runs on PyTorch's threads.
+computes in float32 (AVX-512 bodies for head_dim 64/128/256 where the CPU has it) and runs on
+PyTorch's threads when the work is large enough.
 
 `usable(x)` says whether a tensor can take them: a CPU float32 / bfloat16 tensor outside
 torch.compile tracing (compiled code keeps the references, which Inductor fuses), on a machine

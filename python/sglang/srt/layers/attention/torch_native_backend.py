@@ -35,14 +35,16 @@ class TorchNativeMetadata:
     batch_size: int
     max_q: int
     max_kv: int
-    kv_slots: torch.Tensor  # [B, max_kv] KV slot of each key position (padding -> slot 0)
-    q_index: torch.Tensor  # [B, max_q] flat token index of each padded query (padding -> 0)
-    out_index: torch.Tensor  # [num_tokens] row of each real token in the padded [B*max_q] layout
-    q_pos: torch.Tensor  # [B, max_q] absolute position of each padded query
-    key_valid: torch.Tensor  # [B, max_kv] key position < seq_len
     no_prefix: bool = False  # extend of fresh prompts: keys are exactly this forward's tokens
     decode: bool = False  # one query per request, in request order
     uniform: bool = False  # every request extends by max_q tokens: the padded layout is a view
+    # The padded layout's index tensors, built on first use (`TorchNativeAttnBackend._indexed`):
+    # a CPU decode batch on the C kernel never reads them.
+    kv_slots: Optional[torch.Tensor] = None  # [B, max_kv] KV slot of each key position (pad: 0)
+    q_index: Optional[torch.Tensor] = None  # [B, max_q] flat token of each padded query (pad: 0)
+    out_index: Optional[torch.Tensor] = None  # [num_tokens] row of each token in [B*max_q]
+    q_pos: Optional[torch.Tensor] = None  # [B, max_q] absolute position of each padded query
+    key_valid: Optional[torch.Tensor] = None  # [B, max_kv] key position < seq_len
     masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
 
@@ -85,42 +87,45 @@ class TorchNativeAttnBackend(AttentionBackend):
         self.dtype: torch.dtype = model_runner.dtype
         self.req_to_token: torch.Tensor = model_runner.req_to_token_pool.req_to_token
         self.forward_metadata: Optional[TorchNativeMetadata] = None
+        self._batch: Optional["ForwardBatch"] = None  # the forward the metadata describes
 
     def init_forward_metadata(self, forward_batch: "ForwardBatch") -> None:
         fb = forward_batch
         bs = fb.batch_size
         max_q = max(fb.extend_seq_lens_cpu)
-        max_kv = max(fb.seq_lens_cpu)
         num_tokens = fb.input_ids.shape[0]
-        dev = fb.seq_lens.device
-
-        i = torch.arange(max_q, device=dev)
-        q_valid = i[None, :] < fb.extend_seq_lens[:, None]
-        q_index = torch.where(q_valid, fb.extend_start_loc[:, None] + i[None, :], 0)
-        q_pos = fb.extend_prefix_lens[:, None] + i[None, :]
-        batch_of_token = torch.repeat_interleave(
-            torch.arange(bs, device=dev), fb.extend_seq_lens, output_size=num_tokens
-        )
-        offset_in_req = fb.positions - fb.extend_prefix_lens[batch_of_token]
-        out_index = batch_of_token * max_q + offset_in_req
-
-        j = torch.arange(max_kv, device=dev)
-        key_valid = j[None, :] < fb.seq_lens[:, None]
-        slots = self.req_to_token[fb.req_pool_indices, :max_kv]
-        kv_slots = torch.where(key_valid, slots, 0)
+        self._batch = fb
         self.forward_metadata = TorchNativeMetadata(
             batch_size=bs,
             max_q=max_q,
-            max_kv=max_kv,
-            kv_slots=kv_slots,
-            q_index=q_index,
-            out_index=out_index,
-            q_pos=q_pos,
-            key_valid=key_valid,
+            max_kv=max(fb.seq_lens_cpu),
             no_prefix=fb.forward_mode.is_extend() and max(fb.extend_prefix_lens_cpu) == 0,
             decode=max_q == 1 and num_tokens == bs,
             uniform=num_tokens == bs * max_q,
         )
+
+    def _indexed(self) -> TorchNativeMetadata:
+        """The forward's metadata with its padded-layout index tensors (built once)."""
+        md = self.forward_metadata
+        assert md is not None, "init_forward_metadata must run before attention"
+        if md.kv_slots is not None:
+            return md
+        fb, bs, max_q, max_kv = self._batch, md.batch_size, md.max_q, md.max_kv
+        dev = fb.seq_lens.device
+        i = torch.arange(max_q, device=dev)
+        q_valid = i[None, :] < fb.extend_seq_lens[:, None]
+        md.q_index = torch.where(q_valid, fb.extend_start_loc[:, None] + i[None, :], 0)
+        md.q_pos = fb.extend_prefix_lens[:, None] + i[None, :]
+        batch_of_token = torch.repeat_interleave(
+            torch.arange(bs, device=dev), fb.extend_seq_lens, output_size=fb.input_ids.shape[0]
+        )
+        offset_in_req = fb.positions - fb.extend_prefix_lens[batch_of_token]
+        md.out_index = batch_of_token * max_q + offset_in_req
+        j = torch.arange(max_kv, device=dev)
+        md.key_valid = j[None, :] < fb.seq_lens[:, None]
+        slots = self.req_to_token[fb.req_pool_indices, :max_kv]
+        md.kv_slots = torch.where(md.key_valid, slots, 0)
+        return md
 
     def _mask(
         self, md: TorchNativeMetadata, group: int, window: int, dtype: torch.dtype
@@ -191,6 +196,7 @@ class TorchNativeAttnBackend(AttentionBackend):
         ):
             return self._attend_fresh(q, k, v, layer, return_lse)
 
+        md = self._indexed()
         keys = self._gather(pool.get_key_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
         values = self._gather(pool.get_value_buffer(layer.layer_id), md).to(q.dtype).transpose(1, 2)
         # Without padding (decode, or equal extend lengths) the padded layout is a view.
@@ -249,6 +255,8 @@ class TorchNativeAttnBackend(AttentionBackend):
         attention over the padded batch is exact (padding keys come after every real query). It
         skips the pool gather and the explicit mask, which lets the kernel skip masked blocks."""
         md = self.forward_metadata
+        if not md.uniform:
+            md = self._indexed()
         hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
         bs, max_q = md.batch_size, md.max_q
         if md.uniform:  # no padding: the flat tokens are already [B, max_q] in order

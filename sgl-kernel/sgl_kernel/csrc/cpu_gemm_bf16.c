@@ -131,17 +131,11 @@ int sgl_cpu_gemm_bf16w(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_
         ldx = k;
     }
     int64_t nb = (n + NR - 1) / NR;
-    /* Tiles are claimed in small chunks rather than split in equal halves up front, and a thread
-     * goes on to the next row chunk without waiting: when another process takes one core for a
-     * while (the server's other processes, on a small machine), the thread still running takes
-     * over its work instead of idling at a barrier until the preempted one comes back. */
 #pragma omp parallel num_threads(nthreads)
     for (int64_t m0 = 0; m0 < m; m0 += MC) {
         int64_t mc = (m - m0) < MC ? (m - m0) : MC;
         int64_t tiles = (mc + MR - 1) / MR;
-        int64_t chunk = nb * tiles / (4 * (int64_t)nthreads);
-        chunk = chunk < 1 ? 1 : chunk;
-#pragma omp for collapse(2) schedule(dynamic, chunk) nowait
+#pragma omp for collapse(2) schedule(static)
         for (int64_t b = 0; b < nb; b++) {
             for (int64_t t = 0; t < tiles; t++) {
                 float acc[MR * NR];

@@ -441,11 +441,7 @@ int sgl_gguf_gemm(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k, 
     if (isa == 0) isa = sgl_gguf_best_isa();
     args_t a = {xq, xd, xs, m, passes, k, nb, sgl_gguf_record_bytes(bits, has_min, scale_f32),
                 bits, zp, has_min, scale_f32};
-    /* Column tiles are claimed in small chunks (see cpu_gemm_bf16.c: a preempted thread's share
-     * is taken over instead of waited for). */
-    int64_t chunk = nt / (4 * (int64_t)nthreads);
-    chunk = chunk < 1 ? 1 : chunk;
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < nt; t++) {
         const uint8_t *wt = w + t * nb * a.rb;
         int64_t c0 = t * NC;

@@ -91,8 +91,13 @@ def isa_name(isa: Optional[str] = None) -> str:
     """The path a call runs: `isa`, else $SGLANG_CPU_GGUF_ISA, else the best one here."""
     lib = _load()
     assert lib is not None, f"the CPU GGUF kernel is not available: {_library.reason}"
-    code = ISAS[isa or os.environ.get(ISA_ENV, "auto")] or int(lib.sgl_gguf_best_isa())
+    code = isa_code(isa) or int(lib.sgl_gguf_best_isa())
     return next(name for name, c in ISAS.items() if c == code)
+
+
+def isa_code(isa: Optional[str] = None) -> int:
+    """The kernel's code for `isa`, else $SGLANG_CPU_GGUF_ISA (0: the best path here)."""
+    return ISAS[isa or os.environ.get(ISA_ENV, "auto")]
 
 
 def activation_mode(act: Optional[str] = None) -> str:
@@ -180,7 +185,7 @@ def linear_gguf(
         y.data_ptr(),
         int(y.dtype == torch.bfloat16),
         ACTS[activation_mode(act)],
-        ISAS[isa or os.environ.get(ISA_ENV, "auto")],
+        isa_code(isa),
         torch.get_num_threads(),
     )
     if rc != 0:

@@ -202,7 +202,7 @@ class CpuDecoderLayers:
             from sgl_kernel import cpu_gemm_gguf as g
 
             step.gguf_passes = g.ACTS[g.activation_mode()]
-            step.gguf_isa = g.ISAS[os.environ.get(g.ISA_ENV, "auto")]
+            step.gguf_isa = g.isa_code()
         scratch = torch.empty(m * self.scratch_per_row, dtype=self.dtype)
         x_out = torch.empty(m, self.hidden, dtype=self.dtype)
         res_out = torch.empty(m, self.hidden, dtype=self.dtype)

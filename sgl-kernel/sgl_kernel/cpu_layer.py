@@ -317,6 +317,7 @@ class DecoderLayer(ctypes.Structure):
         ("window", _I),
         ("k_buf", _P),
         ("v_buf", _P),
+        ("id", _I),  # the layer's index in the model (the probe slots' index)
     ]
 
 
@@ -345,6 +346,15 @@ class DecodeStep(ctypes.Structure):
         ("gguf_isa", _I),
         ("gemm_threads", _I),
         ("attn_threads", _I),
+        # Layer probes (tap_n 0: none): see sgl_decode_step in csrc/cpu_layer.c.
+        ("tap_n", _I),
+        ("tap_rows", _P),  # int64 [tap_n]: the batch row of each probe row
+        ("stream_slot", _P),  # int64 [layers]: slot in tap_stream, or -1
+        ("normed_slot", _P),  # int64 [layers]: slot in tap_normed, or -1
+        ("tap_stream", _P),  # [slots, tap_n, hidden] residual streams, the activation dtype
+        ("tap_normed", _P),  # [slots, tap_n, hidden] final-normed streams
+        ("final_norm", _P),  # the model's final RMSNorm weight, the activation dtype
+        ("final_eps", _F),
     ]
 
 

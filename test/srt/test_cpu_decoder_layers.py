@@ -5,9 +5,10 @@ The C function makes the modules' kernel calls with the same arguments, so a dec
 give bit-identical logits and the same greedy tokens either way: bf16 weights on the bf16 GEMM,
 and GGUF Q4_1 blocks on the GGUF kernel with float32 and bfloat16 activations. Through a real
 Scheduler, attention capture of one middle layer (that layer runs its module, the others in C),
-hidden states and the logit lens (inside the attention entries) of probed layers (segments end
-there) must equal a run with
-the path turned off. A dense float32 model (MKL weights) keeps its modules.
+hidden states and the logit lens (inside the attention entries) of probed layers (taken inside
+the C call, so probes alone do not split the step) must equal a run with the path turned off, on
+bf16 weights and on GGUF blocks with float32 activations. A dense float32 model (MKL weights)
+keeps its modules.
 """
 
 from __future__ import annotations
@@ -90,19 +91,21 @@ def test_dense_float32_keeps_the_modules(tiny_path: str) -> None:
     )
 
 
-def _scheduled(path: str) -> tuple[list, list[tuple[int, int]]]:
-    """Requests run by a real Scheduler, layer 1 captured and layers 0 and 2 probed, and the
-    (start, stop) layer ranges the C side ran."""
+def _scheduled(
+    path: str, dtype: str = "bfloat16", captured: tuple[int, ...] = (1,), probe=None
+) -> tuple[list, list[tuple[int, int]]]:
+    """Requests run by a real Scheduler, `captured` layers captured and layers 0 and 2 probed
+    (or `probe`), and the (start, stop) layer ranges the C side ran."""
     from sglang.srt.attention_capture import AttentionRequest
     from sglang.srt.managers.layer_probes import ProbeRequest
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
     from sglang.test.runners import SRTRunner
 
-    srt = SRTRunner(path, dtype="bfloat16", return_attention_tokens=True,
+    srt = SRTRunner(path, dtype=dtype, return_attention_tokens=True,
                     attention_capture_layers="all", attention_tokens_top_k=4)  # fmt: skip
-    attention = AttentionRequest(top_k=4, layers=(1,))
-    probe = ProbeRequest(hidden_layers=(0,), lens_layers=(0, 2), top_n=3)
+    attention = AttentionRequest(top_k=4, layers=captured) if captured else None
+    probe = probe or ProbeRequest(hidden_layers=(0,), lens_layers=(0, 2), top_n=3)
     params = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     reqs = [
         Req(f"r{i}", p, SamplingParams(**params), attention=attention, probe=probe)
@@ -143,4 +146,29 @@ def test_capture_and_probes_same_as_modules(tiny_path: str) -> None:
     assert none == [] and ranges and set(ranges) == {(0, 1), (2, 3)}
     for a, b in zip(fused, modules):
         assert len(a.attention_records) == 6 and len(a.probe_records) == 6
+        assert _records(a) == _records(b)
+
+
+@pytest.mark.parametrize("model", ["bf16", "gguf-float32"])
+def test_probes_inside_the_call(tiny_path: str, tmp_path, model: str) -> None:
+    """Probes without capture: one C call per step takes every probed layer's rows (a layer
+    that is both hidden and lens, one that is hidden only, the last as lens), the same records
+    as the modules'."""
+    from sglang.srt.managers.layer_probes import ProbeRequest
+
+    path, dtype = tiny_path, "bfloat16"
+    if model == "gguf-float32":
+        from sglang.test.gguf_checkpoints import tiny_llama_gguf
+
+        path, dtype = tiny_llama_gguf(tmp_path, "Q4_1", num_hidden_layers=3)[0], "float32"
+    probe = ProbeRequest(hidden_layers=(0, 1), lens_layers=(0, 2), top_n=3)
+    fused, ranges = _scheduled(path, dtype, captured=(), probe=probe)
+    cpu_decoder_layers.set_enabled(False)
+    try:
+        modules, none = _scheduled(path, dtype, captured=(), probe=probe)
+    finally:
+        cpu_decoder_layers.set_enabled(True)
+    assert none == [] and ranges and set(ranges) == {(0, 3)}
+    for a, b in zip(fused, modules):
+        assert a.attention_records == [] and len(a.probe_records) == 6
         assert _records(a) == _records(b)

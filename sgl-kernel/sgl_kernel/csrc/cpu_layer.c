@@ -463,6 +463,7 @@ typedef struct {
     float eps1, eps2, scale, logit_cap;
     int64_t window;
     void *k_buf, *v_buf; /* this layer's pool [slots][hkv][d] */
+    int64_t id;          /* the layer's index in the model (the probe slots' index) */
 } sgl_decoder_layer;
 
 typedef struct {
@@ -473,6 +474,15 @@ typedef struct {
     int64_t rtt_i64, rtt_stride;
     const int64_t *req_idx, *seq_lens, *loc;
     int64_t gguf_passes, gguf_isa, gemm_threads, attn_threads;
+    /* Layer probes (0 rows: none). After layer L, probe row r (batch row tap_rows[r]) gets its
+     * residual stream h = x + residual (one add in the activation dtype) in
+     * tap_stream[stream_slot[L]][r] and rmsnorm(h) * final_norm in tap_normed[normed_slot[L]][r]
+     * (slots -1: not asked), by the call the model's final fused add-norm makes. */
+    int64_t tap_n;
+    const int64_t *tap_rows, *stream_slot, *normed_slot; /* [tap_n], [layers], [layers] */
+    void *tap_stream, *tap_normed; /* [slots][tap_n][hidden], the activation dtype */
+    const void *final_norm;
+    float final_eps;
 } sgl_decode_step;
 
 static int linear(const sgl_linear *l, const sgl_decode_step *s, const void *x, int64_t m,
@@ -490,6 +500,28 @@ static int linear(const sgl_linear *l, const sgl_decode_step *s, const void *x, 
 int64_t sgl_cpu_decoder_scratch(const sgl_decode_step *s) {
     const int64_t q = s->hq * s->head_dim, kv = s->hkv * s->head_dim;
     return s->m * (s->hidden + (q + 2 * kv) + q + kv + q + s->hidden + 3 * s->inter);
+}
+
+/* The probes of layer L (see sgl_decode_step), x its output, res the residual it was added to;
+ * spare_a / spare_b: a free row each for the results nobody asked for. */
+static int tap_layer(const sgl_decode_step *s, const sgl_decoder_layer *L, const void *x,
+                     const void *res, void *spare_a, void *spare_b) {
+    const int64_t hs = s->hidden, at = L->id;
+    const int64_t hslot = s->stream_slot[at], nslot = s->normed_slot[at];
+    if (hslot < 0 && nslot < 0) return 0;
+    const int bf16 = (int)s->bf16;
+    const size_t row = (size_t)hs * (bf16 ? 2 : 4);
+    for (int64_t r = 0; r < s->tap_n; r++) {
+        const int64_t b = s->tap_rows[r];
+        char *h = hslot >= 0 ? (char *)s->tap_stream + (size_t)(hslot * s->tap_n + r) * row
+                             : (char *)spare_a;
+        char *y = nslot >= 0 ? (char *)s->tap_normed + (size_t)(nslot * s->tap_n + r) * row
+                             : (char *)spare_b;
+        int rc = sgl_cpu_rmsnorm((const char *)x + b * row, hs, (const char *)res + b * row, hs,
+                                 s->final_norm, bf16, bf16, s->final_eps, 1, hs, y, bf16, h);
+        if (rc != 0) return rc;
+    }
+    return 0;
 }
 
 /*
@@ -539,6 +571,8 @@ int sgl_cpu_decoder_layers(const sgl_decode_step *s, const sgl_decoder_layer *la
         if (rc == 0) rc = linear(&L->gate_up, s, h, m, gu);
         if (rc == 0) rc = sgl_cpu_silu_and_mul(gu, 2 * s->inter, bf16, m, s->inter, act);
         if (rc == 0) rc = linear(&L->down, s, act, m, x_out);
+        /* h and o are free again: the spare rows of the probes nobody asked for. */
+        if (rc == 0 && s->tap_n > 0) rc = tap_layer(s, L, x_out, res_out, h, o);
     }
     return rc;
 }

@@ -18,7 +18,8 @@ on sgl_kernel.cpu_gemm, GGUF blocks on sgl_kernel.cpu_gemm_gguf); tensor paralle
 torch_native backend attends over a float32 / bfloat16 pool of the activation dtype without
 scales. Per step: a decode batch of at most `cpu_layer.ROW_KERNEL_MAX_ROWS` rows outside
 torch.compile. Layers the attention capture wants run their modules (the capture needs q and the
-log-sum-exp); a probed layer ends a segment so `tap_layer` sees its output.
+log-sum-exp); the C call takes the layer probes' rows itself (residual stream and final-normed
+rows, the calls `LayerProbe.record` makes), so probes do not split the step.
 `SGLANG_CPU_FUSED_DECODE=0` turns it off; `SGLANG_CPU_LAYER_KERNELS=0` (no C kernels) does too.
 """
 
@@ -148,6 +149,44 @@ class CpuDecoderLayers:
         step.rtt_stride = req_to_token.stride(0)
         step.m = 1
         self.scratch_per_row = cpu_layer.decoder_scratch_values(step)
+        # Layer probes are taken inside the C call when the final norm is one it can run (the
+        # model's own call: a plain RMSNorm in the activation dtype); else a probed layer ends
+        # a segment and tap_layer records it in Python.
+        from sglang.srt.layers.layernorm import RMSNorm
+
+        norm = model.norm
+        self.c_taps = type(norm) is RMSNorm and norm.weight.dtype == self.dtype
+        if self.c_taps:
+            self.keep.append(norm.weight)
+            step.final_norm, step.final_eps = norm.weight.data_ptr(), norm.variance_epsilon
+        self._slots: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _slot_tables(self, hidden: tuple, lens: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer, the slot of its residual stream / final-normed rows (-1: not probed)."""
+        key = (hidden, lens)
+        tables = self._slots.get(key)
+        if tables is None:
+            tables = tuple(torch.full((self.num_layers,), -1, dtype=torch.int64) for _ in key)
+            for table, layers in zip(tables, key):
+                for slot, layer in enumerate(layers):
+                    table[layer] = slot
+            if len(self._slots) > 64:
+                self._slots.clear()
+            self._slots[key] = tables
+        return tables
+
+    def _set_taps(self, probe: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Point the step's probe fields at new output buffers for `probe`'s rows."""
+        spec, step = probe.spec, self.step
+        rows = len(spec.batch_rows)
+        stream_slot, normed_slot = self._slot_tables(spec.hidden_layers, spec.lens_layers)
+        shape = (rows, self.hidden)
+        stream = torch.empty((len(spec.hidden_layers),) + shape, dtype=self.dtype)
+        normed = torch.empty((len(spec.lens_layers),) + shape, dtype=self.dtype)
+        step.tap_n, step.tap_rows = rows, probe.index.data_ptr()
+        step.stream_slot, step.normed_slot = stream_slot.data_ptr(), normed_slot.data_ptr()
+        step.tap_stream, step.tap_normed = stream.data_ptr(), normed.data_ptr()
+        return stream, normed
 
     def _describe(self, i: int, layer: nn.Module, out: Any) -> str:
         attn, mlp = layer.self_attn, layer.mlp
@@ -180,6 +219,7 @@ class CpuDecoderLayers:
         out.eps1, out.eps2 = n1.variance_epsilon, n2.variance_epsilon
         out.scale, out.logit_cap, out.window = ra.scaling, ra.logit_cap, ra.sliding_window_size
         out.k_buf, out.v_buf = k_buf.data_ptr(), v_buf.data_ptr()
+        out.id = i
         return ""
 
     def run(
@@ -210,7 +250,13 @@ class CpuDecoderLayers:
         res: Optional[torch.Tensor] = None
         capture, probe = fb.attention_capture, fb.layer_probe
         in_python = [capture is not None and capture.wants_layer(i) for i in range(self.num_layers)]
-        tapped = probe.layers if probe is not None else ()
+        tapped: Any = ()
+        step.tap_n = 0
+        if probe is not None:
+            if self.c_taps and probe.index.dtype == torch.int64:
+                stream, normed = self._set_taps(probe)
+            else:
+                tapped = probe.layers
         i, n = 0, self.num_layers
         while i < n:
             if in_python[i]:
@@ -228,6 +274,15 @@ class CpuDecoderLayers:
                 tap_layer(fb, j - 1, x, res, self.model.norm)
             i = j
         assert res is not None
+        if step.tap_n:
+            step.tap_n = 0
+            spec = probe.spec
+            for slot, layer in enumerate(spec.hidden_layers):
+                if not in_python[layer]:
+                    probe.stream[layer] = stream[slot]
+            for slot, layer in enumerate(spec.lens_layers):
+                if not in_python[layer]:
+                    probe.normed[layer] = normed[slot]
         return x, res
 
 

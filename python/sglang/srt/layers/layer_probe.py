@@ -3,7 +3,8 @@
 Owns the device side of `hidden_states_layers` and `logit_lens` (docs/request_fields.md). The
 scheduler describes the rows that probe in a `ProbeSpec` (host lists); `ForwardBatch.init_new`
 turns it into a `LayerProbe`, which every model's layer loop feeds through `tap_layer` after each
-decoder layer. A tap keeps only the query row of each probing request (the last prompt token of a
+decoder layer (the one-call CPU decode layers, layers/cpu_decoder_layers.py, take the same rows
+inside their C call, with the same norm call, and hand them over as `stream` / `normed`). A tap keeps only the query row of each probing request (the last prompt token of a
 prefill, the single token of a decode step): the residual stream after that layer, i.e. the
 layer's output plus the residual the model carries separately (fused add-RMSNorm models), before
 any final norm. For logit-lens layers it also applies the model's own final norm (its fused

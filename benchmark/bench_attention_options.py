@@ -9,7 +9,8 @@ of plain capture, 8 heads with aggregation "none" within 5 %, logit lens on 4 la
 
 To add an option, add its name to OPTION_NAMES and its fields to `option_fields`; request fields other than the attention-token ones need
 their parser in `request_options` (where the tokenizer manager's validation is reproduced).
-Results go to `benchmark/results/attention_options_cpu.md` (command, machine, date, load average).
+Results go to `benchmark/results/attention_options_cpu.md` (`_dequantized.md` with `--gguf-dequantize`;
+command, machine, date, load average).
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--gguf-dequantize",
+        action="store_true",
+        help="Dense weights (--gguf-dequantize): the configuration whose logit lens is checked "
+        "against HF within 1e-4; results go to attention_options_cpu_dequantized.md.",
+    )
     p.add_argument("--capture-layers", default="last", help="--attention-capture-layers")
     p.add_argument("--options", nargs="+", default=list(OPTION_NAMES), choices=OPTION_NAMES)
     p.add_argument("--repeat", type=int, default=3)
@@ -126,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             return_attention_tokens=True,
             attention_tokens_top_k=args.top_k,
             attention_capture_layers=args.capture_layers,
+            gguf_dequantize=args.gguf_dequantize,
         )  # fmt: skip
         for name in args.options
     }
@@ -162,7 +170,8 @@ def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: t
         f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
         "- Load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}; after: {:.2f} {:.2f} "
         "{:.2f}".format(*load_before, *load_after),
-        f"- Model: {args.model}, {args.dtype}, batch {args.batch_size}, input {args.input_len}, "
+        f"- Model: {args.model}{' (--gguf-dequantize)' if args.gguf_dequantize else ''}, "
+        f"{args.dtype}, batch {args.batch_size}, input {args.input_len}, "
         f"output {args.output_len}, k={args.top_k}, captured layers `{args.capture_layers}`; "
         f"median decode step over {args.repeat} rounds, options decoding in lockstep "
         "(in-process Scheduler.step, one engine per option).",
@@ -173,7 +182,8 @@ def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: t
         "",
     ]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_options_cpu.md").write_text("\n".join(md))
+    name = "attention_options_cpu" + ("_dequantized" if args.gguf_dequantize else "")
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

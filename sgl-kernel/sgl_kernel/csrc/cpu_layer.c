@@ -287,28 +287,30 @@ static inline __attribute__((always_inline)) void values_v(
     }
 }
 
-/* Dispatch on head_dim / 16 so each body is compiled with its register count known. Return 0
- * when d has no AVX-512 body (the caller then runs the portable loops). */
+/* Dispatch on head_dim / 16 so each body is compiled with its register count known: CALL(nv)
+ * for d = 16 nv; 0 when d has no AVX-512 body (the caller then runs the portable loops). */
+#define BY_HEAD_DIM(d, CALL)              \
+    switch (d) {                          \
+        case 64: CALL(4); return 1;       \
+        case 128: CALL(8); return 1;      \
+        case 256: CALL(16); return 1;     \
+        default: return 0;                \
+    }
+
 static int scores_avx512(int64_t d, const float *qf, int64_t group, const char *k_base,
                          int kv_bf16, int64_t row, const int32_t *s32, const int64_t *s64,
                          int64_t n, float scale, float cap, float *scores) {
-    switch (d) {
-        case 64: scores_v(4, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
-        case 128: scores_v(8, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
-        case 256: scores_v(16, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores); return 1;
-        default: return 0;
-    }
+#define SCORES(nv) scores_v(nv, qf, group, k_base, kv_bf16, row, s32, s64, n, scale, cap, scores)
+    BY_HEAD_DIM(d, SCORES)
+#undef SCORES
 }
 
 static int values_avx512(int64_t d, const float *probs, int64_t group, const char *v_base,
                          int kv_bf16, int64_t row, const int32_t *s32, const int64_t *s64,
                          int64_t n, float *acc) {
-    switch (d) {
-        case 64: values_v(4, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
-        case 128: values_v(8, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
-        case 256: values_v(16, probs, group, v_base, kv_bf16, row, s32, s64, n, acc); return 1;
-        default: return 0;
-    }
+#define VALUES(nv) values_v(nv, probs, group, v_base, kv_bf16, row, s32, s64, n, acc)
+    BY_HEAD_DIM(d, VALUES)
+#undef VALUES
 }
 
 #pragma GCC pop_options

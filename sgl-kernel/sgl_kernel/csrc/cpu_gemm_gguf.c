@@ -31,7 +31,10 @@
  * Paths: AVX-512 (F/BW/VNNI), AVX2 (maddubs: products of two codes below 16 fit int16; 8-bit
  * codes go in two nibbles) and portable C. All compute the same integer sums and the same float
  * operations in the same order, so they agree to float32 rounding of fma contraction.
- * OpenMP splits the output tiles across threads.
+ * OpenMP splits the output tiles, in pairs, across threads. The AVX-512 path computes a pair in
+ * one kernel (tile2_avx512): each activation broadcast then feeds both tiles' codes, which keeps
+ * the loads below the multiply ports (1.06-1.26x over one tile at a time on SmolLM2's shapes,
+ * same bits; benchmark/results/cpu_gguf_tile_pairs.md).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -379,6 +382,105 @@ AVX512_TARGET void tile_avx512_rows(const args_t *a, int64_t r0, int rows, const
     for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + r * NC, acc[r]);
 }
 
+/* Two column tiles (records w0, w1) for rows rows: each activation broadcast feeds both tiles,
+ * so a k group costs rows x passes broadcasts and two code loads for 2 x rows x passes vpdpbusd
+ * (one tile: the same broadcasts for half the products), and the two passes run side by side in
+ * sums of their own. The second pass's sum (the first's with one pass) starts at -zp * sx, so
+ * the block's integer is RES * s1 + s2, the one-tile kernel's exactly; the float steps are its
+ * own, in its order. */
+AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, const uint8_t *w0,
+                                     const uint8_t *w1, float *out, int bits, int zp,
+                                     int has_min, int scale_f32, int passes) {
+    const __m512i mask = _mm512_set1_epi8(15);
+    const int64_t cb = codes_bytes(bits);
+    __m512 acc[MR][2];
+    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *rec0 = w0 + b * a->rb, *rec1 = w1 + b * a->rb;
+        __m512i s1[MR][2], s2[MR][2];
+        const int8_t *x1[MR], *x2[MR];
+        for (int r = 0; r < rows; r++) {
+            x1[r] = a->xq + (r0 + r) * a->k + b * QK;
+            x2[r] = x1[r] + a->m * a->k;
+            __m512i start = _mm512_set1_epi32(-zp * a->xs[(r0 + r) * a->nb + b]);
+            if (passes == 2) {
+                s1[r][0] = s1[r][1] = _mm512_setzero_si512();
+                s2[r][0] = s2[r][1] = start;
+            } else {
+                s1[r][0] = s1[r][1] = start;
+            }
+        }
+        if (bits == 4) {
+            for (int g = 0; g < 4; g++) {
+                __m512i c0 = _mm512_loadu_si512(rec0 + g * 64);
+                __m512i c1 = _mm512_loadu_si512(rec1 + g * 64);
+                __m512i lo0 = _mm512_and_si512(c0, mask), lo1 = _mm512_and_si512(c1, mask);
+                __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(c0, 4), mask);
+                __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(c1, 4), mask);
+                for (int r = 0; r < rows; r++) {
+                    __m512i xl = _mm512_set1_epi32(load_i32(x1[r] + 4 * g));
+                    __m512i xh = _mm512_set1_epi32(load_i32(x1[r] + 16 + 4 * g));
+                    s1[r][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1[r][0], lo0, xl), hi0, xh);
+                    s1[r][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1[r][1], lo1, xl), hi1, xh);
+                    if (passes == 2) {
+                        xl = _mm512_set1_epi32(load_i32(x2[r] + 4 * g));
+                        xh = _mm512_set1_epi32(load_i32(x2[r] + 16 + 4 * g));
+                        s2[r][0] =
+                            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s2[r][0], lo0, xl), hi0, xh);
+                        s2[r][1] =
+                            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s2[r][1], lo1, xl), hi1, xh);
+                    }
+                }
+            }
+        } else {
+            for (int g = 0; g < 8; g++) {
+                __m512i c0 = _mm512_loadu_si512(rec0 + g * 64);
+                __m512i c1 = _mm512_loadu_si512(rec1 + g * 64);
+                for (int r = 0; r < rows; r++) {
+                    __m512i xv = _mm512_set1_epi32(load_i32(x1[r] + 4 * g));
+                    s1[r][0] = _mm512_dpbusd_epi32(s1[r][0], c0, xv);
+                    s1[r][1] = _mm512_dpbusd_epi32(s1[r][1], c1, xv);
+                    if (passes == 2) {
+                        xv = _mm512_set1_epi32(load_i32(x2[r] + 4 * g));
+                        s2[r][0] = _mm512_dpbusd_epi32(s2[r][0], c0, xv);
+                        s2[r][1] = _mm512_dpbusd_epi32(s2[r][1], c1, xv);
+                    }
+                }
+            }
+        }
+        for (int t = 0; t < 2; t++) {
+            const uint8_t *sc = (t ? rec1 : rec0) + cb;
+            __m512 d, mn = _mm512_setzero_ps();
+            if (scale_f32) {
+                d = _mm512_loadu_ps(sc);
+                if (has_min) mn = _mm512_loadu_ps(sc + 4 * NC);
+            } else {
+                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+                if (has_min)
+                    mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * NC)));
+            }
+            for (int r = 0; r < rows; r++) {
+                float dx = a->xd[(r0 + r) * a->nb + b];
+                __m512i v = s1[r][t];
+                if (passes == 2) /* RES * s1 + s2; RES = 256 - 2 */
+                    v = _mm512_add_epi32(
+                        _mm512_sub_epi32(_mm512_slli_epi32(v, 8), _mm512_slli_epi32(v, 1)),
+                        s2[r][t]);
+                __m512 f = _mm512_mul_ps(d, _mm512_set1_ps(dx));
+                acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), f, acc[r][t]);
+                if (has_min) {
+                    float ms = dx * (float)a->xs[(r0 + r) * a->nb + b];
+                    acc[r][t] = _mm512_fmadd_ps(mn, _mm512_set1_ps(ms), acc[r][t]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        _mm512_storeu_ps(out + r * 2 * NC, acc[r][0]);
+        _mm512_storeu_ps(out + r * 2 * NC + NC, acc[r][1]);
+    }
+}
+
 /* Rows and format as constants: every instance keeps its sums in registers and has no branches
  * on the format in its loops. */
 #define AVX512_ROWS_P(bits, zp, has_min, scale_f32, p)                                     \
@@ -405,6 +507,34 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile
         AVX512_ROWS(4, 0, 1, 0)
     } else {
         AVX512_ROWS(4, 8, 0, 0)
+    }
+}
+
+#define AVX512_ROWS2_P(bits, zp, has_min, scale_f32, p)                                           \
+    switch (rows) {                                                                              \
+        case 1: tile2_avx512_rows(a, r0, 1, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
+        case 2: tile2_avx512_rows(a, r0, 2, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
+        case 3: tile2_avx512_rows(a, r0, 3, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
+        default: tile2_avx512_rows(a, r0, MR, w0, w1, out, bits, zp, has_min, scale_f32, p); break; \
+    }
+#define AVX512_ROWS2(bits, zp, has_min, scale_f32)      \
+    if (a->passes == 2) {                               \
+        AVX512_ROWS2_P(bits, zp, has_min, scale_f32, 2) \
+    } else {                                            \
+        AVX512_ROWS2_P(bits, zp, has_min, scale_f32, 1) \
+    }
+
+/* Two tiles at once; out: [rows][2 NC], the tiles side by side. */
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile2_avx512(
+    const args_t *a, int64_t r0, int rows, const uint8_t *w0, const uint8_t *w1, float *out) {
+    if (a->bits == 8) {
+        AVX512_ROWS2(8, 128, 0, 0)
+    } else if (a->scale_f32) {
+        AVX512_ROWS2(4, 0, 1, 1)
+    } else if (a->has_min) {
+        AVX512_ROWS2(4, 0, 1, 0)
+    } else {
+        AVX512_ROWS2(4, 8, 0, 0)
     }
 }
 
@@ -441,23 +571,37 @@ int sgl_gguf_gemm(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k, 
     if (isa == 0) isa = sgl_gguf_best_isa();
     args_t a = {xq, xd, xs, m, passes, k, nb, sgl_gguf_record_bytes(bits, has_min, scale_f32),
                 bits, zp, has_min, scale_f32};
+    /* Output tiles in pairs; the AVX-512 path computes a whole pair in one kernel. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < nt; t++) {
-        const uint8_t *wt = w + t * nb * a.rb;
-        int64_t c0 = t * NC;
-        int cols = (int)((n - c0) < NC ? (n - c0) : NC);
-        float out[MR * NC];
+    for (int64_t tp = 0; tp < (nt + 1) / 2; tp++) {
+        float out[MR * 2 * NC];
+        const int64_t t0 = 2 * tp, t1 = t0 + 1 < nt ? t0 + 1 : t0;
+        const uint8_t *w0 = w + t0 * nb * a.rb, *w1 = w + t1 * nb * a.rb;
+        const int pair = isa == ISA_AVX512 && t1 != t0;
         for (int64_t r0 = 0; r0 < m; r0 += MR) {
             int rows = (int)((m - r0) < MR ? (m - r0) : MR);
-            if (isa == ISA_AVX512)
-                tile_avx512(&a, r0, rows, wt, out);
-            else if (isa == ISA_AVX2)
-                tile_avx2(&a, r0, rows, wt, out);
-            else
-                tile_scalar(&a, r0, rows, wt, out);
-            for (int r = 0; r < rows; r++) {
-                size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);
-                store_row(out + r * NC, cols, bias ? bias + c0 : NULL, (char *)y + at, y_bf16);
+            if (pair) tile2_avx512(&a, r0, rows, w0, w1, out);
+            for (int64_t t = t0; t <= t1; t++) {
+                const int64_t c0 = t * NC;
+                const int cols = (int)((n - c0) < NC ? (n - c0) : NC);
+                const float *src = out + (t - t0) * NC;
+                int ld = 2 * NC;
+                if (!pair) {
+                    const uint8_t *wt = t == t0 ? w0 : w1;
+                    src = out;
+                    ld = NC;
+                    if (isa == ISA_AVX512)
+                        tile_avx512(&a, r0, rows, wt, out);
+                    else if (isa == ISA_AVX2)
+                        tile_avx2(&a, r0, rows, wt, out);
+                    else
+                        tile_scalar(&a, r0, rows, wt, out);
+                }
+                for (int r = 0; r < rows; r++) {
+                    size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);
+                    store_row(src + r * ld, cols, bias ? bias + c0 : NULL, (char *)y + at,
+                              y_bf16);
+                }
             }
         }
     }

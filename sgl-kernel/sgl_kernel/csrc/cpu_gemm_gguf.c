@@ -481,61 +481,44 @@ AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, cons
     }
 }
 
-/* Rows and format as constants: every instance keeps its sums in registers and has no branches
- * on the format in its loops. */
-#define AVX512_ROWS_P(bits, zp, has_min, scale_f32, p)                                     \
-    switch (rows) {                                                                        \
-        case 1: tile_avx512_rows(a, r0, 1, w, out, bits, zp, has_min, scale_f32, p); break;  \
-        case 2: tile_avx512_rows(a, r0, 2, w, out, bits, zp, has_min, scale_f32, p); break;  \
-        case 3: tile_avx512_rows(a, r0, 3, w, out, bits, zp, has_min, scale_f32, p); break;  \
-        default: tile_avx512_rows(a, r0, MR, w, out, bits, zp, has_min, scale_f32, p); break; \
+/* Rows, passes and format as constants: every instance keeps its sums in registers and has no
+ * branches on the format in its loops. CALL(rows, bits, zp, has_min, scale_f32, passes) names
+ * the kernel instance. */
+#define AVX512_ROWS_P(CALL, bits, zp, has_min, scale_f32, p)           \
+    switch (rows) {                                                    \
+        case 1: CALL(1, bits, zp, has_min, scale_f32, p); break;       \
+        case 2: CALL(2, bits, zp, has_min, scale_f32, p); break;       \
+        case 3: CALL(3, bits, zp, has_min, scale_f32, p); break;       \
+        default: CALL(MR, bits, zp, has_min, scale_f32, p); break;     \
     }
-#define AVX512_ROWS(bits, zp, has_min, scale_f32)                \
-    if (a->passes == 2) {                                        \
-        AVX512_ROWS_P(bits, zp, has_min, scale_f32, 2)           \
-    } else {                                                     \
-        AVX512_ROWS_P(bits, zp, has_min, scale_f32, 1)           \
+#define AVX512_ROWS(CALL, bits, zp, has_min, scale_f32)                \
+    if (a->passes == 2) {                                              \
+        AVX512_ROWS_P(CALL, bits, zp, has_min, scale_f32, 2)           \
+    } else {                                                           \
+        AVX512_ROWS_P(CALL, bits, zp, has_min, scale_f32, 1)           \
     }
+#define AVX512_FORMATS(CALL)                 \
+    if (a->bits == 8) {                      \
+        AVX512_ROWS(CALL, 8, 128, 0, 0)      \
+    } else if (a->scale_f32) {               \
+        AVX512_ROWS(CALL, 4, 0, 1, 1)        \
+    } else if (a->has_min) {                 \
+        AVX512_ROWS(CALL, 4, 0, 1, 0)        \
+    } else {                                 \
+        AVX512_ROWS(CALL, 4, 8, 0, 0)        \
+    }
+#define ONE_TILE(r, ...) tile_avx512_rows(a, r0, r, w, out, __VA_ARGS__)
+#define TWO_TILES(r, ...) tile2_avx512_rows(a, r0, r, w0, w1, out, __VA_ARGS__)
 
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile_avx512(
     const args_t *a, int64_t r0, int rows, const uint8_t *w, float *out) {
-    if (a->bits == 8) {
-        AVX512_ROWS(8, 128, 0, 0)
-    } else if (a->scale_f32) {
-        AVX512_ROWS(4, 0, 1, 1)
-    } else if (a->has_min) {
-        AVX512_ROWS(4, 0, 1, 0)
-    } else {
-        AVX512_ROWS(4, 8, 0, 0)
-    }
+    AVX512_FORMATS(ONE_TILE)
 }
-
-#define AVX512_ROWS2_P(bits, zp, has_min, scale_f32, p)                                           \
-    switch (rows) {                                                                              \
-        case 1: tile2_avx512_rows(a, r0, 1, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
-        case 2: tile2_avx512_rows(a, r0, 2, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
-        case 3: tile2_avx512_rows(a, r0, 3, w0, w1, out, bits, zp, has_min, scale_f32, p); break;  \
-        default: tile2_avx512_rows(a, r0, MR, w0, w1, out, bits, zp, has_min, scale_f32, p); break; \
-    }
-#define AVX512_ROWS2(bits, zp, has_min, scale_f32)      \
-    if (a->passes == 2) {                               \
-        AVX512_ROWS2_P(bits, zp, has_min, scale_f32, 2) \
-    } else {                                            \
-        AVX512_ROWS2_P(bits, zp, has_min, scale_f32, 1) \
-    }
 
 /* Two tiles at once; out: [rows][2 NC], the tiles side by side. */
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile2_avx512(
     const args_t *a, int64_t r0, int rows, const uint8_t *w0, const uint8_t *w1, float *out) {
-    if (a->bits == 8) {
-        AVX512_ROWS2(8, 128, 0, 0)
-    } else if (a->scale_f32) {
-        AVX512_ROWS2(4, 0, 1, 1)
-    } else if (a->has_min) {
-        AVX512_ROWS2(4, 0, 1, 0)
-    } else {
-        AVX512_ROWS2(4, 8, 0, 0)
-    }
+    AVX512_FORMATS(TWO_TILES)
 }
 
 /* ---- entry ---------------------------------------------------------------------------------- */

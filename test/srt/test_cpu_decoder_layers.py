@@ -92,10 +92,14 @@ def test_dense_float32_keeps_the_modules(tiny_path: str) -> None:
 
 
 def _scheduled(
-    path: str, dtype: str = "bfloat16", captured: tuple[int, ...] = (1,), probe=None
+    path: str,
+    dtype: str = "bfloat16",
+    captured: tuple[int, ...] = (1,),
+    probe=None,
+    probing: tuple[int, ...] = (0, 1, 2),
 ) -> tuple[list, list[tuple[int, int]]]:
     """Requests run by a real Scheduler, `captured` layers captured and layers 0 and 2 probed
-    (or `probe`), and the (start, stop) layer ranges the C side ran."""
+    (or `probe`) by the requests `probing`, and the (start, stop) layer ranges the C side ran."""
     from sglang.srt.attention_capture import AttentionRequest
     from sglang.srt.managers.layer_probes import ProbeRequest
     from sglang.srt.managers.schedule_batch import Req
@@ -108,7 +112,13 @@ def _scheduled(
     probe = probe or ProbeRequest(hidden_layers=(0,), lens_layers=(0, 2), top_n=3)
     params = dict(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     reqs = [
-        Req(f"r{i}", p, SamplingParams(**params), attention=attention, probe=probe)
+        Req(
+            f"r{i}",
+            p,
+            SamplingParams(**params),
+            attention=attention,
+            probe=probe if i in probing else None,
+        )  # fmt: skip
         for i, p in enumerate(PROMPTS)
     ]
     ranges: list[tuple[int, int]] = []
@@ -152,8 +162,8 @@ def test_capture_and_probes_same_as_modules(tiny_path: str) -> None:
 @pytest.mark.parametrize("model", ["bf16", "gguf-float32"])
 def test_probes_inside_the_call(tiny_path: str, tmp_path, model: str) -> None:
     """Probes without capture: one C call per step takes every probed layer's rows (a layer
-    that is both hidden and lens, one that is hidden only, the last as lens), the same records
-    as the modules'."""
+    that is both hidden and lens, one that is hidden only, the last as lens) of the requests
+    that probe (the middle one does not), the same records as the modules'."""
     from sglang.srt.managers.layer_probes import ProbeRequest
 
     path, dtype = tiny_path, "bfloat16"
@@ -162,13 +172,13 @@ def test_probes_inside_the_call(tiny_path: str, tmp_path, model: str) -> None:
 
         path, dtype = tiny_llama_gguf(tmp_path, "Q4_1", num_hidden_layers=3)[0], "float32"
     probe = ProbeRequest(hidden_layers=(0, 1), lens_layers=(0, 2), top_n=3)
-    fused, ranges = _scheduled(path, dtype, captured=(), probe=probe)
+    fused, ranges = _scheduled(path, dtype, captured=(), probe=probe, probing=(0, 2))
     cpu_decoder_layers.set_enabled(False)
     try:
-        modules, none = _scheduled(path, dtype, captured=(), probe=probe)
+        modules, none = _scheduled(path, dtype, captured=(), probe=probe, probing=(0, 2))
     finally:
         cpu_decoder_layers.set_enabled(True)
     assert none == [] and ranges and set(ranges) == {(0, 3)}
-    for a, b in zip(fused, modules):
-        assert a.attention_records == [] and len(a.probe_records) == 6
+    for i, (a, b) in enumerate(zip(fused, modules)):
+        assert a.attention_records == [] and len(a.probe_records) == (0 if i == 1 else 6)
         assert _records(a) == _records(b)

@@ -118,7 +118,7 @@ def _scheduled(
             SamplingParams(**params),
             attention=attention,
             probe=probe if i in probing else None,
-        )  # fmt: skip
+        )
         for i, p in enumerate(PROMPTS)
     ]
     ranges: list[tuple[int, int]] = []

@@ -33,8 +33,9 @@
  * operations in the same order, so they agree to float32 rounding of fma contraction.
  * OpenMP splits the output tiles, in pairs, across threads. The AVX-512 path computes a pair in
  * one kernel (tile2_avx512): each activation broadcast then feeds both tiles' codes, which keeps
- * the loads below the multiply ports (1.06-1.26x over one tile at a time on SmolLM2's shapes,
- * same bits; benchmark/results/cpu_gguf_tile_pairs.md).
+ * the loads below the multiply ports (1.05-1.37x over one tile at a time on SmolLM2's shapes,
+ * same bits; benchmark/results/cpu_gguf_tile_pairs.md). An odd last tile runs the pair kernel on
+ * itself twice.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -311,75 +312,17 @@ __attribute__((target("avx2,fma,f16c"))) static void tile_avx2(const args_t *a, 
 #define AVX512_TARGET \
     __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"), always_inline)) static inline
 
-/* One pass's block sums for rows rows: two vpdpbusd chains per row (s0, s1). */
-AVX512_TARGET void block_avx512(const int8_t *xq, int64_t k, int rows, const uint8_t *rec,
-                                int bits, __m512i *s0, __m512i *s1) {
-    const __m512i mask = _mm512_set1_epi8(15);
-    for (int r = 0; r < rows; r++) s0[r] = s1[r] = _mm512_setzero_si512();
-    if (bits == 4) {
-        for (int g = 0; g < 4; g++) {
-            __m512i c = _mm512_loadu_si512(rec + g * 64);
-            __m512i lo = _mm512_and_si512(c, mask);
-            __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
-            for (int r = 0; r < rows; r++) {
-                const int8_t *xr = xq + r * k;
-                s0[r] = _mm512_dpbusd_epi32(s0[r], lo, _mm512_set1_epi32(load_i32(xr + 4 * g)));
-                s1[r] = _mm512_dpbusd_epi32(s1[r], hi,
-                                            _mm512_set1_epi32(load_i32(xr + 16 + 4 * g)));
-            }
-        }
+/* A record's 16 scales d (and mins, zero without them) as float32 lanes. */
+AVX512_TARGET void scales_avx512(const uint8_t *sc, int has_min, int scale_f32, __m512 *d,
+                                 __m512 *mn) {
+    *mn = _mm512_setzero_ps();
+    if (scale_f32) {
+        *d = _mm512_loadu_ps(sc);
+        if (has_min) *mn = _mm512_loadu_ps(sc + 4 * NC);
     } else {
-        for (int g = 0; g < 8; g += 2) {
-            __m512i c0 = _mm512_loadu_si512(rec + g * 64);
-            __m512i c1 = _mm512_loadu_si512(rec + g * 64 + 64);
-            for (int r = 0; r < rows; r++) {
-                const int8_t *xr = xq + r * k;
-                s0[r] = _mm512_dpbusd_epi32(s0[r], c0, _mm512_set1_epi32(load_i32(xr + 4 * g)));
-                s1[r] = _mm512_dpbusd_epi32(s1[r], c1,
-                                            _mm512_set1_epi32(load_i32(xr + 4 * g + 4)));
-            }
-        }
+        *d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
+        if (has_min) *mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * NC)));
     }
-}
-
-AVX512_TARGET void tile_avx512_rows(const args_t *a, int64_t r0, int rows, const uint8_t *w,
-                                    float *out, int bits, int zp, int has_min, int scale_f32,
-                                    int passes) {
-    int64_t cb = codes_bytes(bits);
-    __m512 acc[MR];
-    for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < a->nb; b++) {
-        const uint8_t *rec = w + b * a->rb;
-        __m512i s0[MR], s1[MR], si[MR];
-        block_avx512(a->xq + r0 * a->k + b * QK, a->k, rows, rec, bits, s0, s1);
-        for (int r = 0; r < rows; r++) si[r] = _mm512_add_epi32(s0[r], s1[r]);
-        if (passes == 2) {
-            /* si = RES * (first pass) + (second pass); RES = 256 - 2 */
-            for (int r = 0; r < rows; r++)
-                si[r] = _mm512_sub_epi32(_mm512_slli_epi32(si[r], 8), _mm512_slli_epi32(si[r], 1));
-            block_avx512(a->xq + (a->m + r0) * a->k + b * QK, a->k, rows, rec, bits, s0, s1);
-            for (int r = 0; r < rows; r++)
-                si[r] = _mm512_add_epi32(si[r], _mm512_add_epi32(s0[r], s1[r]));
-        }
-        const uint8_t *sc = rec + cb;
-        __m512 d, mn = _mm512_setzero_ps();
-        if (scale_f32) {
-            d = _mm512_loadu_ps(sc);
-            if (has_min) mn = _mm512_loadu_ps(sc + 4 * NC);
-        } else {
-            d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-            if (has_min) mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * NC)));
-        }
-        for (int r = 0; r < rows; r++) {
-            float dx = a->xd[(r0 + r) * a->nb + b];
-            int32_t sx = a->xs[(r0 + r) * a->nb + b];
-            __m512i v = _mm512_sub_epi32(si[r], _mm512_set1_epi32(zp * sx));
-            __m512 f = _mm512_mul_ps(d, _mm512_set1_ps(dx));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), f, acc[r]);
-            if (has_min) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dx * (float)sx), acc[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++) _mm512_storeu_ps(out + r * NC, acc[r]);
 }
 
 /* Two column tiles (records w0, w1) for rows rows: each activation broadcast feeds both tiles,
@@ -449,16 +392,8 @@ AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, cons
             }
         }
         for (int t = 0; t < 2; t++) {
-            const uint8_t *sc = (t ? rec1 : rec0) + cb;
-            __m512 d, mn = _mm512_setzero_ps();
-            if (scale_f32) {
-                d = _mm512_loadu_ps(sc);
-                if (has_min) mn = _mm512_loadu_ps(sc + 4 * NC);
-            } else {
-                d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sc));
-                if (has_min)
-                    mn = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sc + 2 * NC)));
-            }
+            __m512 d, mn;
+            scales_avx512((t ? rec1 : rec0) + cb, has_min, scale_f32, &d, &mn);
             for (int r = 0; r < rows; r++) {
                 float dx = a->xd[(r0 + r) * a->nb + b];
                 __m512i v = s1[r][t];
@@ -507,15 +442,10 @@ AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, cons
     } else {                                 \
         AVX512_ROWS(CALL, 4, 8, 0, 0)        \
     }
-#define ONE_TILE(r, ...) tile_avx512_rows(a, r0, r, w, out, __VA_ARGS__)
 #define TWO_TILES(r, ...) tile2_avx512_rows(a, r0, r, w0, w1, out, __VA_ARGS__)
 
-__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile_avx512(
-    const args_t *a, int64_t r0, int rows, const uint8_t *w, float *out) {
-    AVX512_FORMATS(ONE_TILE)
-}
-
-/* Two tiles at once; out: [rows][2 NC], the tiles side by side. */
+/* Two tiles at once; out: [rows][2 NC], the tiles side by side. An odd last tile passes its
+ * records as both (the second half is then a copy, not stored). */
 __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile2_avx512(
     const args_t *a, int64_t r0, int rows, const uint8_t *w0, const uint8_t *w1, float *out) {
     AVX512_FORMATS(TWO_TILES)
@@ -560,22 +490,19 @@ int sgl_gguf_gemm(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k, 
         float out[MR * 2 * NC];
         const int64_t t0 = 2 * tp, t1 = t0 + 1 < nt ? t0 + 1 : t0;
         const uint8_t *w0 = w + t0 * nb * a.rb, *w1 = w + t1 * nb * a.rb;
-        const int pair = isa == ISA_AVX512 && t1 != t0;
         for (int64_t r0 = 0; r0 < m; r0 += MR) {
             int rows = (int)((m - r0) < MR ? (m - r0) : MR);
-            if (pair) tile2_avx512(&a, r0, rows, w0, w1, out);
+            if (isa == ISA_AVX512) tile2_avx512(&a, r0, rows, w0, w1, out);
             for (int64_t t = t0; t <= t1; t++) {
                 const int64_t c0 = t * NC;
                 const int cols = (int)((n - c0) < NC ? (n - c0) : NC);
                 const float *src = out + (t - t0) * NC;
                 int ld = 2 * NC;
-                if (!pair) {
+                if (isa != ISA_AVX512) {
                     const uint8_t *wt = t == t0 ? w0 : w1;
                     src = out;
                     ld = NC;
-                    if (isa == ISA_AVX512)
-                        tile_avx512(&a, r0, rows, wt, out);
-                    else if (isa == ISA_AVX2)
+                    if (isa == ISA_AVX2)
                         tile_avx2(&a, r0, rows, wt, out);
                     else
                         tile_scalar(&a, r0, rows, wt, out);

@@ -253,7 +253,7 @@ class CpuDecoderLayers:
         tapped: Any = ()
         step.tap_n = 0
         if probe is not None:
-            if self.c_taps and probe.index.dtype == torch.int64:
+            if self.c_taps:
                 stream, normed = self._set_taps(probe)
             else:
                 tapped = probe.layers
@@ -276,13 +276,7 @@ class CpuDecoderLayers:
         assert res is not None
         if step.tap_n:
             step.tap_n = 0
-            spec = probe.spec
-            for slot, layer in enumerate(spec.hidden_layers):
-                if not in_python[layer]:
-                    probe.stream[layer] = stream[slot]
-            for slot, layer in enumerate(spec.lens_layers):
-                if not in_python[layer]:
-                    probe.normed[layer] = normed[slot]
+            probe.take(stream, normed, skip=in_python)
         return x, res
 
 

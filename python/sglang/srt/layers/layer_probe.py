@@ -4,7 +4,7 @@ Owns the device side of `hidden_states_layers` and `logit_lens` (docs/request_fi
 scheduler describes the rows that probe in a `ProbeSpec` (host lists); `ForwardBatch.init_new`
 turns it into a `LayerProbe`, which every model's layer loop feeds through `tap_layer` after each
 decoder layer (the one-call CPU decode layers, layers/cpu_decoder_layers.py, take the same rows
-inside their C call, with the same norm call, and hand them over as `stream` / `normed`). A tap keeps only the query row of each probing request (the last prompt token of a
+inside their C call, with the same norm call, and hand them over through `take`). A tap keeps only the query row of each probing request (the last prompt token of a
 prefill, the single token of a decode step): the residual stream after that layer, i.e. the
 layer's output plus the residual the model carries separately (fused add-RMSNorm models), before
 any final norm. For logit-lens layers it also applies the model's own final norm (its fused
@@ -96,6 +96,17 @@ class LayerProbe:
             rows = rows + residual[self.index]
         if layer_id in self.spec.hidden_layers:
             self.stream[layer_id] = rows
+
+    def take(self, stream: torch.Tensor, normed: torch.Tensor, skip: list[bool]) -> None:
+        """The rows `record` would keep, computed elsewhere (the one-call CPU decode layers):
+        stream [len(hidden_layers), rows, hidden] and normed [len(lens_layers), rows, hidden],
+        slot-major as in the spec; layers with `skip[layer]` were recorded already."""
+        for slot, layer in enumerate(self.spec.hidden_layers):
+            if not skip[layer]:
+                self.stream[layer] = stream[slot]
+        for slot, layer in enumerate(self.spec.lens_layers):
+            if not skip[layer]:
+                self.normed[layer] = normed[slot]
 
     def lens_rows(self, final: torch.Tensor) -> Optional[torch.Tensor]:
         """The rows the LM head adds to `final` (the rows the logits processor samples from)

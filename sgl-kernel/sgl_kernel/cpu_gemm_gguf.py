@@ -13,7 +13,9 @@ real activations ~4e-5 relative error per layer, below bfloat16 activations' ~2e
 (llama.cpp's scheme, half the integer dot products; ~1e-2 per layer, enough to change greedy
 tokens of the default model). Measured in docs/quantization.md. `SGLANG_CPU_GGUF_ISA` =
 `avx512` | `avx2` | `scalar` pins a code path (default: the best this CPU runs); all give the
-same numbers.
+same numbers. `amx` (AMX-INT8 tiles, the same numbers too) is what the default picks on CPUs that
+have it for calls of 32 rows or more (prefill, large batches): 1.05-1.3x the AVX-512 path there,
+slower below (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sgl_kernel import cpu_build
 SOURCE = Path(__file__).with_name("csrc") / "cpu_gemm_gguf.c"
 CFLAGS = ("-O3", "-fopenmp", "-fPIC", "-shared")
 ISA_ENV = "SGLANG_CPU_GGUF_ISA"
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "amx": 4}
 ACT_ENV = "SGLANG_CPU_GGUF_ACT"
 ACTS = {"int8x2": 2, "int8": 1}  # activation quantization: int8 passes per value
 BLOCK = 32
@@ -58,6 +60,7 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.sgl_gguf_record_bytes.argtypes = [_C, _C, _C]
     lib.sgl_gguf_record_bytes.restype = _I
     lib.sgl_gguf_best_isa.restype = _C
+    lib.sgl_gguf_amx_usable.restype = _C
     lib.sgl_gguf_pack.argtypes = [_P, _P, _P, _I, _I, _C, _C, _P, _C]
     lib.sgl_gguf_pack.restype = None
     lib.sgl_gguf_gemm.argtypes = [*(_P, _I, _C, _I, _I, _P, _I), *(_C,) * 4, _P, _P, *(_C,) * 4]
@@ -88,16 +91,26 @@ def unavailable_reason() -> Optional[str]:
 
 
 def isa_name(isa: Optional[str] = None) -> str:
-    """The path a call runs: `isa`, else $SGLANG_CPU_GGUF_ISA, else the best one here."""
+    """The path a call runs: `isa`, else $SGLANG_CPU_GGUF_ISA, else the best one here (whose
+    AVX-512 calls of 32 rows or more run on AMX where the CPU has it: `amx_usable`)."""
     lib = _load()
     assert lib is not None, f"the CPU GGUF kernel is not available: {_library.reason}"
     code = isa_code(isa) or int(lib.sgl_gguf_best_isa())
     return next(name for name, c in ISAS.items() if c == code)
 
 
+def amx_usable() -> bool:
+    """Whether this CPU has AMX-INT8 and Linux grants this process its tile registers."""
+    lib = _load()
+    return lib is not None and bool(lib.sgl_gguf_amx_usable())
+
+
 def isa_code(isa: Optional[str] = None) -> int:
     """The kernel's code for `isa`, else $SGLANG_CPU_GGUF_ISA (0: the best path here)."""
-    return ISAS[isa or os.environ.get(ISA_ENV, "auto")]
+    name = isa or os.environ.get(ISA_ENV, "auto")
+    if name == "amx" and not amx_usable():
+        raise RuntimeError(f"{ISA_ENV}=amx: this CPU (or the OS) does not run AMX-INT8 tiles")
+    return ISAS[name]
 
 
 def activation_mode(act: Optional[str] = None) -> str:

@@ -81,13 +81,32 @@ def test_code_paths_agree_bit_for_bit(qtype):
     isas = ["scalar"] + (["avx2"] if "avx2" in flags else [])
     if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
         isas.append("avx512")
+    if cpu_gemm_gguf.amx_usable():  # AMX tiles: 16 rows each, so 9 and 40 rows are padded
+        isas.append("amx")
     n, k = (200, 512) if qtype == "Q4_K" else (200, 160)
     packed, _ = _weight(qtype, n, k, seed=11)
-    x = torch.randn(9, k)
-    for act in ("int8x2", "int8"):
-        outs = [cpu_gemm_gguf.linear_gguf(x, packed, n, qtype, isa=i, act=act) for i in isas]
-        for isa, out in zip(isas[1:], outs[1:]):
-            assert torch.equal(out, outs[0]), (qtype, act, isa)
+    for m in (9, 40):
+        x = torch.randn(m, k) * torch.rand(m, 1) * 4
+        for act in ("int8x2", "int8"):
+            outs = [cpu_gemm_gguf.linear_gguf(x, packed, n, qtype, isa=i, act=act) for i in isas]
+            for isa, out in zip(isas[1:], outs[1:]):
+                assert torch.equal(out, outs[0]), (qtype, m, act, isa)
+
+
+def test_amx_default_and_pin():
+    """The default path (AMX from 32 rows where the CPU has it, AVX-512 otherwise) gives the pinned
+    paths' bits; a pin to AMX where it cannot run is an error, not a quiet fallback."""
+    assert cpu_gemm_gguf.isa_name() != "amx"  # the name of the default is its vector path
+    packed, _ = _weight("Q4_1", 70, 96, seed=3)
+    for m in (9, 33, 40, 64):
+        x = torch.randn(m, 96)
+        auto = cpu_gemm_gguf.linear_gguf(x, packed, 70, "Q4_1")
+        assert torch.equal(auto, cpu_gemm_gguf.linear_gguf(x, packed, 70, "Q4_1", isa="scalar"))
+    if cpu_gemm_gguf.amx_usable():
+        assert cpu_gemm_gguf.isa_name("amx") == "amx"
+    else:
+        with pytest.raises(RuntimeError, match="AMX"):
+            cpu_gemm_gguf.isa_code("amx")
 
 
 def test_bf16_output_is_the_float32_output_rounded_once():

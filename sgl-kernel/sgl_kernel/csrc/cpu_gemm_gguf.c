@@ -39,9 +39,12 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "cpu_bf16.h"
 
@@ -49,7 +52,7 @@
 #define QK 32 /* weights per block */
 #define MR 4  /* activation rows per register tile */
 
-enum { ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3 };
+enum { ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AMX = 4 };
 
 static inline int64_t codes_bytes(int bits) { return bits == 4 ? 256 : 512; }
 
@@ -158,7 +161,7 @@ static void quantize_block(const void *x, int x_bf16, int passes, float *e, int3
 }
 
 typedef struct {
-    const int8_t *xq; /* [passes][m][k]: q1, then q2 */
+    const int8_t *xq; /* [passes][m][k]: q1, then q2 (AMX: m padded to whole tiles) */
     const float *xd;  /* [m][nb] steps e */
     const int32_t *xs; /* [m][nb] sums of X */
     int64_t m;
@@ -451,39 +454,69 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile
     AVX512_FORMATS(TWO_TILES)
 }
 
+/* ---- AMX ------------------------------------------------------------------------------------ */
+
+#include "cpu_gemm_gguf_amx.h"
+
+/* Whether this process can run the AMX path (sgl_gguf_gemm's isa 4). */
+int sgl_gguf_amx_usable(void) { return amx_usable(); }
+
+/* Whether the best path (isa 0) takes AMX for m rows where it can: from 32 rows, and only when
+ * padding to whole 16-row tiles adds at most a quarter (measured in docs/quantization.md: AMX is
+ * 0.2-0.3x of AVX-512 at 1 row, ~0.9x at 24, 1.05-1.3x from 32 to 256). */
+int sgl_gguf_amx_pays(int64_t m) {
+    const int64_t mp = (m + MA - 1) / MA * MA;
+    return m >= 32 && 4 * (mp - m) <= mp;
+}
+
 /* ---- entry ---------------------------------------------------------------------------------- */
 
 /*
  * x: [m][k], row stride ldx, float32 (x_bf16 = 0) or bfloat16; k a multiple of 32.
  * w: packed records of n outputs (sgl_gguf_pack). bias: n floats or NULL.
  * y: [m][n] contiguous, float32 (y_bf16 = 0) or bfloat16. passes: 1 (int8 activations) or 2
- * (int8 plus the residual's int8). isa: 0 picks the best path.
- * Returns 0, or -1 when the quantized copy of x cannot be allocated.
+ * (int8 plus the residual's int8). isa: 0 picks the best path (AMX where sgl_gguf_amx_pays).
+ * Returns 0, -1 when scratch (the quantized copy of x) cannot be allocated, -2 when isa is AMX
+ * and this CPU or OS does not run it.
  */
 int sgl_gguf_gemm(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k, const uint8_t *w,
                   int64_t n, int bits, int zp, int has_min, int scale_f32, const float *bias,
                   void *y, int y_bf16, int passes, int isa, int nthreads) {
     int64_t nb = k / QK, nt = (n + NC - 1) / NC;
     passes = passes == 2 ? 2 : 1;
-    int8_t *xq = (int8_t *)malloc((size_t)(passes * m * k));
-    float *xd = (float *)malloc((size_t)(m * nb) * sizeof(float));
-    int32_t *xs = (int32_t *)malloc((size_t)(m * nb) * sizeof(int32_t));
+    if (isa == ISA_AMX && !amx_usable()) return -2;
+    if (isa == 0) {
+        isa = sgl_gguf_best_isa();
+        if (isa == ISA_AVX512 && sgl_gguf_amx_pays(m) && amx_usable()) isa = ISA_AMX;
+    }
+    /* AMX reads whole tiles of 16 quantized rows: pad them (and their steps) with zeros. */
+    const int64_t mp = isa == ISA_AMX ? (m + MA - 1) / MA * MA : m;
+    int8_t *xq = (int8_t *)malloc((size_t)(passes * mp * k));
+    float *xd = (float *)calloc((size_t)(mp * nb), sizeof(float));
+    int32_t *xs = (int32_t *)calloc((size_t)(mp * nb), sizeof(int32_t));
     if (!xq || !xd || !xs) {
         free(xq);
         free(xd);
         free(xs);
         return -1;
     }
+    for (int p = 0; p < passes && mp > m; p++) memset(xq + (p * mp + m) * k, 0, (mp - m) * k);
     size_t es = x_bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (m * k > 65536)
     for (int64_t i = 0; i < m; i++)
         for (int64_t b = 0; b < nb; b++)
             quantize_block((const uint8_t *)x + (i * ldx + b * QK) * es, x_bf16, passes,
                            xd + i * nb + b, xs + i * nb + b, xq + i * k + b * QK,
-                           passes == 2 ? xq + (m + i) * k + b * QK : NULL);
-    if (isa == 0) isa = sgl_gguf_best_isa();
-    args_t a = {xq, xd, xs, m, passes, k, nb, sgl_gguf_record_bytes(bits, has_min, scale_f32),
+                           passes == 2 ? xq + (mp + i) * k + b * QK : NULL);
+    args_t a = {xq, xd, xs, mp, passes, k, nb, sgl_gguf_record_bytes(bits, has_min, scale_f32),
                 bits, zp, has_min, scale_f32};
+    if (isa == ISA_AMX) {
+        int rc = gemm_amx(&a, m, n, w, bias, y, y_bf16, nthreads);
+        free(xq);
+        free(xd);
+        free(xs);
+        return rc;
+    }
     /* Output tiles in pairs; the AVX-512 path computes a whole pair in one kernel. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t tp = 0; tp < (nt + 1) / 2; tp++) {

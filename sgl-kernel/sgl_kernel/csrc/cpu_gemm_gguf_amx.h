@@ -1,0 +1,204 @@
+/*
+ * The AMX path of csrc/cpu_gemm_gguf.c, included by it after its AVX-512 path and owned, like the
+ * rest of that file, by sgl_kernel.cpu_gemm_gguf.
+ *
+ * With AMX-INT8 one tile multiply gives a block's integer sums for 16 activation rows and the 16
+ * columns of a tile at once: A = 16 rows x 32 int8 codes of X (the quantized rows where they lie,
+ * stride k, padded to 16 rows with zeros), B = the record's 32 x 16 codes (its vectors are already
+ * AMX's layout: 4 consecutive k of the 16 columns per 64 bytes), C = 16 x 16 int32. Each tile's
+ * codes are first copied once per call with the zero point taken out (Q8_0: c - 128 is the signed
+ * q; Q4_0: c - 8; 4-bit codes split into their nibble halves), so pass p's sum is
+ * s_p = sum (c - zp) q_p, small enough (< 2^20) to be exact in float32.
+ *
+ * Same bits as the AVX-512 path: there the block's integer is v = RES s_1 + s_2 (zero point
+ * included) and its float is cvt(v); here it is fma(float(s_1), RES, float(s_2)), which rounds the
+ * same exact integer once, so it is the same float. Then the same steps in the same order:
+ * f = d * e, acc = fma(., f, acc), the min's fma with e * sum X.
+ *
+ * The tile multiplies of block b + 1 are issued before block b's float steps (C tiles of even and
+ * odd blocks alternate), so the tile unit and the vector units work at once.
+ *
+ * What it gains is bounded by the formats' 32-weight blocks: every block's 16 x 16 sums must
+ * leave the tile unit (a tile store) for their float steps, and a multiply over 32 k costs about
+ * what one over 64 does. Measured (docs/quantization.md, 2 cores): 1.05-1.3x the AVX-512 path
+ * from 32 to 256 rows, 0.2-0.35x at one row (the per-call code copy and the padding to 16 rows),
+ * so the default takes it only for calls of 32 rows or more (sgl_gguf_amx_pays).
+ */
+
+#define MA 16 /* activation rows per AMX tile */
+#define AMX_ATTRS "amx-tile,amx-int8,avx512f,avx512bw,avx512vnni,fma,f16c"
+#define AMX_TARGET __attribute__((target(AMX_ATTRS)))
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((packed)) tilecfg_t;
+
+/* Whether this CPU has AMX-INT8 and Linux lets this process use the tile registers. */
+static int amx_usable(void) {
+    static int state = -1;
+    if (state >= 0) return state;
+    unsigned int eax, ebx, ecx, edx;
+    __asm__ volatile("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+    int has = ((edx >> 24) & 1) && ((edx >> 25) & 1); /* AMX-TILE, AMX-INT8 */
+    /* arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): granted to the whole process. */
+    state = has && syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    return state;
+}
+
+/* Tiles: 0, 1 the two passes' activations (MA rows x QK bytes); 2 and 7 the codes of even and
+ * odd blocks (QK / 4 rows of 64 bytes); 3, 4 and 5, 6 the two passes' sums (MA x NC int32) of
+ * even and odd blocks. A static table: GCC 12 drops stores to a local only ldtilecfg reads. */
+static const tilecfg_t AMX_TILES = {
+    .palette = 1,
+    .colsb = {QK, QK, 64, 64, 64, 64, 64, 64},
+    .rows = {MA, MA, QK / 4, MA, MA, MA, MA, QK / 4},
+};
+
+/* Per thread, around its share of the tiles. */
+AMX_TARGET static void amx_begin(void) { _tile_loadconfig(&AMX_TILES); }
+AMX_TARGET static void amx_end(void) { _tile_release(); }
+
+/* One tile's nb records (from w) as B tiles of 512 bytes each, zero point out. */
+AMX_TARGET static void amx_codes(const args_t *a, const uint8_t *w, uint8_t *dst) {
+    const __m512i mask = _mm512_set1_epi8(15), zp = _mm512_set1_epi8((char)a->zp),
+                  top = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < a->nb; b++) {
+        const uint8_t *rec = w + b * a->rb;
+        uint8_t *d = dst + b * 512;
+        if (a->bits == 8) { /* zp 128: c - 128 as int8 is c with its top bit flipped */
+            for (int g = 0; g < 8; g++)
+                _mm512_store_si512(d + g * 64,
+                                   _mm512_xor_si512(_mm512_loadu_si512(rec + g * 64), top));
+        } else {
+            for (int g = 0; g < 4; g++) {
+                __m512i c = _mm512_loadu_si512(rec + g * 64);
+                __m512i lo = _mm512_and_si512(c, mask);
+                __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+                _mm512_store_si512(d + g * 64, _mm512_sub_epi8(lo, zp));
+                _mm512_store_si512(d + (g + 4) * 64, _mm512_sub_epi8(hi, zp));
+            }
+        }
+    }
+}
+
+/* C tile `c` = A tile `x` times B tile `w` into memory s: signed codes (zero point) or not. */
+#define AMX_DOT(c, x, w, s)              \
+    do {                                 \
+        _tile_zero(c);                   \
+        if (sgn)                         \
+            _tile_dpbssd(c, x, w);       \
+        else                             \
+            _tile_dpbsud(c, x, w);       \
+        _tile_stored(c, s, 64);          \
+    } while (0)
+
+/* Block b's tile multiplies into sums[b & 1] ([pass][MA][NC]). */
+#define AMX_MULTIPLY(b)                                                      \
+    do {                                                                     \
+        int32_t *s_ = sums + ((b) & 1) * 2 * MA * NC;                        \
+        _tile_loadd(0, x1 + (b) * QK, a->k);                                 \
+        if (passes == 2) _tile_loadd(1, x2 + (b) * QK, a->k);                \
+        if ((b) & 1) {                                                       \
+            _tile_loadd(7, codes + (b) * 512, 64);                           \
+            AMX_DOT(5, 0, 7, s_);                                            \
+            if (passes == 2) AMX_DOT(6, 1, 7, s_ + MA * NC);                 \
+        } else {                                                             \
+            _tile_loadd(2, codes + (b) * 512, 64);                           \
+            AMX_DOT(3, 0, 2, s_);                                            \
+            if (passes == 2) AMX_DOT(4, 1, 2, s_ + MA * NC);                 \
+        }                                                                    \
+    } while (0)
+
+/* One column tile (its B tiles `codes`, its records w for the scales) for MA rows from r0 (the
+ * quantized rows and their steps are padded to whole tiles); out: [MA][NC]. xm: [rows][nb]
+ * e * sum X, for formats with mins. */
+__attribute__((target(AMX_ATTRS), always_inline)) static inline void tile_amx_rows(
+    const args_t *a, const float *xm, int64_t r0, const uint8_t *codes, const uint8_t *w,
+    float *out, int sgn, int has_min, int scale_f32, int passes) {
+    const int64_t cb = codes_bytes(a->bits), nb = a->nb;
+    const int8_t *x1 = a->xq + r0 * a->k, *x2 = x1 + a->m * a->k;
+    int32_t sums[2 * 2 * MA * NC] __attribute__((aligned(64)));
+    const __m512 res = _mm512_set1_ps((float)RES);
+    __m512 acc[MA];
+    for (int r = 0; r < MA; r++) acc[r] = _mm512_setzero_ps();
+    AMX_MULTIPLY(0);
+    for (int64_t b = 0; b < nb; b++) {
+        if (b + 1 < nb) AMX_MULTIPLY(b + 1);
+        const int32_t *s = sums + (b & 1) * 2 * MA * NC;
+        const float *dx = a->xd + r0 * nb + b, *ms = has_min ? xm + r0 * nb + b : NULL;
+        __m512 d, mn;
+        scales_avx512(w + b * a->rb + cb, has_min, scale_f32, &d, &mn);
+        for (int r = 0; r < MA; r++) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_load_si512(s + r * NC));
+            if (passes == 2) /* RES s_1 + s_2, rounded once */
+                v = _mm512_fmadd_ps(v, res, _mm512_cvtepi32_ps(_mm512_load_si512(s + (MA + r) * NC)));
+            __m512 f = _mm512_mul_ps(d, _mm512_set1_ps(dx[r * nb]));
+            acc[r] = _mm512_fmadd_ps(v, f, acc[r]);
+            if (has_min) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(ms[r * nb]), acc[r]);
+        }
+    }
+    for (int r = 0; r < MA; r++) _mm512_store_ps(out + r * NC, acc[r]);
+}
+
+#define AMX_PASSES(sgn, has_min, scale_f32)                                               \
+    if (a->passes == 2)                                                                   \
+        tile_amx_rows(a, xm, r0, codes, w, out, sgn, has_min, scale_f32, 2);              \
+    else                                                                                  \
+        tile_amx_rows(a, xm, r0, codes, w, out, sgn, has_min, scale_f32, 1);
+
+/* One tile for MA rows, after amx_begin on this thread and amx_codes of the tile. */
+AMX_TARGET static void tile_amx(const args_t *a, const float *xm, int64_t r0,
+                                const uint8_t *codes, const uint8_t *w, float *out) {
+    if (a->zp) { /* Q4_0, Q8_0: no mins, float16 scales */
+        AMX_PASSES(1, 0, 0)
+    } else if (a->scale_f32) {
+        AMX_PASSES(0, 1, 1)
+    } else {
+        AMX_PASSES(0, 1, 0)
+    }
+}
+
+/* y = x W^T (+ bias) on the AMX path: a's rows padded to whole tiles (their steps too), m real
+ * rows. Returns 0, or -1 when scratch cannot be allocated. */
+static int gemm_amx(const args_t *a, int64_t m, int64_t n, const uint8_t *w, const float *bias,
+                    void *y, int y_bf16, int nthreads) {
+    const int64_t nb = a->nb, nt = (n + NC - 1) / NC;
+    float *xm = NULL;
+    uint8_t *codes = (uint8_t *)aligned_alloc(64, (size_t)(nthreads * nb * 512));
+    if (a->has_min) {
+        xm = (float *)malloc((size_t)(a->m * nb) * sizeof(float));
+        if (xm)
+            for (int64_t i = 0; i < a->m * nb; i++) xm[i] = a->xd[i] * (float)a->xs[i];
+    }
+    if (!codes || (a->has_min && !xm)) {
+        free(codes);
+        free(xm);
+        return -1;
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        amx_begin();
+        uint8_t *mine = codes + (size_t)omp_get_thread_num() * nb * 512;
+        float out[MA * NC] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < nt; t++) {
+            const uint8_t *wt = w + t * nb * a->rb;
+            const int64_t c0 = t * NC;
+            const int cols = (int)((n - c0) < NC ? (n - c0) : NC);
+            amx_codes(a, wt, mine);
+            for (int64_t r0 = 0; r0 < m; r0 += MA) {
+                tile_amx(a, xm, r0, mine, wt, out);
+                for (int r = 0; r < MA && r0 + r < m; r++) {
+                    size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);
+                    store_row(out + r * NC, cols, bias ? bias + c0 : NULL, (char *)y + at, y_bf16);
+                }
+            }
+        }
+        amx_end();
+    }
+    free(codes);
+    free(xm);
+    return 0;
+}

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention_capture import lockstep_round, prompts  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
 
 from sglang.srt.attention_capture.config import parse_attention_request  # noqa: E402
 from sglang.srt.managers.io_struct import ATTENTION_FIELDS  # noqa: E402
@@ -155,11 +156,7 @@ def table(steps: dict[str, float], batch_size: int) -> str:
 
 
 def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: tuple) -> None:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_model()
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
     md = [
         "# Attention-token options: decode cost on CPU against plain capture",

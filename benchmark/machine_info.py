@@ -23,14 +23,25 @@ def load_average() -> str:
         return "unknown"
 
 
+# cpuinfo flags that decide which CPU kernel paths run (and so what a figure means).
+KERNEL_FLAGS = {"avx512f": "AVX-512", "avx512_vnni": "VNNI", "avx512_bf16": "AVX512-BF16",
+                "amx_int8": "AMX-INT8", "amx_bf16": "AMX-BF16"}  # fmt: skip
+
+
 def cpu_model() -> str:
+    """The CPU's model name and its kernel-relevant features, e.g. "Xeon (AVX-512, AMX-INT8)"."""
+    name, flags = "", set()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():  # the first CPU's lines
+            if line.startswith("model name") and not name:
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    have = [label for flag, label in KERNEL_FLAGS.items() if flag in flags]
+    return f"{name} ({', '.join(have) or 'no AVX-512'})"
 
 
 def header(title: str, threads: int, load_before: str) -> list[str]:

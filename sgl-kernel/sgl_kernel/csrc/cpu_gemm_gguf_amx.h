@@ -26,6 +26,22 @@
  */
 
 #define MA 16 /* activation rows per AMX tile */
+
+/* The tile intrinsics need GCC 11 or clang 12; an older compiler builds the rest without them
+ * (amx_usable() is then 0 and the AVX-512 path runs). */
+#if (defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11)
+#define SGL_HAVE_AMX 1
+#else
+#define SGL_HAVE_AMX 0
+static int amx_usable(void) { return 0; }
+static int gemm_amx(const void *a, int64_t m, int64_t n, const uint8_t *w, const float *bias,
+                    void *y, int y_bf16, int nthreads) {
+    (void)a, (void)m, (void)n, (void)w, (void)bias, (void)y, (void)y_bf16, (void)nthreads;
+    return -2;
+}
+#endif
+
+#if SGL_HAVE_AMX
 #define AMX_ATTRS "amx-tile,amx-int8,avx512f,avx512bw,avx512vnni,fma,f16c"
 #define AMX_TARGET __attribute__((target(AMX_ATTRS)))
 
@@ -202,3 +218,5 @@ static int gemm_amx(const args_t *a, int64_t m, int64_t n, const uint8_t *w, con
     free(xm);
     return 0;
 }
+
+#endif /* SGL_HAVE_AMX */

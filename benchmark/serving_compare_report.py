@@ -9,6 +9,8 @@ import shlex
 import subprocess
 from typing import Any
 
+from machine_info import cpu_model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_PY = os.path.join(ROOT, ".venv", "bin", "python")
 
@@ -37,15 +39,10 @@ def software_versions(bench_py: str) -> dict[str, str]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def kernel_env() -> str:
+    """The SGLANG_CPU_* settings of this run (they pin kernel paths our server inherits)."""
+    pins = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("SGLANG_CPU_"))
+    return ", ".join(f"`{p}`" for p in pins) or "none"
 
 
 def fmt(x: Any, nd: int = 1) -> str:
@@ -62,6 +59,7 @@ def write_report(args, results, gsp_results, meta, failures, path) -> None:
         f"- Command: `{meta['command']}`",
         f"- Machine: {cpu_model()}, {os.cpu_count()} cores, "
         f"{platform.platform()}, Python {platform.python_version()}",
+        f"- Kernel settings in the environment: {kernel_env()}",
         f"- Software: ours {json.dumps(meta['versions'].get('ours'))}"
         + (f"; transformers serve from {args.bench_venv} {json.dumps(others)}" if others else "")
         + (

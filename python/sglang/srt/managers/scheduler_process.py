@@ -58,6 +58,7 @@ from sglang.srt.managers.tp_worker import (
     describe_peer_failure,
 )
 from sglang.srt.metrics.collector import SchedulerStatsTracker
+from sglang.srt.model_loader.resolve import ModelLoadError
 from sglang.srt.startup_timing import StartupTimer, process_age
 
 logger = logging.getLogger(__name__)
@@ -491,7 +492,12 @@ def run_scheduler_process(
             to_tok = ctx.socket(zmq.PUSH)
             to_tok.connect(port_args.tokenizer_ipc_name)
     except Exception as e:  # any load failure is reported to the parent verbatim
-        logger.error("Scheduler failed to start:\n%s", traceback.format_exc())
+        if isinstance(e, (ModelLoadError, ParallelConfigError)):
+            # A refusal worded for the user (a model it cannot load, a split it cannot make):
+            # one line, as the launching process words the same checks, not a traceback.
+            logger.error("Scheduler failed to start: %s", e)
+        else:
+            logger.error("Scheduler failed to start:\n%s", traceback.format_exc())
         error = f"{type(e).__name__}: {e}"
     error = rank.agree_on_startup(error)
     if error is not None:

@@ -15,14 +15,13 @@
  * same exact integer once, so it is the same float. Then the same steps in the same order:
  * f = d * e, acc = fma(., f, acc), the min's fma with e * sum X.
  *
- * The tile multiplies of block b + 1 are issued before block b's float steps (C tiles of even and
- * odd blocks alternate), so the tile unit and the vector units work at once.
- *
  * What it gains is bounded by the formats' 32-weight blocks: every block's 16 x 16 sums must
  * leave the tile unit (a tile store) for their float steps, and a multiply over 32 k costs about
  * what one over 64 does. Measured (docs/quantization.md, 2 cores): 1.05-1.3x the AVX-512 path
  * from 32 to 256 rows, 0.2-0.35x at one row (the per-call code copy and the padding to 16 rows),
- * so the default takes it only for calls of 32 rows or more (sgl_gguf_amx_pays).
+ * so the default takes it only for calls of 32 rows or more (sgl_gguf_amx_pays). Issuing block
+ * b + 1's multiplies before block b's float steps (alternating C tiles) was measured no faster:
+ * the tile work and the float steps add up here either way, so the loop stays plain.
  */
 
 #define MA 16 /* activation rows per AMX tile */
@@ -63,13 +62,13 @@ static int amx_usable(void) {
     return state;
 }
 
-/* Tiles: 0, 1 the two passes' activations (MA rows x QK bytes); 2 and 7 the codes of even and
- * odd blocks (QK / 4 rows of 64 bytes); 3, 4 and 5, 6 the two passes' sums (MA x NC int32) of
- * even and odd blocks. A static table: GCC 12 drops stores to a local only ldtilecfg reads. */
+/* Tiles: 0, 1 the two passes' activations (MA rows x QK bytes); 2 the block's codes (QK / 4
+ * rows of 64 bytes); 3, 4 the two passes' sums (MA x NC int32). A static table: GCC 12 drops
+ * stores to a local only ldtilecfg reads. */
 static const tilecfg_t AMX_TILES = {
     .palette = 1,
-    .colsb = {QK, QK, 64, 64, 64, 64, 64, 64},
-    .rows = {MA, MA, QK / 4, MA, MA, MA, MA, QK / 4},
+    .colsb = {QK, QK, 64, 64, 64},
+    .rows = {MA, MA, QK / 4, MA, MA},
 };
 
 /* Per thread, around its share of the tiles. */
@@ -99,51 +98,39 @@ AMX_TARGET static void amx_codes(const args_t *a, const uint8_t *w, uint8_t *dst
     }
 }
 
-/* C tile `c` = A tile `x` times B tile `w` into memory s: signed codes (zero point) or not. */
-#define AMX_DOT(c, x, w, s)              \
+/* C tile `c` = A tile `x` times the codes (tile 2) into memory s: signed codes (zero point
+ * taken out) or not. */
+#define AMX_DOT(c, x, s)                 \
     do {                                 \
         _tile_zero(c);                   \
         if (sgn)                         \
-            _tile_dpbssd(c, x, w);       \
+            _tile_dpbssd(c, x, 2);       \
         else                             \
-            _tile_dpbsud(c, x, w);       \
+            _tile_dpbsud(c, x, 2);       \
         _tile_stored(c, s, 64);          \
     } while (0)
 
-/* Block b's tile multiplies into sums[b & 1] ([pass][MA][NC]). */
-#define AMX_MULTIPLY(b)                                                      \
-    do {                                                                     \
-        int32_t *s_ = sums + ((b) & 1) * 2 * MA * NC;                        \
-        _tile_loadd(0, x1 + (b) * QK, a->k);                                 \
-        if (passes == 2) _tile_loadd(1, x2 + (b) * QK, a->k);                \
-        if ((b) & 1) {                                                       \
-            _tile_loadd(7, codes + (b) * 512, 64);                           \
-            AMX_DOT(5, 0, 7, s_);                                            \
-            if (passes == 2) AMX_DOT(6, 1, 7, s_ + MA * NC);                 \
-        } else {                                                             \
-            _tile_loadd(2, codes + (b) * 512, 64);                           \
-            AMX_DOT(3, 0, 2, s_);                                            \
-            if (passes == 2) AMX_DOT(4, 1, 2, s_ + MA * NC);                 \
-        }                                                                    \
-    } while (0)
-
 /* One column tile (its B tiles `codes`, its records w for the scales) for MA rows from r0 (the
- * quantized rows and their steps are padded to whole tiles); out: [MA][NC]. xm: [rows][nb]
- * e * sum X, for formats with mins. */
+ * quantized rows and their steps are padded to whole tiles); out: [MA][NC]. */
 __attribute__((target(AMX_ATTRS), always_inline)) static inline void tile_amx_rows(
-    const args_t *a, const float *xm, int64_t r0, const uint8_t *codes, const uint8_t *w,
-    float *out, int sgn, int has_min, int scale_f32, int passes) {
+    const args_t *a, int64_t r0, const uint8_t *codes, const uint8_t *w, float *out, int sgn,
+    int has_min, int scale_f32, int passes) {
     const int64_t cb = codes_bytes(a->bits), nb = a->nb;
     const int8_t *x1 = a->xq + r0 * a->k, *x2 = x1 + a->m * a->k;
-    int32_t sums[2 * 2 * MA * NC] __attribute__((aligned(64)));
+    int32_t s[2 * MA * NC] __attribute__((aligned(64))); /* [pass][MA][NC] */
     const __m512 res = _mm512_set1_ps((float)RES);
     __m512 acc[MA];
     for (int r = 0; r < MA; r++) acc[r] = _mm512_setzero_ps();
-    AMX_MULTIPLY(0);
     for (int64_t b = 0; b < nb; b++) {
-        if (b + 1 < nb) AMX_MULTIPLY(b + 1);
-        const int32_t *s = sums + (b & 1) * 2 * MA * NC;
-        const float *dx = a->xd + r0 * nb + b, *ms = has_min ? xm + r0 * nb + b : NULL;
+        _tile_loadd(0, x1 + b * QK, a->k);
+        _tile_loadd(2, codes + b * 512, 64);
+        AMX_DOT(3, 0, s);
+        if (passes == 2) {
+            _tile_loadd(1, x2 + b * QK, a->k);
+            AMX_DOT(4, 1, s + MA * NC);
+        }
+        const float *dx = a->xd + r0 * nb + b;
+        const int32_t *sx = a->xs + r0 * nb + b;
         __m512 d, mn;
         scales_avx512(w + b * a->rb + cb, has_min, scale_f32, &d, &mn);
         for (int r = 0; r < MA; r++) {
@@ -152,7 +139,8 @@ __attribute__((target(AMX_ATTRS), always_inline)) static inline void tile_amx_ro
                 v = _mm512_fmadd_ps(v, res, _mm512_cvtepi32_ps(_mm512_load_si512(s + (MA + r) * NC)));
             __m512 f = _mm512_mul_ps(d, _mm512_set1_ps(dx[r * nb]));
             acc[r] = _mm512_fmadd_ps(v, f, acc[r]);
-            if (has_min) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(ms[r * nb]), acc[r]);
+            if (has_min) /* the AVX-512 path's e * sum X */
+                acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(dx[r * nb] * (float)sx[r * nb]), acc[r]);
         }
     }
     for (int r = 0; r < MA; r++) _mm512_store_ps(out + r * NC, acc[r]);
@@ -160,13 +148,13 @@ __attribute__((target(AMX_ATTRS), always_inline)) static inline void tile_amx_ro
 
 #define AMX_PASSES(sgn, has_min, scale_f32)                                               \
     if (a->passes == 2)                                                                   \
-        tile_amx_rows(a, xm, r0, codes, w, out, sgn, has_min, scale_f32, 2);              \
+        tile_amx_rows(a, r0, codes, w, out, sgn, has_min, scale_f32, 2);                  \
     else                                                                                  \
-        tile_amx_rows(a, xm, r0, codes, w, out, sgn, has_min, scale_f32, 1);
+        tile_amx_rows(a, r0, codes, w, out, sgn, has_min, scale_f32, 1);
 
 /* One tile for MA rows, after amx_begin on this thread and amx_codes of the tile. */
-AMX_TARGET static void tile_amx(const args_t *a, const float *xm, int64_t r0,
-                                const uint8_t *codes, const uint8_t *w, float *out) {
+AMX_TARGET static void tile_amx(const args_t *a, int64_t r0, const uint8_t *codes,
+                                const uint8_t *w, float *out) {
     if (a->zp) { /* Q4_0, Q8_0: no mins, float16 scales */
         AMX_PASSES(1, 0, 0)
     } else if (a->scale_f32) {
@@ -181,18 +169,8 @@ AMX_TARGET static void tile_amx(const args_t *a, const float *xm, int64_t r0,
 static int gemm_amx(const args_t *a, int64_t m, int64_t n, const uint8_t *w, const float *bias,
                     void *y, int y_bf16, int nthreads) {
     const int64_t nb = a->nb, nt = (n + NC - 1) / NC;
-    float *xm = NULL;
     uint8_t *codes = (uint8_t *)aligned_alloc(64, (size_t)(nthreads * nb * 512));
-    if (a->has_min) {
-        xm = (float *)malloc((size_t)(a->m * nb) * sizeof(float));
-        if (xm)
-            for (int64_t i = 0; i < a->m * nb; i++) xm[i] = a->xd[i] * (float)a->xs[i];
-    }
-    if (!codes || (a->has_min && !xm)) {
-        free(codes);
-        free(xm);
-        return -1;
-    }
+    if (!codes) return -1;
 #pragma omp parallel num_threads(nthreads)
     {
         amx_begin();
@@ -205,7 +183,7 @@ static int gemm_amx(const args_t *a, int64_t m, int64_t n, const uint8_t *w, con
             const int cols = (int)((n - c0) < NC ? (n - c0) : NC);
             amx_codes(a, wt, mine);
             for (int64_t r0 = 0; r0 < m; r0 += MA) {
-                tile_amx(a, xm, r0, mine, wt, out);
+                tile_amx(a, r0, mine, wt, out);
                 for (int r = 0; r < MA && r0 + r < m; r++) {
                     size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);
                     store_row(out + r * NC, cols, bias ? bias + c0 : NULL, (char *)y + at, y_bf16);
@@ -215,7 +193,6 @@ static int gemm_amx(const args_t *a, int64_t m, int64_t n, const uint8_t *w, con
         amx_end();
     }
     free(codes);
-    free(xm);
     return 0;
 }
 

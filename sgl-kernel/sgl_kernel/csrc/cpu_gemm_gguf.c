@@ -31,11 +31,13 @@
  * Paths: AVX-512 (F/BW/VNNI), AVX2 (maddubs: products of two codes below 16 fit int16; 8-bit
  * codes go in two nibbles) and portable C. All compute the same integer sums and the same float
  * operations in the same order, so they agree to float32 rounding of fma contraction.
- * OpenMP splits the output tiles, in pairs, across threads. The AVX-512 path computes a pair in
- * one kernel (tile2_avx512): each activation broadcast then feeds both tiles' codes, which keeps
- * the loads below the multiply ports (1.05-1.37x over one tile at a time on SmolLM2's shapes,
- * same bits; benchmark/results/cpu_gguf_tile_pairs.md). An odd last tile runs the pair kernel on
- * itself twice.
+ * OpenMP splits the output tiles, in groups, across threads. The AVX-512 path computes a group
+ * in one kernel (tiles_avx512): each activation broadcast then feeds every tile's codes, which
+ * keeps the loads below the multiply ports. Groups are pairs (four rows at a time; 1.05-1.37x
+ * over one tile at a time on SmolLM2's shapes, benchmark/results/cpu_gguf_tile_pairs.md), and
+ * fours (two rows at a time) for 8-bit codes with two passes, whose products outnumber their
+ * code loads most (1.05-1.15x over pairs on the Q8_0 LM head, cpu_gguf_tile_quads.md). Same
+ * bits either way. A group past the last tile repeats the last tile's records.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -51,6 +53,7 @@
 #define NC 16 /* output columns per tile */
 #define QK 32 /* weights per block */
 #define MR 4  /* activation rows per register tile */
+#define NT_MAX 4 /* column tiles per AVX-512 kernel call */
 
 enum { ISA_SCALAR = 1, ISA_AVX2 = 2, ISA_AVX512 = 3, ISA_AMX = 4 };
 
@@ -328,82 +331,76 @@ AVX512_TARGET void scales_avx512(const uint8_t *sc, int has_min, int scale_f32, 
     }
 }
 
-/* Two column tiles (records w0, w1) for rows rows: each activation broadcast feeds both tiles,
- * so a k group costs rows x passes broadcasts and two code loads for 2 x rows x passes vpdpbusd
- * (one tile: the same broadcasts for half the products), and the two passes run side by side in
- * sums of their own. The second pass's sum (the first's with one pass) starts at -zp * sx, so
- * the block's integer is RES * s1 + s2, the one-tile kernel's exactly; the float steps are its
- * own, in its order. */
-AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, const uint8_t *w0,
-                                     const uint8_t *w1, float *out, int bits, int zp,
+/* nt column tiles (records w[0..nt)) for rows rows, nt x rows <= 8: each activation broadcast
+ * feeds all nt tiles, so a k group costs rows x passes broadcasts and nt code loads for
+ * nt x rows x passes vpdpbusd, and the two passes run side by side in sums of their own. The
+ * second pass's sum (the first's with one pass) starts at -zp * sx, so the block's integer is
+ * RES * s1 + s2, the one-tile kernel's exactly; the float steps are its own, in its order. */
+AVX512_TARGET void tiles_avx512_rows(const args_t *a, int64_t r0, int rows, int nt,
+                                     const uint8_t *const *w, float *out, int bits, int zp,
                                      int has_min, int scale_f32, int passes) {
     const __m512i mask = _mm512_set1_epi8(15);
     const int64_t cb = codes_bytes(bits);
-    __m512 acc[MR][2];
-    for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    __m512 acc[MR][NT_MAX];
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < nt; t++) acc[r][t] = _mm512_setzero_ps();
     for (int64_t b = 0; b < a->nb; b++) {
-        const uint8_t *rec0 = w0 + b * a->rb, *rec1 = w1 + b * a->rb;
-        __m512i s1[MR][2], s2[MR][2];
+        const uint8_t *rec[NT_MAX];
+        __m512i s1[MR][NT_MAX], s2[MR][NT_MAX];
         const int8_t *x1[MR], *x2[MR];
+        for (int t = 0; t < nt; t++) rec[t] = w[t] + b * a->rb;
         for (int r = 0; r < rows; r++) {
             x1[r] = a->xq + (r0 + r) * a->k + b * QK;
             x2[r] = x1[r] + a->m * a->k;
             __m512i start = _mm512_set1_epi32(-zp * a->xs[(r0 + r) * a->nb + b]);
-            if (passes == 2) {
-                s1[r][0] = s1[r][1] = _mm512_setzero_si512();
-                s2[r][0] = s2[r][1] = start;
-            } else {
-                s1[r][0] = s1[r][1] = start;
+            for (int t = 0; t < nt; t++) {
+                s1[r][t] = passes == 2 ? _mm512_setzero_si512() : start;
+                s2[r][t] = start;
             }
         }
         if (bits == 4) {
             for (int g = 0; g < 4; g++) {
-                __m512i c0 = _mm512_loadu_si512(rec0 + g * 64);
-                __m512i c1 = _mm512_loadu_si512(rec1 + g * 64);
-                __m512i lo0 = _mm512_and_si512(c0, mask), lo1 = _mm512_and_si512(c1, mask);
-                __m512i hi0 = _mm512_and_si512(_mm512_srli_epi16(c0, 4), mask);
-                __m512i hi1 = _mm512_and_si512(_mm512_srli_epi16(c1, 4), mask);
+                __m512i lo[NT_MAX], hi[NT_MAX];
+                for (int t = 0; t < nt; t++) {
+                    __m512i c = _mm512_loadu_si512(rec[t] + g * 64);
+                    lo[t] = _mm512_and_si512(c, mask);
+                    hi[t] = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+                }
                 for (int r = 0; r < rows; r++) {
-                    __m512i xl = _mm512_set1_epi32(load_i32(x1[r] + 4 * g));
-                    __m512i xh = _mm512_set1_epi32(load_i32(x1[r] + 16 + 4 * g));
-                    s1[r][0] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1[r][0], lo0, xl), hi0, xh);
-                    s1[r][1] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s1[r][1], lo1, xl), hi1, xh);
-                    if (passes == 2) {
-                        xl = _mm512_set1_epi32(load_i32(x2[r] + 4 * g));
-                        xh = _mm512_set1_epi32(load_i32(x2[r] + 16 + 4 * g));
-                        s2[r][0] =
-                            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s2[r][0], lo0, xl), hi0, xh);
-                        s2[r][1] =
-                            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(s2[r][1], lo1, xl), hi1, xh);
+                    for (int p = 0; p < passes; p++) {
+                        const int8_t *xr = p ? x2[r] : x1[r];
+                        __m512i xl = _mm512_set1_epi32(load_i32(xr + 4 * g));
+                        __m512i xh = _mm512_set1_epi32(load_i32(xr + 16 + 4 * g));
+                        for (int t = 0; t < nt; t++) {
+                            __m512i *s = p ? &s2[r][t] : &s1[r][t];
+                            *s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(*s, lo[t], xl), hi[t], xh);
+                        }
                     }
                 }
             }
         } else {
             for (int g = 0; g < 8; g++) {
-                __m512i c0 = _mm512_loadu_si512(rec0 + g * 64);
-                __m512i c1 = _mm512_loadu_si512(rec1 + g * 64);
+                __m512i c[NT_MAX];
+                for (int t = 0; t < nt; t++) c[t] = _mm512_loadu_si512(rec[t] + g * 64);
                 for (int r = 0; r < rows; r++) {
-                    __m512i xv = _mm512_set1_epi32(load_i32(x1[r] + 4 * g));
-                    s1[r][0] = _mm512_dpbusd_epi32(s1[r][0], c0, xv);
-                    s1[r][1] = _mm512_dpbusd_epi32(s1[r][1], c1, xv);
-                    if (passes == 2) {
-                        xv = _mm512_set1_epi32(load_i32(x2[r] + 4 * g));
-                        s2[r][0] = _mm512_dpbusd_epi32(s2[r][0], c0, xv);
-                        s2[r][1] = _mm512_dpbusd_epi32(s2[r][1], c1, xv);
+                    for (int p = 0; p < passes; p++) {
+                        __m512i xv = _mm512_set1_epi32(load_i32((p ? x2[r] : x1[r]) + 4 * g));
+                        for (int t = 0; t < nt; t++) {
+                            __m512i *s = p ? &s2[r][t] : &s1[r][t];
+                            *s = _mm512_dpbusd_epi32(*s, c[t], xv);
+                        }
                     }
                 }
             }
         }
-        for (int t = 0; t < 2; t++) {
+        for (int t = 0; t < nt; t++) {
             __m512 d, mn;
-            scales_avx512((t ? rec1 : rec0) + cb, has_min, scale_f32, &d, &mn);
+            scales_avx512(rec[t] + cb, has_min, scale_f32, &d, &mn);
             for (int r = 0; r < rows; r++) {
                 float dx = a->xd[(r0 + r) * a->nb + b];
                 __m512i v = s1[r][t];
-                if (passes == 2) /* RES * s1 + s2; RES = 256 - 2 */
-                    v = _mm512_add_epi32(
-                        _mm512_sub_epi32(_mm512_slli_epi32(v, 8), _mm512_slli_epi32(v, 1)),
-                        s2[r][t]);
+                if (passes == 2) /* RES * s1 + s2 (exact: |s1| < 2^20) */
+                    v = _mm512_add_epi32(_mm512_mullo_epi32(v, _mm512_set1_epi32(RES)), s2[r][t]);
                 __m512 f = _mm512_mul_ps(d, _mm512_set1_ps(dx));
                 acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), f, acc[r][t]);
                 if (has_min) {
@@ -413,15 +410,13 @@ AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, cons
             }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        _mm512_storeu_ps(out + r * 2 * NC, acc[r][0]);
-        _mm512_storeu_ps(out + r * 2 * NC + NC, acc[r][1]);
-    }
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < nt; t++) _mm512_storeu_ps(out + (r * nt + t) * NC, acc[r][t]);
 }
 
-/* Rows, passes and format as constants: every instance keeps its sums in registers and has no
- * branches on the format in its loops. CALL(rows, bits, zp, has_min, scale_f32, passes) names
- * the kernel instance. */
+/* Rows, tiles, passes and format as constants: every instance keeps its sums in registers and
+ * has no branches on the format in its loops. CALL(rows, bits, zp, has_min, scale_f32, passes)
+ * names the kernel instance. */
 #define AVX512_ROWS_P(CALL, bits, zp, has_min, scale_f32, p)           \
     switch (rows) {                                                    \
         case 1: CALL(1, bits, zp, has_min, scale_f32, p); break;       \
@@ -445,12 +440,24 @@ AVX512_TARGET void tile2_avx512_rows(const args_t *a, int64_t r0, int rows, cons
     } else {                                 \
         AVX512_ROWS(CALL, 4, 8, 0, 0)        \
     }
-#define TWO_TILES(r, ...) tile2_avx512_rows(a, r0, r, w0, w1, out, __VA_ARGS__)
+#define TWO_TILES(r, ...) tiles_avx512_rows(a, r0, r, 2, w, out, __VA_ARGS__)
+#define FOUR_TILES(r, ...) tiles_avx512_rows(a, r0, r, 4, w, out, __VA_ARGS__)
 
-/* Two tiles at once; out: [rows][2 NC], the tiles side by side. An odd last tile passes its
- * records as both (the second half is then a copy, not stored). */
-__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tile2_avx512(
-    const args_t *a, int64_t r0, int rows, const uint8_t *w0, const uint8_t *w1, float *out) {
+/* How many tiles the AVX-512 path computes at once: four (two rows at a time) for 8-bit codes
+ * with two passes, where code loads are cheap against the products; else two (four rows). */
+static inline int avx512_group(const args_t *a) { return a->bits == 8 && a->passes == 2 ? 4 : 2; }
+
+/* out: [rows][nt NC], the tiles side by side; rows <= 8 / nt. A group past the last tile
+ * repeats the last tile's records (those columns are not stored). */
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma,f16c"))) static void tiles_avx512(
+    const args_t *a, int64_t r0, int rows, int nt, const uint8_t *const *w, float *out) {
+    if (nt == 4) {
+        if (rows == 1)
+            FOUR_TILES(1, 8, 128, 0, 0, 2);
+        else
+            FOUR_TILES(2, 8, 128, 0, 0, 2);
+        return;
+    }
     AVX512_FORMATS(TWO_TILES)
 }
 
@@ -517,28 +524,31 @@ int sgl_gguf_gemm(const void *x, int64_t ldx, int x_bf16, int64_t m, int64_t k, 
         free(xs);
         return rc;
     }
-    /* Output tiles in pairs; the AVX-512 path computes a whole pair in one kernel. */
+    /* Output tiles in groups of g (pairs by default); the AVX-512 path computes a whole group
+     * in one kernel, rows_step rows at a time. */
+    const int g = isa == ISA_AVX512 ? avx512_group(&a) : 2;
+    const int64_t rows_step = isa == ISA_AVX512 ? 2 * MR / g : MR;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t tp = 0; tp < (nt + 1) / 2; tp++) {
-        float out[MR * 2 * NC];
-        const int64_t t0 = 2 * tp, t1 = t0 + 1 < nt ? t0 + 1 : t0;
-        const uint8_t *w0 = w + t0 * nb * a.rb, *w1 = w + t1 * nb * a.rb;
-        for (int64_t r0 = 0; r0 < m; r0 += MR) {
-            int rows = (int)((m - r0) < MR ? (m - r0) : MR);
-            if (isa == ISA_AVX512) tile2_avx512(&a, r0, rows, w0, w1, out);
+    for (int64_t tg = 0; tg < (nt + g - 1) / g; tg++) {
+        float out[MR * NT_MAX * NC];
+        const int64_t t0 = g * tg, t1 = t0 + g - 1 < nt ? t0 + g - 1 : nt - 1;
+        const uint8_t *wg[NT_MAX];
+        for (int j = 0; j < g; j++) wg[j] = w + (t0 + j <= t1 ? t0 + j : t1) * nb * a.rb;
+        for (int64_t r0 = 0; r0 < m; r0 += rows_step) {
+            int rows = (int)((m - r0) < rows_step ? (m - r0) : rows_step);
+            if (isa == ISA_AVX512) tiles_avx512(&a, r0, rows, g, wg, out);
             for (int64_t t = t0; t <= t1; t++) {
                 const int64_t c0 = t * NC;
                 const int cols = (int)((n - c0) < NC ? (n - c0) : NC);
                 const float *src = out + (t - t0) * NC;
-                int ld = 2 * NC;
+                int ld = g * NC;
                 if (isa != ISA_AVX512) {
-                    const uint8_t *wt = t == t0 ? w0 : w1;
                     src = out;
                     ld = NC;
                     if (isa == ISA_AVX2)
-                        tile_avx2(&a, r0, rows, wt, out);
+                        tile_avx2(&a, r0, rows, wg[t - t0], out);
                     else
-                        tile_scalar(&a, r0, rows, wt, out);
+                        tile_scalar(&a, r0, rows, wg[t - t0], out);
                 }
                 for (int r = 0; r < rows; r++) {
                     size_t at = (size_t)((r0 + r) * n + c0) * (y_bf16 ? 2 : 4);

@@ -9,6 +9,8 @@ of plain capture, 8 heads with aggregation "none" within 5 %, logit lens on 4 la
 
 To add an option, add its name to OPTION_NAMES and its fields to `option_fields`; request fields other than the attention-token ones need
 their parser in `request_options` (where the tokenizer manager's validation is reproduced).
+The results also give the lens's floor on this CPU: its extra LM-head rows' products over the
+peak rate of the instruction that does them (vector_peak.py, measured in the run).
 Results go to `benchmark/results/attention_options_cpu.md` (`_dequantized.md` with `--gguf-dequantize`;
 command, machine, date, load average).
 """
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention_capture import lockstep_round, prompts  # noqa: E402
 from machine_info import cpu_model  # noqa: E402
+from vector_peak import vector_peaks  # noqa: E402
 
 from sglang.srt.attention_capture.config import parse_attention_request  # noqa: E402
 from sglang.srt.managers.io_struct import ATTENTION_FIELDS  # noqa: E402
@@ -124,7 +127,8 @@ def start_batch(runner: SRTRunner, name: str, args: argparse.Namespace) -> None:
         sched.step()
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
+def run(args: argparse.Namespace) -> tuple[dict[str, float], tuple[int, int, int]]:
+    """Median decode step per option, and the model's (vocab, hidden size, layers)."""
     runners = {
         name: SRTRunner(
             args.model,
@@ -143,7 +147,35 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     for _ in range(args.repeat):
         for name, times in lockstep_round(runners, args, start_batch).items():
             samples[name].extend(times)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    mc = next(iter(runners.values())).model_runner.model_config
+    dims = (mc.vocab_size, mc.hidden_size, mc.num_hidden_layers)
+    return {name: statistics.median(s) for name, s in samples.items()}, dims
+
+
+def lens_floor(args: argparse.Namespace, steps: dict[str, float], dims: tuple[int, int, int]) -> str:
+    """A markdown line: the least time the lens's extra LM-head rows can take on this CPU.
+
+    Every lens layer but the last adds one LM-head row per request; a row is vocab x hidden
+    products, which the packed (GGUF, two activation passes) kernel does at 32 per `vpdpbusd`
+    and the dense float32 matmul at 16 per `vfmadd231ps`. Divided by this CPU's measured peak of
+    that instruction (benchmark/vector_peak.py, in this run, on --threads threads), this is a
+    floor no kernel reaches (AMX tiles, where present, are not counted)."""
+    vocab, hidden, layers = dims
+    lens_layers = {l % layers for l in option_fields(args.input_len)[LENS]["logit_lens"]["layers"]}
+    rows = args.batch_size * len(lens_layers - {layers - 1})
+    peaks = vector_peaks(args.threads)
+    if peaks is None or BASELINE not in steps:
+        return "- Lens floor: not measured (no AVX-512 VNNI, no C compiler or no plain-capture run)."
+    instr, per = ("vfmadd231ps", 16) if args.gguf_dequantize else ("vpdpbusd", 32)
+    count = rows * vocab * hidden / per
+    floor_s = count / (peaks[instr] * 1e9 * args.threads)
+    return (
+        f"- Lens floor: its {rows} extra LM-head rows ({rows} x {vocab} x {hidden} products) are "
+        f"{count / 1e6:.1f} M `{instr}` at this CPU's peak of {peaks[instr]:.2f} G/s per core x "
+        f"{args.threads} threads (benchmark/vector_peak.py, this run): at least "
+        f"{floor_s * 1e3:.2f} ms, {floor_s / steps[BASELINE] * 100:.1f} % of plain capture's "
+        "step, before the top-n and the norms (AMX tiles not counted)."
+    )
 
 
 def table(steps: dict[str, float], batch_size: int) -> str:
@@ -155,7 +187,9 @@ def table(steps: dict[str, float], batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: tuple) -> None:
+def write(
+    args: argparse.Namespace, text: str, floor: str, load_before: tuple, load_after: tuple
+) -> None:
     cpu = cpu_model()
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])
     md = [
@@ -174,6 +208,7 @@ def write(args: argparse.Namespace, text: str, load_before: tuple, load_after: t
         "(in-process Scheduler.step, one engine per option).",
         "- Targets (issue 14): stats and spans within 2 % of plain capture; 8 heads with "
         "aggregation none within 5 %; logit lens on 4 layers within 10 %.",
+        floor,
         "",
         text,
         "",
@@ -188,11 +223,13 @@ def main() -> int:
     args = parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    steps = run(args)
+    steps, dims = run(args)
+    load_after = os.getloadavg()
     text = table(steps, args.batch_size)
-    print(text)
+    floor = lens_floor(args, steps, dims) if LENS in steps else ""
+    print(text, floor, sep="\n")
     if not args.no_write:
-        write(args, text, load_before, os.getloadavg())
+        write(args, text, floor, load_before, load_after)
     return 0
 
 

@@ -152,7 +152,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, float], tuple[int, int, int
     return {name: statistics.median(s) for name, s in samples.items()}, dims
 
 
-def lens_floor(args: argparse.Namespace, steps: dict[str, float], dims: tuple[int, int, int]) -> str:
+def lens_floor(
+    args: argparse.Namespace, steps: dict[str, float], dims: tuple[int, int, int]
+) -> str:
     """A markdown line: the least time the lens's extra LM-head rows can take on this CPU.
 
     Every lens layer but the last adds one LM-head row per request; a row is vocab x hidden
@@ -161,11 +163,14 @@ def lens_floor(args: argparse.Namespace, steps: dict[str, float], dims: tuple[in
     that instruction (benchmark/vector_peak.py, in this run, on --threads threads), this is a
     floor no kernel reaches (AMX tiles, where present, are not counted)."""
     vocab, hidden, layers = dims
-    lens_layers = {l % layers for l in option_fields(args.input_len)[LENS]["logit_lens"]["layers"]}
+    asked = option_fields(args.input_len)[LENS]["logit_lens"]["layers"]
+    lens_layers = {layer % layers for layer in asked}
     rows = args.batch_size * len(lens_layers - {layers - 1})
     peaks = vector_peaks(args.threads)
     if peaks is None or BASELINE not in steps:
-        return "- Lens floor: not measured (no AVX-512 VNNI, no C compiler or no plain-capture run)."
+        return (
+            "- Lens floor: not measured (no AVX-512 VNNI, no C compiler or no plain-capture run)."
+        )
     instr, per = ("vfmadd231ps", 16) if args.gguf_dequantize else ("vpdpbusd", 32)
     count = rows * vocab * hidden / per
     floor_s = count / (peaks[instr] * 1e9 * args.threads)

@@ -72,8 +72,14 @@ def gemm(lib: ctypes.CDLL, x: torch.Tensor, w: torch.Tensor, n: int, qtype: str,
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", required=True, help="git revision of the A side ('tree': as B)")
-    p.add_argument("--isas", nargs=2, default=["auto", "auto"], choices=sorted(cpu_gemm_gguf.ISAS),
-                   metavar=("A", "B"), help="code path of each side (default: auto)")
+    p.add_argument(
+        "--isas",
+        nargs=2,
+        default=["auto", "auto"],
+        choices=sorted(cpu_gemm_gguf.ISAS),
+        metavar=("A", "B"),
+        help="code path of each side (default: auto)",
+    )
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 48, 64, 256])
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())

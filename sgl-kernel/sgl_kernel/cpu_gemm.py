@@ -1,5 +1,8 @@
 """CPU matmul with bfloat16 weights widened in registers (csrc/cpu_gemm_bf16.c), via ctypes.
 
+The same C kernel takes float32 weights packed in the same layout (`pack_f32`, `linear_f32w`):
+layers/cpu_weight_layout.py uses it where PyTorch's float32 GEMM is slow (MKL on non-Intel CPUs).
+
 Owns loading and calling that C kernel; sgl_kernel.cpu_build compiles it on first use (gcc,
 cached under `~/.cache/sglang/kernels`, torch's libgomp, so the kernel's threads are PyTorch's).
 The flags name the instruction set (`-mavx512f -mfma`) rather than `-march=native`.
@@ -32,6 +35,10 @@ def _setup(lib: ctypes.CDLL) -> None:
     lib.sgl_cpu_pack_bf16.restype = None
     lib.sgl_cpu_gemm_bf16w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
     lib.sgl_cpu_gemm_bf16w.restype = _C
+    lib.sgl_cpu_pack_f32.argtypes = [_P, _I, _I, _P, _C]
+    lib.sgl_cpu_pack_f32.restype = None
+    lib.sgl_cpu_gemm_f32w.argtypes = [_P, _I, _C, _I, _I, _P, _I, _P, _P, _C, _C]
+    lib.sgl_cpu_gemm_f32w.restype = _C
     lib.sgl_cpu_gemm_block_cols.restype = _C
 
 
@@ -62,26 +69,37 @@ def block_cols() -> int:
     return int(lib.sgl_cpu_gemm_block_cols())
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """A `[N, K]` bf16 weight in the kernel's blocked layout (a flat tensor, N padded to blocks)."""
+def _pack(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     lib = _library.get()
     assert lib is not None, "the CPU bf16 GEMM kernel is not available"
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or weight.device.type != "cpu":
-        raise ValueError("pack_bf16 takes a 2-D bfloat16 CPU tensor")
+    if weight.dtype != dtype or weight.dim() != 2 or weight.device.type != "cpu":
+        raise ValueError(f"the packed layout takes a 2-D {dtype} CPU tensor")
     w = weight.contiguous()
     n, k = w.shape
     nr = block_cols()
-    out = torch.empty(((n + nr - 1) // nr) * nr * k, dtype=torch.bfloat16)
-    lib.sgl_cpu_pack_bf16(w.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(((n + nr - 1) // nr) * nr * k, dtype=dtype)
+    entry = lib.sgl_cpu_pack_bf16 if dtype == torch.bfloat16 else lib.sgl_cpu_pack_f32
+    entry(w.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A `[N, K]` bf16 weight in the kernel's blocked layout (a flat tensor, N padded to blocks)."""
+    return _pack(weight, torch.bfloat16)
+
+
+def pack_f32(weight: torch.Tensor) -> torch.Tensor:
+    """A `[N, K]` float32 weight in the same blocked layout."""
+    return _pack(weight, torch.float32)
 
 
 def linear_bf16w(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """`x @ W.T + bias` for a packed bf16 `W` of `n` rows; x float32 or bfloat16, out the same.
+    """`x @ W.T + bias` for a packed `W` of `n` rows; x float32 or bfloat16, out the same.
 
-    `bias`, when given, must be a float32 tensor of `n` values.
+    `packed` comes from `pack_bf16` or `pack_f32` (its dtype picks the kernel's entry). `bias`,
+    when given, must be a float32 tensor of `n` values.
     """
     lib = _library.lib
     if lib is None:
@@ -97,7 +115,8 @@ def linear_bf16w(
     m, k = x2.shape
     bf16 = int(dtype is torch.bfloat16)
     y = torch.empty(m, n, dtype=dtype)
-    rc = lib.sgl_cpu_gemm_bf16w(
+    entry = lib.sgl_cpu_gemm_f32w if packed.dtype is torch.float32 else lib.sgl_cpu_gemm_bf16w
+    rc = entry(
         x2.data_ptr(),
         x2.stride(0),
         bf16,

@@ -7,8 +7,9 @@ and GGUF Q4_1 blocks on the GGUF kernel with float32 and bfloat16 activations. T
 Scheduler, attention capture of one middle layer (that layer runs its module, the others in C),
 hidden states and the logit lens (inside the attention entries) of probed layers (taken inside
 the C call, so probes alone do not split the step) must equal a run with the path turned off, on
-bf16 weights and on GGUF blocks with float32 activations. A dense float32 model (MKL weights)
-keeps its modules.
+bf16 weights and on GGUF blocks with float32 activations. A dense float32 model keeps its
+modules on PyTorch's matmul (`SGLANG_CPU_F32_GEMM=0`); with its weights packed for the float32
+entry of the bf16 kernel (`=1`) it takes the call, bit-identical to its modules.
 """
 
 from __future__ import annotations
@@ -83,12 +84,18 @@ def test_gguf_packed_bit_identical(tmp_path, dtype: str) -> None:
     _fused_vs_modules(_runner(path, dtype))
 
 
-def test_dense_float32_keeps_the_modules(tiny_path: str) -> None:
+def test_dense_float32_on_torch_matmul_keeps_the_modules(tiny_path: str, monkeypatch) -> None:
+    monkeypatch.setenv("SGLANG_CPU_F32_GEMM", "0")
     runner = _runner(tiny_path, "float32")
     assert _decode(runner, 3)[2] == 0
     assert not isinstance(
         runner.model.model.__dict__.get("_cpu_decoder_layers"), cpu_decoder_layers.CpuDecoderLayers
     )
+
+
+def test_dense_float32_packed_bit_identical(tiny_path: str, monkeypatch) -> None:
+    monkeypatch.setenv("SGLANG_CPU_F32_GEMM", "1")
+    _fused_vs_modules(_runner(tiny_path, "float32"))
 
 
 def _scheduled(

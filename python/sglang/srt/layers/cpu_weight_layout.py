@@ -5,7 +5,7 @@ rely on). `F.linear(x, w)` multiplies by `w.T`; on CPU, MKL's GEMM at decode's s
 runs faster when that `w.T` is a contiguous `[in, out]` matrix. So once the weights are loaded,
 each dense weight keeps its shape and values but moves to the transposed storage (strides
 `(1, out)`). The LM head and the embedding it may share move too: an embedding lookup then reads
-strided rows, a few hundred elements per token. Only float32 weights move. Measured on
+strided rows, a few hundred elements per token. Only float32 weights that stay unpacked move (below). Measured on
 SmolLM2-135M, torch 2.13, a 2-core AVX-512 Xeon without bf16 instructions, idle
 (benchmark/results/cpu_weight_layout.md): the float32 decode step is 3-23 % faster at batch 1, 8
 and 32; bfloat16 was 4-16 % faster at batch 1 but 9-20 % slower at batch 32, so it stays row-major.
@@ -18,6 +18,13 @@ where PyTorch's bf16 GEMM on a CPU without native bf16 runs about 3x slower than
 A/B in benchmark/results/cpu_bf16_gemm.md). A packed linear layer frees its row-major weight
 (`weight` becomes an empty tensor); the LM head keeps it, because a tied head is also the
 embedding table. `SGLANG_CPU_BF16_GEMM=0` keeps PyTorch's bf16 matmul.
+
+float32 weights take the same packed route where PyTorch's float32 GEMM is slow: MKL, which
+PyTorch's CPU wheels use, runs far below the machine's bandwidth on non-Intel CPUs (on a 2-core
+AMD EPYC, Zen 4, SmolLM2's 49152 x 576 head at 16 rows: 32 ms column-major against 9 ms packed;
+1.5-3.5x across its shapes at 1-64 rows, benchmark/results/cpu_f32_gemm.md). The kernel's
+float32 entry is the bf16 one with plain loads. `SGLANG_CPU_F32_GEMM`: `auto` (default) packs
+float32 weights on CPUs whose vendor is not GenuineIntel, `1` on any AVX-512 CPU, `0` never.
 
 `SGLANG_CPU_WEIGHT_LAYOUT=row` keeps the checkpoint layout and PyTorch's matmul for every dtype
 (for A/B measurements).
@@ -35,6 +42,26 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 LAYOUT_ENV = "SGLANG_CPU_WEIGHT_LAYOUT"
+F32_ENV = "SGLANG_CPU_F32_GEMM"
+
+
+def _cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def pack_f32_wanted() -> bool:
+    """Whether float32 matmul weights go to the packed kernel (module docstring)."""
+    mode = os.environ.get(F32_ENV, "auto")
+    if mode not in ("auto", "1", "0"):
+        raise ValueError(f"{F32_ENV} must be 'auto', '1' or '0', not {mode!r}")
+    return mode == "1" or (mode == "auto" and _cpu_vendor() not in ("", "GenuineIntel"))
 
 
 def use_column_major_weights(model: nn.Module) -> int:
@@ -69,8 +96,8 @@ def use_column_major_weights(model: nn.Module) -> int:
     return moved
 
 
-class PackedBf16Weight(nn.Module):
-    """A bf16 `[N, K]` weight in sgl_kernel's blocked layout, with its bias in float32.
+class PackedCpuWeight(nn.Module):
+    """A bf16 or float32 `[N, K]` weight in sgl_kernel's blocked layout, bias in float32.
 
     Held by a linear layer as `cpu_packed` (and by an LM head); its buffers count in the model's
     weight bytes and follow `.to()`.
@@ -78,10 +105,11 @@ class PackedBf16Weight(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
         super().__init__()
-        from sgl_kernel.cpu_gemm import pack_bf16
+        from sgl_kernel.cpu_gemm import pack_bf16, pack_f32
 
         self.out_features = int(weight.shape[0])
-        self.register_buffer("packed", pack_bf16(weight.detach()), persistent=False)
+        pack = pack_bf16 if weight.dtype == torch.bfloat16 else pack_f32
+        self.register_buffer("packed", pack(weight.detach()), persistent=False)
         bias_f32 = None if bias is None else bias.detach().float().contiguous()
         self.register_buffer("bias_f32", bias_f32, persistent=False)
         self._bias_ptr = None if bias is None else bias.data_ptr()
@@ -101,8 +129,9 @@ def _lm_head(model: nn.Module) -> Optional[nn.Module]:
     return getattr(model, getattr(model, "head_name", "lm_head"), None)
 
 
-def pack_bf16_weights(model: nn.Module) -> int:
-    """Give every dense bf16 linear layer and the LM head a packed weight; returns how many.
+def pack_cpu_weights(model: nn.Module) -> int:
+    """Give every dense bf16 linear layer and the LM head a packed weight, and float32 ones too
+    where `pack_f32_wanted()`; returns how many.
 
     Does nothing (returns 0) when the kernel cannot run here or the layout is pinned to `row`.
     """
@@ -112,12 +141,14 @@ def pack_bf16_weights(model: nn.Module) -> int:
         return 0
     from sgl_kernel import cpu_gemm
 
+    dtypes = (torch.bfloat16, torch.float32) if pack_f32_wanted() else (torch.bfloat16,)
+
     def wants(module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
         return (
             isinstance(weight, torch.Tensor)
             and weight.dim() == 2
-            and weight.dtype == torch.bfloat16
+            and weight.dtype in dtypes
             and weight.device.type == "cpu"
         )
 
@@ -130,17 +161,21 @@ def pack_bf16_weights(model: nn.Module) -> int:
     if not (linears or head) or not cpu_gemm.available():
         return 0
     for module in linears:
-        module.cpu_packed = PackedBf16Weight(module.weight, module.bias)
+        module.cpu_packed = PackedCpuWeight(module.weight, module.bias)
         # The packed copy is the only one read from now on: free the row-major one.
         module.weight.data = torch.empty(0, dtype=module.weight.dtype)
     if head is not None:
-        head.cpu_packed = PackedBf16Weight(head.weight, None)
+        head.cpu_packed = PackedCpuWeight(head.weight, None)
     count = len(linears) + (head is not None)
-    logger.info("CPU bf16-weight GEMM: %d matmul weights packed (sgl_kernel/cpu_gemm.py)", count)
+    kinds = " and ".join(str(d).removeprefix("torch.") for d in dtypes)
+    logger.info(
+        "CPU packed GEMM: %d %s matmul weights packed (sgl_kernel/cpu_gemm.py)", count, kinds
+    )
     return count
 
 
 def prepare_cpu_weights(model: nn.Module) -> None:
-    """The CPU layout step of loading: float32 weights column-major, bf16 weights packed."""
+    """The CPU layout step of loading: bf16 weights packed (float32 ones too where PyTorch's
+    float32 GEMM is slow), the float32 weights left column-major."""
+    pack_cpu_weights(model)
     use_column_major_weights(model)
-    pack_bf16_weights(model)

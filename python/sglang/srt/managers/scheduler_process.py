@@ -30,7 +30,11 @@ from typing import Any, Optional
 import zmq
 
 from sglang.srt.attention_capture.prompt import take_prompt_records
-from sglang.srt.distributed.placement import ParallelConfigError, RankPlacement
+from sglang.srt.distributed.placement import (
+    ParallelConfigError,
+    RankPlacement,
+    check_parallel_model,
+)
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -466,6 +470,10 @@ def run_scheduler_process(
         from sglang.srt.model_executor.model_runner import build_model_runner
 
         model_config = ModelConfig.from_server_args(server_args)
+        # The launcher checks the same once the ranks are spawned; a rank that reads the config
+        # first must refuse here, in one line, before the TP rendezvous and the model's layers
+        # (which would fail on an uneven split with a traceback, or on a peer the launcher ended).
+        check_parallel_model(model_config, server_args.tp_size, server_args.pp_size)
         startup.mark("model config")
         runner = build_model_runner(server_args, model_config, p.tp_rank, p.tp_size)
         startup.extend(runner.startup.phases)

@@ -78,7 +78,10 @@ def get_model(
     if torch.device(device).type == "cpu":
         from sglang.srt.layers.cpu_weight_layout import prepare_cpu_weights
 
-        prepare_cpu_weights(model)
+        try:
+            prepare_cpu_weights(model)
+        except ValueError as exc:  # a bad SGLANG_CPU_* setting: one line, not a traceback
+            raise ModelLoadError(str(exc)) from exc
     logger.info(
         "Loaded %s (%s, %s) on %s in %.1f s",
         model_class.__name__,

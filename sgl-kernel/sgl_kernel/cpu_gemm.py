@@ -1,7 +1,8 @@
 """CPU matmul with bfloat16 weights widened in registers (csrc/cpu_gemm_bf16.c), via ctypes.
 
-The same C kernel takes float32 weights packed in the same layout (`pack_f32`, `linear_f32w`):
-layers/cpu_weight_layout.py uses it where PyTorch's float32 GEMM is slow (MKL on non-Intel CPUs).
+The same C kernel takes float32 weights packed in the same layout (`pack_f32`; `linear_bf16w`
+picks the entry by the packed tensor's dtype): layers/cpu_weight_layout.py uses it where
+PyTorch's float32 GEMM is slow (MKL on non-Intel CPUs).
 
 Owns loading and calling that C kernel; sgl_kernel.cpu_build compiles it on first use (gcc,
 cached under `~/.cache/sglang/kernels`, torch's libgomp, so the kernel's threads are PyTorch's).

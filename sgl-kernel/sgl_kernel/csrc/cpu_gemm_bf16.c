@@ -8,7 +8,7 @@
  * the top half of a float32) and multiplies in float32, so it reads bf16 bytes at float32 speed.
  *
  * The same kernel takes float32 weights in the same layout (sgl_cpu_gemm_f32w): where PyTorch's
- * float32 GEMM runs below the machine's bandwidth at decode's row counts (MKL on AMD CPUs: 1.6-3.6x
+ * float32 GEMM runs below the machine's bandwidth at decode's row counts (MKL on AMD CPUs: 1.6-9.3x
  * slower than this on a Zen 4 EPYC, benchmark/results/cpu_f32_gemm.md), it is the same loop with
  * plain loads.
  *

@@ -5,8 +5,8 @@ rely on). `F.linear(x, w)` multiplies by `w.T`; on CPU, MKL's GEMM at decode's s
 runs faster when that `w.T` is a contiguous `[in, out]` matrix. So once the weights are loaded,
 each dense weight keeps its shape and values but moves to the transposed storage (strides
 `(1, out)`). The LM head and the embedding it may share move too: an embedding lookup then reads
-strided rows, a few hundred elements per token. Only float32 weights that stay unpacked move (below). Measured on
-SmolLM2-135M, torch 2.13, a 2-core AVX-512 Xeon without bf16 instructions, idle
+strided rows, a few hundred elements per token. Only float32 weights left unpacked (below) move.
+Measured on SmolLM2-135M, torch 2.13, a 2-core AVX-512 Xeon without bf16 instructions, idle
 (benchmark/results/cpu_weight_layout.md): the float32 decode step is 3-23 % faster at batch 1, 8
 and 32; bfloat16 was 4-16 % faster at batch 1 but 9-20 % slower at batch 32, so it stays row-major.
 
@@ -21,8 +21,8 @@ embedding table. `SGLANG_CPU_BF16_GEMM=0` keeps PyTorch's bf16 matmul.
 
 float32 weights take the same packed route where PyTorch's float32 GEMM is slow: MKL, which
 PyTorch's CPU wheels use, runs far below the machine's bandwidth on non-Intel CPUs (on a 2-core
-AMD EPYC, Zen 4, SmolLM2's 49152 x 576 head at 16 rows: 32 ms column-major against 9 ms packed;
-1.5-3.5x across its shapes at 1-64 rows, benchmark/results/cpu_f32_gemm.md). The kernel's
+AMD EPYC, Zen 4, SmolLM2's 49152 x 576 head at 16 rows: 44 ms column-major against 9 ms packed;
+1.6-9.3x across its shapes at 1-64 rows, benchmark/results/cpu_f32_gemm.md). The kernel's
 float32 entry is the bf16 one with plain loads. `SGLANG_CPU_F32_GEMM`: `auto` (default) packs
 float32 weights on CPUs whose vendor is not GenuineIntel, `1` on any AVX-512 CPU, `0` never.
 
@@ -176,6 +176,6 @@ def pack_cpu_weights(model: nn.Module) -> int:
 
 def prepare_cpu_weights(model: nn.Module) -> None:
     """The CPU layout step of loading: bf16 weights packed (float32 ones too where PyTorch's
-    float32 GEMM is slow), the float32 weights left column-major."""
+    float32 GEMM is slow), the float32 weights left to PyTorch column-major."""
     pack_cpu_weights(model)
     use_column_major_weights(model)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from bench_cpu_bf16_gemm import SHAPES  # (name, N, K, calls per decode step): SmolLM2-135M
-from machine_info import header, load_average, write_result
+from machine_info import load_average, write_result
+from timing import add_args, start
 from sgl_kernel import cpu_gemm
 
 
@@ -57,22 +58,20 @@ def compare(n: int, k: int, m: int, rounds: int) -> tuple[float, float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    add_args(p)  # --repeats (here: alternating rounds), --threads, --no-save
+    p.set_defaults(repeats=7)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--no-save", action="store_true")
     args = p.parse_args()
     if not cpu_gemm.available():
         sys.exit(f"the kernel cannot run here: {cpu_gemm.unavailable_reason()}")
-    torch.set_num_threads(args.threads)
-    load_before = load_average()
+    md = start("CPU float32 matmul: packed kernel vs PyTorch (SmolLM2-135M shapes)", args)
     lines = ["| shape | rows | packed float32 ms | torch float32 ms | speed-up | max rel. diff |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     steps = []
     for m in args.rows:
         step = [0.0, 0.0]
         for name, n, k, per_step in SHAPES:
-            ours, theirs, diff = compare(n, k, m, args.rounds)
+            ours, theirs, diff = compare(n, k, m, args.repeats)
             print(f"{name} {n}x{k} m={m}: packed {ours:.3f} ms, torch {theirs:.3f} ms, "
                   f"x{theirs / ours:.2f}, max rel. diff {diff:.1e}", flush=True)  # fmt: skip
             lines.append(f"| {name} {n}x{k} | {m} | {ours:.3f} | {theirs:.3f} | "
@@ -83,10 +82,8 @@ def main() -> int:
     lines += ["", "Per decode step (the four layer shapes x 30 plus the head):", ""]
     lines += ["| rows | packed float32 ms | torch float32 ms | speed-up |", "|---|---|---|---|"]
     lines += [f"| {m} | {a:.1f} | {b:.1f} | {b / a:.2f}x |" for m, a, b in steps]
-    md = header("CPU float32 matmul: packed kernel vs PyTorch (SmolLM2-135M shapes)",
-                args.threads, load_before)  # fmt: skip
     md += [f"- Load average after: `{load_average()}`",
-           f"- Rounds: {args.rounds}, alternating; torch's weights column-major (the engine's "
+           f"- Rounds: {args.repeats}, alternating; torch's weights column-major (the engine's "
            "layout for float32 weights it does not pack)", ""]  # fmt: skip
     write_result(md + lines + [""], "cpu_f32_gemm.md", save=not args.no_save)
     return 0

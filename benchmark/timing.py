@@ -1,5 +1,5 @@
 """The timing loop and command line the matmul micro-benchmarks share (bench_gguf_linear.py,
-bench_fp8_matmul.py, bench_int4_matmul.py).
+bench_fp8_matmul.py, bench_int4_matmul.py; bench_cpu_f32_gemm.py takes the command line).
 
 `median_ms` times a call: median wall-clock milliseconds after one untimed warm-up call, which
 pays one-time costs (lazy kernel builds, allocator growth, weight packing caches). `add_args` and

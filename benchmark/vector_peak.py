@@ -20,6 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from sgl_kernel.cpu_build import cpu_flags
+
 # Each op of a loop step updates one of 12 accumulators; `asm volatile` keeps the operands opaque.
 SOURCE = r"""
 #include <immintrin.h>
@@ -67,20 +69,10 @@ int main(int argc, char **argv) {
 """
 
 
-def _has_flags(*flags: str) -> bool:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(flags) <= set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return False
-
-
 def vector_peaks(threads: int = 1) -> Optional[dict[str, float]]:
     """Per-core G instructions/s: {"vpdpbusd": ..., "vfmadd231ps": ...} with `threads` threads
     busy at once; None where the CPU lacks AVX-512 VNNI or `cc` cannot build the loop."""
-    if not _has_flags("avx512f", "avx512bw", "avx512_vnni"):
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         return None
     with tempfile.TemporaryDirectory() as tmp:
         src, exe = Path(tmp) / "peak.c", Path(tmp) / "peak"

@@ -29,16 +29,26 @@ CACHE_ENV = "SGLANG_KERNEL_CACHE"
 logger = logging.getLogger(__name__)
 
 
-def cpu_flags() -> set[str]:
-    """The instruction-set flags /proc/cpuinfo lists (empty when it cannot be read)."""
+def _cpuinfo_field(name: str) -> str:
+    """The first CPU's `name` line of /proc/cpuinfo ('' when it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
     for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return ""
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty when it cannot be read)."""
+    return set(_cpuinfo_field("flags").split())
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("GenuineIntel", "AuthenticAMD"; '' when it cannot be read)."""
+    return _cpuinfo_field("vendor_id")
 
 
 def cache_dir() -> Path:

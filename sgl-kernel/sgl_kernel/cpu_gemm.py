@@ -94,6 +94,12 @@ def pack_f32(weight: torch.Tensor) -> torch.Tensor:
     return _pack(weight, torch.float32)
 
 
+def gemm_entry(lib: ctypes.CDLL, packed: torch.Tensor):
+    """The C entry for a packed weight: `sgl_cpu_gemm_f32w` for `pack_f32`'s output, else
+    `sgl_cpu_gemm_bf16w` (one signature, so callers holding function addresses can take either)."""
+    return lib.sgl_cpu_gemm_f32w if packed.dtype is torch.float32 else lib.sgl_cpu_gemm_bf16w
+
+
 def linear_bf16w(
     x: torch.Tensor, packed: torch.Tensor, n: int, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
@@ -116,8 +122,7 @@ def linear_bf16w(
     m, k = x2.shape
     bf16 = int(dtype is torch.bfloat16)
     y = torch.empty(m, n, dtype=dtype)
-    entry = lib.sgl_cpu_gemm_f32w if packed.dtype is torch.float32 else lib.sgl_cpu_gemm_bf16w
-    rc = entry(
+    rc = gemm_entry(lib, packed)(
         x2.data_ptr(),
         x2.stride(0),
         bf16,

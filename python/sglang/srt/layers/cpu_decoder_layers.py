@@ -13,8 +13,8 @@ the modules' (test/srt/test_cpu_layer_kernels.py checks it), and that Python goe
 
 When it runs (else the modules run, as before): the layers are exactly `LlamaDecoderLayer` with
 `LlamaAttention` (no q/k norm), `LlamaMLP`, `RMSNorm` and the standard rotary embedding, with
-norm weights in the activation dtype; every projection is packed for a CPU kernel (bf16 or float32 weights
-on sgl_kernel.cpu_gemm, GGUF blocks on sgl_kernel.cpu_gemm_gguf); tensor parallelism is 1; the
+norm weights in the activation dtype; every projection is packed for a CPU kernel (bf16 or float32
+weights on sgl_kernel.cpu_gemm, GGUF blocks on sgl_kernel.cpu_gemm_gguf); tensor parallelism is 1; the
 torch_native backend attends over a float32 / bfloat16 pool of the activation dtype without
 scales. Per step: a decode batch of at most `cpu_layer.ROW_KERNEL_MAX_ROWS` rows outside
 torch.compile. Layers the attention capture wants run their modules (the capture needs q and the
@@ -72,9 +72,7 @@ def _linear(layer: nn.Module, keep: list[torch.Tensor]) -> Optional[Any]:
         lib = cpu_gemm._library.get()
         if lib is None:
             return None
-        # The float32-weight entry shares the bf16 one's signature (csrc/cpu_gemm_bf16.c).
-        f32 = packed.packed.dtype == torch.float32
-        entry = lib.sgl_cpu_gemm_f32w if f32 else lib.sgl_cpu_gemm_bf16w
+        entry = cpu_gemm.gemm_entry(lib, packed.packed)  # bf16 or float32 weights
         desc.kind, desc.fn = cpu_layer.LINEAR_BF16W, _fn_address(entry)
         desc.w, desc.n = packed.packed.data_ptr(), packed.out_features
         keep.append(packed.packed)

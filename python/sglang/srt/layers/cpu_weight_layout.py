@@ -45,23 +45,14 @@ LAYOUT_ENV = "SGLANG_CPU_WEIGHT_LAYOUT"
 F32_ENV = "SGLANG_CPU_F32_GEMM"
 
 
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def pack_f32_wanted() -> bool:
     """Whether float32 matmul weights go to the packed kernel (module docstring)."""
     mode = os.environ.get(F32_ENV, "auto")
     if mode not in ("auto", "1", "0"):
         raise ValueError(f"{F32_ENV} must be 'auto', '1' or '0', not {mode!r}")
-    return mode == "1" or (mode == "auto" and _cpu_vendor() not in ("", "GenuineIntel"))
+    from sgl_kernel.cpu_build import cpu_vendor
+
+    return mode == "1" or (mode == "auto" and cpu_vendor() not in ("", "GenuineIntel"))
 
 
 def use_column_major_weights(model: nn.Module) -> int:
